@@ -1,0 +1,123 @@
+"""Table schemas and stable keys of the store: the one source of truth for column names and types.
+
+Two public tables (DESIGN §2):
+- ``problems``: one row per benchmark problem, keyed by ``problem_id``;
+- ``samples``: one row per teacher decomposition, keyed by ``sample_key``.
+
+Collection also keeps one *journal* table per intermediate stage (``journal_decompose``,
+``journal_answer``) holding partial ``samples`` rows: a stage's result is stored the moment its
+batch finishes, so a resumed run never pays the teacher twice for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pyarrow as pa
+
+STAGES = ("decompose", "answer", "feedback")
+
+# Stage status values. "skipped": an earlier stage failed, so this stage made no call.
+STATUS_OK = "ok"
+STATUS_PARSE_ERROR = "parse_error"
+STATUS_API_ERROR = "api_error"
+STATUS_SKIPPED = "skipped"
+STATUSES = (STATUS_OK, STATUS_PARSE_ERROR, STATUS_API_ERROR, STATUS_SKIPPED)
+
+# Answer types of benchmark problems (evaluation scores each differently).
+ANSWER_TYPES = ("number", "choice", "yesno", "text")
+
+
+def problem_id(dataset: str, split: str, index: int) -> str:
+    """Stable id of a problem: a hash of dataset/split/index (same on every machine and run)."""
+    return hashlib.sha1(f"{dataset}/{split}/{index}".encode()).hexdigest()[:16]
+
+
+def sample_key(problem_id: str, teacher_model: str, prompt_version: str, sample_index: int) -> str:
+    """Stable unique key of one teacher decomposition."""
+    raw = f"{problem_id}|{teacher_model}|{prompt_version}|{sample_index}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:20]
+
+
+PROBLEMS_SCHEMA = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer_text", pa.string()),  # the dataset's full answer (e.g. GSM8K rationale)
+        pa.field("answer_value", pa.float64()),  # numeric gold answer; null for non-numeric types
+        pa.field("answer_type", pa.string(), nullable=False),  # one of ANSWER_TYPES
+        pa.field("gold", pa.string()),  # gold answer as text ("72", "C", "yes", "Paris")
+        pa.field("choices", pa.list_(pa.string())),  # AQuA options, else null
+        pa.field("reference_subquestions", pa.list_(pa.string())),  # GSM8K socratic, else null
+    ]
+)
+
+
+def _stage_fields(stage: str) -> list[pa.Field]:
+    raw_type = pa.list_(pa.string()) if stage == "feedback" else pa.string()
+    return [
+        pa.field(f"{stage}_status", pa.string()),  # one of STATUSES; null = not run yet
+        pa.field(f"{stage}_error", pa.string()),  # parse / API error message (never a secret)
+        pa.field(f"{stage}_raw", raw_type),  # the teacher's text (feedback: one per judgement)
+        pa.field(f"{stage}_tokens_in", pa.int64()),
+        pa.field(f"{stage}_tokens_out", pa.int64()),
+        pa.field(f"{stage}_latency_s", pa.float64()),
+        pa.field(f"{stage}_cost_usd", pa.float64()),  # null when the model's price is unknown
+        pa.field(f"{stage}_calls", pa.int64()),  # HTTP attempts made, retries included
+    ]
+
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("sample_key", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("teacher_model", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # "collect" or "import:<format>"
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("gold_value", pa.float64()),
+        pa.field("subquestions", pa.list_(pa.string())),
+        pa.field("subanswers", pa.list_(pa.string())),
+        pa.field("final_answer", pa.string()),  # text after the last "Final answer:"
+        pa.field("final_value", pa.float64()),
+        pa.field("correct", pa.bool_()),  # null when there is no final value or no gold
+        pa.field("usefulness", pa.list_(pa.float64())),  # share of "Yes" per sub-question
+        pa.field("status", pa.string(), nullable=False),  # ok, or the first failing stage's status
+        *[f for stage in STAGES for f in _stage_fields(stage)],
+        pa.field("cost_usd", pa.float64()),  # sum over stages; null if any stage's price unknown
+        pa.field("price_table_version", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "problems": PROBLEMS_SCHEMA,
+    "samples": SAMPLES_SCHEMA,
+    "journal_decompose": SAMPLES_SCHEMA,
+    "journal_answer": SAMPLES_SCHEMA,
+}
+KEYS: dict[str, str] = {
+    "problems": "problem_id",
+    "samples": "sample_key",
+    "journal_decompose": "sample_key",
+    "journal_answer": "sample_key",
+}
+
+
+def empty_row(schema: pa.Schema) -> dict[str, Any]:
+    return {name: None for name in schema.names}
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) -> a table of exactly ``schema``; missing columns become null, extras fail."""
+    extra = {k for row in rows for k in row} - set(schema.names)
+    if extra:
+        raise ValueError(f"unknown columns {sorted(extra)} for schema with {schema.names}")
+    cols = {name: [row.get(name) for row in rows] for name in schema.names}
+    return pa.Table.from_pydict(cols, schema=schema)
