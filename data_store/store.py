@@ -97,7 +97,8 @@ class Store:
         if data.num_rows == 0:
             return AppendResult(None, 0, skipped)
         self.fs.create_dir(directory, recursive=True)
-        name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        # nanosecond time first: part files sort in write order
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp, final = f"{directory}/{_TMP_PREFIX}{name}", f"{directory}/{name}"
         pq.write_table(data, tmp, filesystem=self.fs)
         self.fs.move(tmp, final)
@@ -107,8 +108,8 @@ class Store:
     # ---- reads -----------------------------------------------------------------------------
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """The whole table as one Arrow table (driver-side; use :meth:`dataset` for big reads)."""
+        files = self.part_files(table)  # validates the table name (StoreError, not KeyError)
         schema = SCHEMAS[table]
-        files = self.part_files(table)
         if not files:
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         parts = []
@@ -125,6 +126,7 @@ class Store:
     def keys(self, table: str) -> set[str]:
         """Stored keys of a table (cached; appends through this object keep the cache true)."""
         if table not in self._key_cache:
+            self.table_dir(table)  # validates the table name (StoreError, not KeyError)
             key = KEYS[table]
             self._key_cache[table] = set(self.read_table(table, [key]).column(key).to_pylist())
         return set(self._key_cache[table])
@@ -134,9 +136,13 @@ class Store:
         self._key_cache.clear()
 
     def count(self, table: str) -> int:
-        return sum(
-            pq.read_metadata(p, filesystem=self.fs).num_rows for p in self.part_files(table)
-        )
+        total = 0
+        for path in self.part_files(table):
+            try:
+                total += pq.read_metadata(path, filesystem=self.fs).num_rows
+            except (pa.ArrowInvalid, OSError) as e:
+                raise StoreError(f"corrupt part file {path} in table {table!r}: {e}") from e
+        return total
 
     def dataset(self, table: str, columns: list[str] | None = None):
         """The table as a Ray Data dataset (an empty one when the table has no rows yet)."""

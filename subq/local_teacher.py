@@ -1,0 +1,26 @@
+"""A teacher/solver endpoint for commands: the user's URL, or our own server on a local model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def local_teacher(base_url: str | None, local_model: str, port: int) -> Iterator[tuple[str, str | None]]:
+    """Yield ``(base_url, served_model_name)``; the name is None for a user-given endpoint.
+
+    Without ``base_url``, ``local_model`` is served on 127.0.0.1:``port`` through Ray Serve for
+    the duration of the block, then shut down (also on Ctrl-C and errors).
+    """
+    if base_url:
+        yield base_url, None
+        return
+    from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+
+    cfg = LLMServerConfig(model=local_model, port=port)
+    url = start_llm_server(cfg)
+    try:
+        yield url, cfg.served_model_name
+    finally:
+        stop_llm_server(cfg)
