@@ -123,7 +123,10 @@ def run_stage(stage: str, inputs: list[dict] | pa.Table, cfg: CollectConfig, sto
     blocks = _blocks(inputs, cfg.batch_size)
     if not blocks:
         return report
+    from ray.util.debug import log_once
+
     DataContext.get_current().enable_progress_bars = False  # our bar says more (failed, $)
+    log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
     ds = ray.data.from_arrow(blocks).map_batches(
         StageWorker,
         fn_constructor_kwargs=dict(stage=stage, teacher=cfg.teacher, settings=settings,

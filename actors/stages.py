@@ -180,7 +180,9 @@ async def feedback(client: TeacherClient, row: Row, s: StageSettings) -> Row | N
         return finalize(row)
     subqs = list(row["subquestions"])
     messages = feedback_messages(row["question"], subqs, list(row["subanswers"] or []))
-    texts, calls = await _chat_n(client, messages, s.feedback_samples, s.feedback_temperature, s.max_tokens)
+    # a verdict is ~4 tokens per sub-question: a tight cap keeps a rambling teacher cheap
+    max_tokens = min(s.max_tokens, 24 + 8 * len(subqs))
+    texts, calls = await _chat_n(client, messages, s.feedback_samples, s.feedback_temperature, max_tokens)
     if calls[-1].budget_stopped and not texts:
         return None
     for call in calls:

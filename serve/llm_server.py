@@ -275,7 +275,8 @@ def start_llm_server(cfg: LLMServerConfig, *, timeout_s: float = 300.0) -> str:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": "WARNING"})
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "app ready" chatter
     host, port = _serve_address(cfg)
     serve.run(build_llm_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -34,6 +34,11 @@ def init_ray(address: str | None = None, *, quiet: bool = True) -> None:
     configure_env()
     import ray
 
+    if quiet:  # our progress bars and summaries say what matters; Ray's INFO lines bury them
+        import ray.data  # noqa: F401 - configures its loggers on import; we lower them after
+
+        for name in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     kwargs: dict = {"log_to_driver": not quiet, "logging_level": logging.WARNING}

@@ -1,0 +1,57 @@
+"""`subq collect` as a user runs it: bad input fails in one line before anything is written, and
+the embedded default collects end to end through our own local OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from data_store.store import Store
+from subq.cli import main
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--problems", "gsm9k:train[:2]"], "unknown dataset"),
+        (["--problems", "gsm8k:train[2:x]"], "slice"),
+        (["--problems", "gsm8k:train[:2]", "--teacher-base-url", "http://127.0.0.1:9/v1",
+          "--teacher-model", "m"], "cannot reach the teacher"),
+        (["--problems", "gsm8k:train[:2]", "--local-model", "/no/such/model/dir"], "/no/such/model/dir"),
+        (["--problems", "gsm8k:train[:2]", "--teacher-base-url", "https://api.example.invalid/v1",
+          "--teacher-model", "m", "--api-key-env", "SUBQ_TEST_UNSET_KEY"], "SUBQ_TEST_UNSET_KEY"),
+    ],
+    ids=["unknown-dataset", "bad-slice", "unreachable", "missing-model", "missing-key"],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(ray_session, tmp_path, capsys, monkeypatch,
+                                                        args, message):
+    monkeypatch.delenv("SUBQ_TEST_UNSET_KEY", raising=False)
+    store = tmp_path / "store"
+    rc = main(["collect", "--store", str(store), "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("subq: error:") and message.lower() in err[0].lower(), err
+    assert not store.exists()
+
+
+@pytest.mark.slow
+def test_embedded_teacher_end_to_end(ray_session, tmp_path, capsys):
+    """Two GSM8K problems through the embedded SmolLM2 served by our own Ray Serve app."""
+    store = tmp_path / "store"
+    rc = main(["collect", "--problems", "gsm8k:train[:2]", "--samples-per-problem", "1",
+               "--feedback-samples", "1", "--max-tokens", "96", "--store", str(store),
+               "--no-progress", "--json"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert report["complete"] and report["samples_total"] == 2 and report["cost_usd"] == 0.0
+    rows = Store(str(store)).read_rows("samples")
+    assert len(rows) == 2 and max(Counter(r["sample_key"] for r in rows).values()) == 1
+    for r in rows:
+        assert r["teacher_model"] == "smollm2-135m-instruct"
+        assert r["decompose_raw"] and r["decompose_tokens_in"] > 0 and r["decompose_tokens_out"] > 0
+        assert r["decompose_status"] in ("ok", "parse_error")
+        assert r["status"] in ("ok", "parse_error")  # the model is weak, but never an API error
+        assert r["cost_usd"] == 0.0
