@@ -94,7 +94,9 @@ def parse_subquestions(text: str, max_subquestions: int | None = None) -> Parsed
     found = _numbered_items(lines, _Q_LINE)
     if not found:
         found = _numbered_items(lines, _NUMBERED_LINE)
-    subquestions = list(dict.fromkeys(q for q in found if q))  # drop empties and exact repeats
+    # Drop empties and *consecutive* repeats (a model stuck in a loop); a repeat further on can be
+    # a real step of the plan (the same question about another week), so it stays.
+    subquestions = [q for i, q in enumerate(found) if q and (i == 0 or q != found[i - 1])]
     if not subquestions:
         return ParsedSubquestions([], "no sub-questions found (expected lines like 'Q1: ...')")
     if max_subquestions is not None and max_subquestions >= 0:

@@ -224,3 +224,17 @@ def test_killed_driver_resumes_without_paying_twice(tmp_path):
     }
     assert {s: stats["by_stage"][s] for s in expected} == expected
     assert max(stats["billed_by_content"].values()) == 1
+
+
+def test_api_key_never_reaches_the_store(ray_session, tmp_path, monkeypatch):
+    """The key is sent to the teacher, but no stored byte (errors included) contains it."""
+    key = "sk-test-DO-NOT-STORE-0123456789abcdef"
+    monkeypatch.setenv("SUBQ_TEST_KEY", key)
+    faults = FaultPlan(rate=0.5, kinds=("400", "malformed"), seed=3)
+    with TeacherServer(faults=faults, model=MODEL) as srv:
+        cfg = config(srv, tmp_path)
+        cfg.teacher.api_key_env = "SUBQ_TEST_KEY"
+        run_collect(cfg)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and Store(str(tmp_path)).count("samples") == 12
+    assert not [p for p in files if key.encode() in p.read_bytes()]

@@ -36,7 +36,8 @@ from protocol.prompts import format_subquestions
         ("Q1: a?\n1. not a sub-question", ["a?"]),  # the fallback is only a fallback
         ("3.5 apples are left\n1. a?", ["a?"]),  # "3.5" is not item 3
         ("Q1: a?\nQ2: \nQ3: c?", ["a?", "c?"]),  # empty ones dropped
-        ("Q1: a?\nQ2: a?\nQ3: b?", ["a?", "b?"]),  # exact repeats dropped
+        ("Q1: a?\nQ2: a?\nQ3: b?", ["a?", "b?"]),  # consecutive repeats dropped
+        ("Q1: a?\nQ2: b?\nQ3: a?", ["a?", "b?", "a?"]),  # a later repeat is a step of the plan
         ("Q1: a?\nQ2: b?\nQ1: c?\nQ2: d?", ["a?", "b?"]),  # numbering restarts: another example
         ("Q1: a?\nQ1: b?", ["a?", "b?"]),  # a model stuck on "Q1" is not restarting
         ("Q1: a?\nQ2: b?\n\nProblem: Tom has 3 cats.\nQ1: c?", ["a?", "b?"]),  # invented next example

@@ -1,0 +1,252 @@
+"""Decompositions as token-level episodes: what BC, filtered BC and ILQL train on.
+
+The student is a language model that reads ``student_prompt(problem)`` (the *context*) and then
+emits the tokens of ``student_target(subquestions)`` (the *actions*): the sub-questions joined by
+``SUBQ_SEPARATOR``, then ``SUBQ_END``. Text generation is a token-level decision process: the
+state s_t is the prefix ``input_ids[: t + 1]``, the action at t + 1 is the next token.
+
+Batch contract (shared by ``bc.py``, ``filtered_bc.py`` and ``ilql.py``; :func:`collate` builds it).
+Every tensor is ``[B, T]``, right-padded:
+
+- ``input_ids`` (long), ``attention_mask`` (long, 1 on real tokens);
+- ``action_mask`` (float): ``action_mask[t] = 1`` means token t is an action emitted from the state
+  s_{t-1} (the prefix up to t - 1). So the LM logits at position t - 1 predict token t, and the
+  first token of an episode is never an action (every episode keeps >= 1 context token);
+- ``rewards`` (float), ``dones`` (float): ``rewards[t]`` / ``dones[t]`` belong to the action at t.
+  ``dones`` is 1 on the last action token only.
+
+Reward placement (DESIGN §1, paper 1):
+- ``"full"``: ``usefulness_i`` on the last token of sub-question i (the token before its separator),
+  plus ``correct`` added on the last action token (the last token of ``SUBQ_END``);
+- ``"sparse"``: only ``correct``, on the last action token.
+
+Tokenisation: the context, each sub-question, each separator and the end marker are tokenised
+*separately* and concatenated. Sub-question boundaries are then exact token indices whatever the
+tokenizer's merges would do across a boundary (a BPE could merge "?" with "\\n"), at the price of an
+action sequence that may differ from the canonical tokenisation of the joined text; the model learns
+to emit this one, and decoding it gives the same text. The context alone is tokenised exactly as
+:func:`encode_prompt` does at inference. No special tokens anywhere (``add_special_tokens=False``):
+neither the tiny byte tokenizer nor SmolLM2's adds a BOS, the student format is plain text without a
+chat template, and training and serving must agree, so serving must use :func:`encode_prompt`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from protocol.prompts import SUBQ_END, SUBQ_SEPARATOR, student_prompt, student_target
+
+PLACEMENTS = ("full", "sparse")
+RETURN_KINDS = ("correctness", "usefulness", "both")
+
+
+@dataclass
+class Episode:
+    """One decomposition as tokens; all per-token lists have the length of ``input_ids``."""
+
+    input_ids: list[int]  # context + action tokens (context left-truncated to fit max_length)
+    action_mask: list[int]  # 1 on the tokens the policy emits (the target), 0 on the context
+    rewards: list[float]  # per token: 0 except where the placement puts a reward
+    dones: list[int]  # 1 on the last action token
+    subq_end_positions: list[int]  # index in input_ids of the last token of each sub-question
+    correct: float  # 1.0 if the teacher's answer via these sub-questions was right, else 0.0
+    usefulness: list[float]  # per sub-question, 0..1; [] when unknown (sparse episodes only)
+    sample_key: str | None = None  # the samples-table key it came from (None for references)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: str) -> list[int]:
+    """Token ids of the student's context, exactly as in training (no BOS, no chat template)."""
+    return _encode(tokenizer, student_prompt(problem))
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_episode(
+    tokenizer: PreTrainedTokenizerBase,
+    problem: str,
+    subquestions: list[str],
+    *,
+    usefulness: list[float] | None,
+    correct: float,
+    placement: str = "full",
+    max_length: int = 512,
+    sample_key: str | None = None,
+) -> Episode | None:
+    """Tokenise one decomposition and place its rewards; None when it cannot fit ``max_length``.
+
+    The context is cut from the left when needed (the problem's start goes first, the sub-questions
+    never); an episode whose actions need ``max_length`` tokens or more is dropped, because at least
+    one context token must precede the first action (the logits at t - 1 predict token t).
+    Raises ``ValueError`` on inputs no row should have: no or blank sub-questions, an unknown
+    placement, or ``"full"`` without one usefulness value per sub-question.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if not subquestions:
+        raise ValueError("an episode needs at least one sub-question")
+    if placement == "full" and (usefulness is None or len(usefulness) != len(subquestions)):
+        raise ValueError("placement 'full' needs one usefulness value per sub-question")
+    # student_target cleans each sub-question to one line, so splitting on the separator gives back
+    # exactly the cleaned sub-questions and the end marker: the pieces of the joined text.
+    pieces = student_target(subquestions).split(SUBQ_SEPARATOR)
+    assert len(pieces) == len(subquestions) + 1 and pieces[-1] == SUBQ_END, pieces
+    if not all(pieces[:-1]):
+        raise ValueError("blank sub-question")
+
+    actions: list[int] = []
+    subq_ends: list[int] = []  # relative to the first action token
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            actions += _encode(tokenizer, SUBQ_SEPARATOR)
+        actions += _encode(tokenizer, piece)
+        if i < len(subquestions):
+            subq_ends.append(len(actions) - 1)
+    if len(actions) >= max_length:
+        return None
+    context = encode_prompt(tokenizer, problem)
+    context = context[max(0, len(context) + len(actions) - max_length):]
+    n_ctx, n = len(context), len(context) + len(actions)
+
+    rewards = [0.0] * n
+    if placement == "full":
+        for end, value in zip(subq_ends, usefulness or [], strict=True):
+            rewards[n_ctx + end] += float(value)
+    rewards[n - 1] += float(correct)
+    dones = [0] * n
+    dones[n - 1] = 1
+    return Episode(
+        input_ids=context + actions,
+        action_mask=[0] * n_ctx + [1] * len(actions),
+        rewards=rewards,
+        dones=dones,
+        subq_end_positions=[n_ctx + end for end in subq_ends],
+        correct=float(correct),
+        usefulness=[float(u) for u in usefulness] if usefulness is not None else [],
+        sample_key=sample_key,
+    )
+
+
+def _missing(value: Any) -> bool:
+    """None, or NaN (what pandas / Ray Data batches turn a null into)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def episodes_from_samples(
+    rows: Iterable[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    placement: str = "full",
+    max_length: int = 512,
+) -> tuple[list[Episode], dict[str, int]]:
+    """Episodes from ``samples`` rows, and how many rows were excluded for which reason.
+
+    Reasons: the row's status when it is not "ok" ("parse_error", "api_error", ...), "no_subquestions"
+    (missing, empty or a blank one), "no_usefulness" (placement "full" only: the list is missing, has the
+    wrong length, or holds a null; a null means the judgements failed, and guessing 0 would teach the
+    learner that the sub-question was useless), "too_long". For "sparse", an incomplete usefulness list
+    is stored as [] (it places no reward). ``correct`` null (no final value or no gold) counts as 0.0:
+    a decomposition that led to no answer did not lead to the right one.
+    """
+    episodes: list[Episode] = []
+    excluded: Counter[str] = Counter()
+    for row in rows:
+        status = row.get("status")
+        if status != "ok":
+            excluded[str(status or "no_status")] += 1
+            continue
+        subqs = row.get("subquestions")
+        subqs = [] if _missing(subqs) else [str(q) for q in subqs]
+        if not subqs or any(not q.strip() for q in subqs):
+            excluded["no_subquestions"] += 1
+            continue
+        raw_use = row.get("usefulness")
+        use = None if _missing(raw_use) else list(raw_use)
+        complete = use is not None and len(use) == len(subqs) and not any(_missing(u) for u in use)
+        if placement == "full" and not complete:
+            excluded["no_usefulness"] += 1
+            continue
+        correct = row.get("correct")
+        episode = build_episode(
+            tokenizer, str(row["question"]), subqs,
+            usefulness=[float(u) for u in use] if complete and use is not None else None,
+            correct=0.0 if _missing(correct) else float(bool(correct)),
+            placement=placement, max_length=max_length, sample_key=row.get("sample_key"),
+        )
+        if episode is None:
+            excluded["too_long"] += 1
+            continue
+        episodes.append(episode)
+    return episodes, dict(excluded)
+
+
+def reference_episodes(
+    problem_rows: Iterable[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = 512,
+    placement: str = "full",
+) -> list[Episode]:
+    """Episodes from human decompositions (``reference_subquestions``, GSM8K socratic).
+
+    They are treated as perfect: usefulness 1.0 per sub-question and correct 1.0. Problems without
+    reference sub-questions, and episodes that do not fit ``max_length``, are skipped.
+    """
+    episodes = []
+    for row in problem_rows:
+        refs = row.get("reference_subquestions")
+        subqs = [] if _missing(refs) else [str(q) for q in refs]
+        if not subqs or any(not q.strip() for q in subqs):
+            continue
+        episode = build_episode(
+            tokenizer, str(row["question"]), subqs, usefulness=[1.0] * len(subqs), correct=1.0,
+            placement=placement, max_length=max_length,
+        )
+        if episode is not None:
+            episodes.append(episode)
+    return episodes
+
+
+def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``[B, T]`` tensors of the batch contract (module docstring); T = longest episode."""
+    if not episodes:
+        raise ValueError("cannot collate an empty list of episodes")
+    width = max(len(ep.input_ids) for ep in episodes)
+
+    def pad(rows: list[list], value: float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=dtype)
+
+    return {
+        "input_ids": pad([ep.input_ids for ep in episodes], pad_id, torch.long),
+        "attention_mask": pad([[1] * len(ep.input_ids) for ep in episodes], 0, torch.long),
+        "action_mask": pad([ep.action_mask for ep in episodes], 0, torch.float32),
+        "rewards": pad([ep.rewards for ep in episodes], 0.0, torch.float32),
+        "dones": pad([ep.dones for ep in episodes], 0, torch.float32),
+    }
+
+
+def episode_return(ep: Episode, kind: str) -> float:
+    """The scalar that filtered BC ranks decompositions by.
+
+    - ``"correctness"``: ``correct`` (0 or 1);
+    - ``"usefulness"``: the sum of the sub-questions' usefulness (what the full placement pays out
+      before the final reward; it favours more useful sub-questions, hence longer decompositions);
+    - ``"both"``: ``correct + mean(usefulness)``: correctness first, usefulness as a tie-breaker in
+      [0, 1] that does not reward padding a decomposition with extra sub-questions.
+    An unknown usefulness ([]) counts as 0.
+    """
+    if kind == "correctness":
+        return ep.correct
+    if kind == "usefulness":
+        return float(sum(ep.usefulness))
+    if kind == "both":
+        return ep.correct + (sum(ep.usefulness) / len(ep.usefulness) if ep.usefulness else 0.0)
+    raise ValueError(f"return kind must be one of {RETURN_KINDS}, got {kind!r}")
