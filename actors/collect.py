@@ -1,10 +1,10 @@
-"""Collection on Ray: decompose -> answer -> feedback, one Ray Data pass per stage.
+"""Collection on Ray: decompose -> answer -> feedback as one streaming Ray Data pipeline.
 
-Each pass is ``map_batches`` with a callable class over an autoscaling actor pool; every actor
-runs many teacher calls concurrently (async UDF, several batches in flight per actor). The
-driver streams finished batches out of the pass and appends each to the store as one durable
-part file: ``journal_decompose`` and ``journal_answer`` for the intermediate stages, ``samples``
-for the last. Resume is therefore exact: a stage only gets the keys that its output table does
+Each stage is ``map_batches`` with a callable class over its own autoscaling actor pool, and
+the three run concurrently; every actor runs many teacher calls at once (async UDF, several
+batches in flight per actor). Each stage's actors append every finished batch to the store as
+one durable part file: ``journal_decompose`` and ``journal_answer`` for the intermediate stages,
+``samples`` for the last. Resume is therefore exact: a stage only gets the keys that its output table does
 not hold yet, so a re-run after a kill finishes the work without duplicates and never re-sends
 a call whose result was stored.
 """
@@ -12,6 +12,7 @@ a call whose result was stored.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ class StageReport:
     budget_stopped: int = 0  # left undone because the budget ran out
     cost_usd: float = 0.0
     cost_unknown: bool = False
+    wall_s: float = 0.0  # wall time of the whole collection (the stages run concurrently)
 
 
 @dataclass
@@ -85,26 +87,53 @@ class CollectReport:
 
 
 class StageWorker:
-    """Ray Data callable class: one stage over a batch of rows, all its calls concurrent."""
+    """Ray Data callable class: one stage over a batch of rows, all its calls concurrent.
+
+    The worker stores its own output (one durable part file per batch) before handing the rows
+    to the next stage, so a stage's paid work survives a crash of anything downstream. A batch
+    Ray retries (its actor died after storing) is answered from the store, not re-paid.
+    """
 
     def __init__(self, stage: str, teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
-                 limiter: Any):
+                 limiter: Any, store_root: str):
         self.stage, self.teacher_cfg, self.settings = stage, teacher, settings
         self.prices, self.limiter = prices, limiter
+        self.store = Store(store_root)
+        self.table = STAGE_OUTPUT[stage]
         self._client: TeacherClient | None = None
+
+    def _stored(self, rows: list[dict]) -> tuple[list[dict], pa.Table | None]:
+        """Split a batch into rows still to do and the stored results of the others."""
+        done = self.store.keys(self.table, fresh=True)
+        if self.stage == "decompose":
+            todo, have = [], []
+            for item in rows:
+                keys = dict(zip(item["sample_indices"], item["sample_keys"], strict=True))
+                have += [k for k in keys.values() if k in done]
+                missing = [i for i, k in keys.items() if k not in done]
+                if missing:
+                    todo.append({**item, "sample_indices": missing})
+        else:
+            todo = [r for r in rows if r["sample_key"] not in done]
+            have = [r["sample_key"] for r in rows if r["sample_key"] in done]
+        return todo, (self.store.filter_keys(self.table, have) if have else None)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._client is None:  # created inside the actor's event loop
             self._client = TeacherClient(self.teacher_cfg, self.prices, self.limiter)
+        todo, stored = self._stored(batch.to_pylist())
         fn = {"decompose": decompose, "answer": answer, "feedback": feedback}[self.stage]
-        outs = await asyncio.gather(*(fn(self._client, row, self.settings) for row in batch.to_pylist()))
+        outs = await asyncio.gather(*(fn(self._client, row, self.settings) for row in todo))
         rows: list[dict] = []
         for out in outs:
             if isinstance(out, list):
                 rows.extend(out)
-            elif out is not None:
+            elif out is not None:  # None: the budget stopped this row; a later run does it
                 rows.append(out)
-        return to_table(rows, SAMPLES_SCHEMA)
+        table = to_table(rows, SAMPLES_SCHEMA)
+        if rows:
+            self.store.append(self.table, table)
+        return table if stored is None else pa.concat_tables([stored.cast(SAMPLES_SCHEMA), table])
 
 
 def _blocks(rows: list[dict] | pa.Table, batch_size: int) -> list[pa.Table]:
@@ -112,57 +141,70 @@ def _blocks(rows: list[dict] | pa.Table, batch_size: int) -> list[pa.Table]:
     return [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
 
 
-def run_stage(stage: str, inputs: list[dict] | pa.Table, cfg: CollectConfig, store: Store,
-              settings: StageSettings, limiter: Any, expected_rows: int) -> StageReport:
-    """One Ray Data pass; finished batches are appended to the stage's table as they arrive."""
+def run_pipeline(stages: list[str], inputs: list[dict] | pa.Table, cfg: CollectConfig,
+                 settings: StageSettings, limiter: Any, expected: int, bar: Any) -> None:
+    """One streaming Ray Data pipeline over ``stages``: every stage has its own actor pool and
+    all stages run at once (a batch is answered while the next one is still being decomposed)."""
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
-    from tqdm import tqdm
-
-    report = StageReport(todo=expected_rows)
-    blocks = _blocks(inputs, cfg.batch_size)
-    if not blocks:
-        return report
     from ray.util.debug import log_once
 
+    blocks = _blocks(inputs, cfg.batch_size)
+    if not blocks:
+        return
     DataContext.get_current().enable_progress_bars = False  # our bar says more (failed, $)
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
-    ds = ray.data.from_arrow(blocks).map_batches(
-        StageWorker,
-        fn_constructor_kwargs=dict(stage=stage, teacher=cfg.teacher, settings=settings,
-                                   prices=cfg.prices, limiter=limiter),
-        batch_size=None,  # one block = one batch = one part file
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(
-            min_size=cfg.min_actors,
-            max_size=max(cfg.min_actors, min(cfg.max_actors, len(blocks))),
-            max_concurrent_calls_per_actor=cfg.batches_in_flight_per_actor,
-        ),
-        num_cpus=cfg.actor_num_cpus,
-    )
-    bar = tqdm(total=expected_rows, desc=f"{stage:>9}", unit="row", disable=not cfg.progress, leave=True)
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            if batch.num_rows == 0:
-                continue
-            result = store.append(STAGE_OUTPUT[stage], batch)
-            stored = batch if result.skipped_existing == 0 else store.filter_keys(
-                STAGE_OUTPUT[stage], set(batch.column("sample_key").to_pylist()))
-            statuses = stored.column(f"{stage}_status").to_pylist()
-            costs = stored.column(f"{stage}_cost_usd").to_pylist()
-            calls = stored.column(f"{stage}_calls").to_pylist()
-            report.written += result.written
-            report.failed += sum(s not in (STATUS_OK, "skipped") for s in statuses)
-            for c, n in zip(costs, calls, strict=True):
-                if n and c is None:
-                    report.cost_unknown = True
-                report.cost_usd += c or 0.0
-            bar.update(result.written)
-            bar.set_postfix_str(f"failed={report.failed} $={report.cost_usd:.4f}" +
-                                ("+?" if report.cost_unknown else ""))
-    finally:
-        bar.close()
-    report.budget_stopped = max(0, expected_rows - report.written)
+    ds = ray.data.from_arrow(blocks)
+    for stage in stages:
+        ds = ds.map_batches(
+            StageWorker,
+            fn_constructor_kwargs=dict(stage=stage, teacher=cfg.teacher, settings=settings,
+                                       prices=cfg.prices, limiter=limiter, store_root=cfg.store),
+            batch_size=None,  # one block = one batch = one part file
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(
+                min_size=cfg.min_actors,
+                max_size=max(cfg.min_actors, min(cfg.max_actors, len(blocks))),
+                max_concurrent_calls_per_actor=cfg.batches_in_flight_per_actor,
+            ),
+            num_cpus=cfg.actor_num_cpus,
+        )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        bar.add(batch)
+
+
+class _Progress:
+    """One bar over finished samples: done / failed / $ spent (all stages of a sample)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.failed, self.cost, self.cost_unknown = 0, 0.0, False
+        self.bar = tqdm(total=total, desc="collect", unit="sample", disable=not enabled)
+
+    def add(self, batch: pa.Table) -> None:
+        statuses = batch.column("status").to_pylist()
+        self.failed += sum(s != STATUS_OK for s in statuses)
+        for c in batch.column("cost_usd").to_pylist():
+            self.cost_unknown |= c is None
+            self.cost += c or 0.0
+        self.bar.update(batch.num_rows)
+        self.bar.set_postfix_str(f"failed={self.failed} $={self.cost:.4f}" + ("+?" if self.cost_unknown else ""))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _stage_report(store: Store, stage: str, new_keys: set[str], todo: int, wall_s: float) -> StageReport:
+    rows = store.filter_keys(STAGE_OUTPUT[stage], new_keys)
+    report = StageReport(todo=todo, written=rows.num_rows, wall_s=wall_s)
+    statuses = rows.column(f"{stage}_status").to_pylist()
+    report.failed = sum(s not in (STATUS_OK, "skipped") for s in statuses)
+    for c, n in zip(rows.column(f"{stage}_cost_usd").to_pylist(), rows.column(f"{stage}_calls").to_pylist(),
+                    strict=True):
+        report.cost_unknown |= bool(n) and c is None
+        report.cost_usd += c or 0.0
+    report.budget_stopped = max(0, todo - report.written)
     return report
 
 
@@ -179,6 +221,7 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
     """Collect (or finish collecting) ``cfg.samples_per_problem`` samples for every problem.
 
     Ray must be initialised and the teacher endpoint reachable (see ``actors.teacher.check_endpoint``).
+    Work left by an interrupted run enters the pipeline at the stage where it stopped.
     """
     import ray
 
@@ -198,31 +241,43 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
         answer_temperature=cfg.answer_temperature, feedback_temperature=cfg.feedback_temperature,
         max_tokens=cfg.max_tokens,
     )
-    limiter = ray.remote(num_cpus=0)(RateLimiter).remote(
-        cfg.requests_per_minute, cfg.tokens_per_minute, cfg.budget_usd
-    )
     keys = plan_keys(problems, cfg)
     wanted = {k for ks in keys.values() for k in ks}
-    report = CollectReport(problems=len(problems), samples_expected=len(wanted))
-
-    # decompose: per problem, the sample indices with no stored result in any stage
-    have = store.keys("samples") | store.keys("journal_answer") | store.keys("journal_decompose")
+    before = {t: store.keys(t) & wanted for t in STAGE_OUTPUT.values()}
+    in_samples, in_answer, in_decompose = before["samples"], before["journal_answer"], before["journal_decompose"]
+    # entry points: answered rows need feedback only; decomposed rows need answer + feedback;
+    # sample indices with nothing stored start at decompose (one call per problem, n = missing)
+    feedback_only = store.filter_keys("journal_answer", in_answer - in_samples)
+    from_answer = store.filter_keys("journal_decompose", in_decompose - in_answer - in_samples)
     work = []
     for p in problems:
-        missing = [i for i, k in enumerate(keys[p["problem_id"]]) if k not in have]
+        missing = [(i, k) for i, k in enumerate(keys[p["problem_id"]]) if k not in in_samples | in_answer | in_decompose]
         if missing:
-            work.append({"problem_id": p["problem_id"], "question": p["question"],
-                         "gold_value": p["answer_value"], "sample_indices": missing})
-    n = sum(len(w["sample_indices"]) for w in work)
-    report.stages["decompose"] = run_stage("decompose", work, cfg, store, settings, limiter, n)
-
-    # answer: decomposed rows not yet answered; feedback: answered rows not yet in samples
-    for stage, source, done in (("answer", "journal_decompose", ("journal_answer", "samples")),
-                                ("feedback", "journal_answer", ("samples",))):
-        todo = wanted - set().union(*(store.keys(t) for t in done))
-        rows = store.filter_keys(source, todo)
-        report.stages[stage] = run_stage(stage, rows, cfg, store, settings, limiter, rows.num_rows)
+            work.append({"problem_id": p["problem_id"], "question": p["question"], "gold_value": p["answer_value"],
+                         "sample_indices": [i for i, _ in missing], "sample_keys": [k for _, k in missing]})
+    n_new = sum(len(w["sample_indices"]) for w in work)
+    todo = {"decompose": n_new, "answer": n_new + from_answer.num_rows,
+            "feedback": n_new + from_answer.num_rows + feedback_only.num_rows}
+    report = CollectReport(problems=len(problems), samples_expected=len(wanted))
+    limiter = None  # without limits every call would pay two actor round trips for nothing
+    if cfg.requests_per_minute or cfg.tokens_per_minute or cfg.budget_usd is not None:
+        limiter = ray.remote(num_cpus=0)(RateLimiter).remote(
+            cfg.requests_per_minute, cfg.tokens_per_minute, cfg.budget_usd
+        )
+    progress = _Progress(todo["feedback"], cfg.progress)
+    start = time.perf_counter()
+    try:
+        for stages, inputs in ((["feedback"], feedback_only), (["answer", "feedback"], from_answer),
+                               (["decompose", "answer", "feedback"], work)):
+            run_pipeline(stages, inputs, cfg, settings, limiter, todo["feedback"], progress)
+    finally:
+        progress.close()
+        if limiter is not None:
+            ray.kill(limiter)
+    wall = time.perf_counter() - start
+    store.refresh()
+    for stage, table in STAGE_OUTPUT.items():
+        new = (store.keys(table) & wanted) - before[table]
+        report.stages[stage] = _stage_report(store, stage, new, todo[stage], wall)
     report.samples_total = len(wanted & store.keys("samples"))
-    ray.kill(limiter)
     return report
-

@@ -47,6 +47,7 @@ class Store:
             raise StoreError(f"cannot open store root {self.root_uri!r}: {e}") from e
         self.root = self.root.rstrip("/")
         self._key_cache: dict[str, set[str]] = {}
+        self._files_seen: dict[str, set[str]] = {}  # part files whose keys are in the cache
 
     @staticmethod
     def _as_uri(root: str) -> str:
@@ -85,7 +86,7 @@ class Store:
         data = rows if isinstance(rows, pa.Table) else to_table(list(rows), schema)
         data = data.select(schema.names).cast(schema)
         key = KEYS[table]
-        existing = self.keys(table)
+        existing = self.keys(table, fresh=True)  # other writers (actors) may have appended
         seen: set[str] = set()
         keep = []
         for k in data.column(key).to_pylist():
@@ -102,6 +103,7 @@ class Store:
         tmp, final = f"{directory}/{_TMP_PREFIX}{name}", f"{directory}/{name}"
         pq.write_table(data, tmp, filesystem=self.fs)
         self.fs.move(tmp, final)
+        self._files_seen.setdefault(table, set()).add(final)
         self._key_cache.setdefault(table, set()).update(data.column(key).to_pylist())
         return AppendResult(final, data.num_rows, skipped)
 
@@ -123,17 +125,34 @@ class Store:
     def read_rows(self, table: str, columns: list[str] | None = None) -> list[dict[str, Any]]:
         return self.read_table(table, columns).to_pylist()
 
-    def keys(self, table: str) -> set[str]:
-        """Stored keys of a table (cached; appends through this object keep the cache true)."""
-        if table not in self._key_cache:
-            self.table_dir(table)  # validates the table name (StoreError, not KeyError)
-            key = KEYS[table]
-            self._key_cache[table] = set(self.read_table(table, [key]).column(key).to_pylist())
+    def keys(self, table: str, *, fresh: bool = False) -> set[str]:
+        """Stored keys of a table, cached per object.
+
+        Appends through this object keep the cache true; ``fresh=True`` also picks up part files
+        other processes wrote since, reading only those new files (cheap enough per batch).
+        """
+        self.table_dir(table)  # validates the table name (StoreError, not KeyError)
+        if table not in self._key_cache or fresh:
+            self._read_new_keys(table)
         return set(self._key_cache[table])
+
+    def _read_new_keys(self, table: str) -> None:
+        key = KEYS[table]
+        cache = self._key_cache.setdefault(table, set())
+        seen = self._files_seen.setdefault(table, set())
+        for path in self.part_files(table):
+            if path in seen:
+                continue
+            try:
+                cache.update(pq.read_table(path, filesystem=self.fs, columns=[key]).column(key).to_pylist())
+            except (pa.ArrowInvalid, OSError) as e:
+                raise StoreError(f"corrupt part file {path} in table {table!r}: {e}") from e
+            seen.add(path)
 
     def refresh(self) -> None:
         """Forget cached keys (another process may have appended)."""
         self._key_cache.clear()
+        self._files_seen.clear()
 
     def count(self, table: str) -> int:
         total = 0

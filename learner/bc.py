@@ -1,0 +1,118 @@
+"""Behaviour cloning (BC): cross-entropy on every teacher decomposition (paper 1's first student).
+
+The student reads the context and learns to emit the teacher's sub-questions token by token; only
+action tokens carry loss (the problem text is given, not predicted). Batches follow the contract in
+``learner/episodes.py``: ``action_mask[t] = 1`` marks token t as an action, predicted by the logits at
+position t - 1, hence the shift below.
+
+Two entry points, so that one algorithm serves both a single process and the Ray Train driver:
+- :meth:`BC.loss` computes the loss and metrics of a (micro-)batch without touching the optimizer:
+  the driver calls it, backpropagates, accumulates gradients and steps through :meth:`BC.optimizer_step`
+  (DDP averages gradients across workers during ``backward``);
+- :meth:`BC.train_step` is the single-process convenience: loss, backward, clip, step.
+
+The model may be a plain HF causal LM, a peft model (only its trainable LoRA parameters are
+optimised) or a DDP wrapper around either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BCConfig:
+    lr: float = 5e-5  # AdamW learning rate (peak, after warmup)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; <= 0 disables clipping
+    warmup_steps: int = 0  # linear warmup from 0 to lr over this many optimizer steps
+    batch_size: int = 8  # episodes per optimizer step (across workers and accumulation steps)
+    max_length: int = 512  # tokens per episode (context + sub-questions); longer contexts are cut
+    num_epochs: int = 1  # passes over the training episodes
+    seed: int = 0  # the driver seeds torch / python / numpy with it before touching model and data
+
+
+def action_token_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over action tokens; also (number of action tokens, accuracy).
+
+    Only the positions that predict an action are sent through the softmax, in float32.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["action_mask"][:, 1:] > 0  # token t + 1 is an action ...
+    pred = logits[:, :-1][mask].float()  # ... predicted by the logits at t
+    target = batch["input_ids"][:, 1:][mask]
+    n_tokens = mask.sum()
+    if n_tokens == 0:  # no action in this batch: a zero loss that still has a graph
+        return logits.sum() * 0.0, n_tokens, torch.zeros(())
+    loss = F.cross_entropy(pred, target)
+    accuracy = (pred.argmax(-1) == target).float().mean()
+    return loss, n_tokens, accuracy
+
+
+class BC:
+    """Behaviour cloning trainer: holds the model, its AdamW optimizer and a warmup schedule."""
+
+    def __init__(self, model: nn.Module, cfg: BCConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        params = [p for p in model.parameters() if p.requires_grad]  # LoRA only, for a peft model
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        warmup = max(cfg.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.step = 0  # optimizer steps taken
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The BC loss of one (micro-)batch and its metrics; no backward, no optimizer step."""
+        self.model.train()
+        loss, n_tokens, accuracy = action_token_loss(self.model, self._to_device(batch))
+        metrics = {
+            "losses/bc": loss.item(),
+            "charts/action_tokens": float(n_tokens),
+            "charts/token_accuracy": float(accuracy),
+        }
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Validation metrics of a held-out batch (eval mode, no gradients); train mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            loss, _, accuracy = action_token_loss(self.model, self._to_device(batch))
+        finally:
+            self.model.train(was_training)
+        return {"losses/val_bc": loss.item(), "charts/val_token_accuracy": float(accuracy)}
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip the accumulated gradients, step the optimizer and the schedule, zero the gradients."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"charts/grad_norm": float(grad_norm), "charts/lr": float(lr)}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One full update on ``batch``: loss, backward, clip, step. Returns the step's metrics."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, metrics = self.loss(batch)
+        loss.backward()
+        return {**metrics, **self.optimizer_step()}
