@@ -117,8 +117,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=256)
     ap.add_argument("--latency", type=float, default=0.2)
-    ap.add_argument("--max-actors", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-actors", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
     spec = f"gsm8k:train[:{args.problems}]"
     from data_store.datasets import load_problems
