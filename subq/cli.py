@@ -196,10 +196,71 @@ def cmd_llm_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from learner.train import ALGOS
+
+    p = sub.add_parser("train", help="fit the student decomposer (BC, filtered BC, ILQL) on Ray Train")
+    p.add_argument("--algo", choices=ALGOS, default="bc")
+    p.add_argument("--init", default=EMBEDDED_MODEL, help="model spec, HF dir, or a checkpoint (filtered BC/ILQL: BC's)")
+    p.add_argument("--store", default=".subq/store")
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--source", choices=["samples", "reference"], default="samples",
+                   help="teacher samples, or the GSM8K socratic reference decompositions in the store")
+    p.add_argument("--teacher-model", help="train only on this teacher's samples")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--no-bf16", action="store_true", help="fp32 on GPU")
+    p.add_argument("--batch-size", type=int, default=8, help="episodes per worker per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--report-every", type=int, default=10)
+    p.add_argument("--lora-r", type=int, default=0)
+    p.add_argument("--wandb-project")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm setting, e.g. --set lr=1e-5 --set fraction=0.3 --set beta=2 (JSON values)")
+    p.add_argument("--ray-address")
+    p.set_defaults(func=cmd_train)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from learner.train import TrainConfig, run_train
+    from subq.runtime import init_ray
+
+    cfg = TrainConfig(
+        algo=args.algo, init=args.init, store=args.store, out=args.out, source=args.source,
+        teacher_model=args.teacher_model, num_workers=args.num_workers, use_gpu=args.use_gpu,
+        bf16=not args.no_bf16, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_steps=args.max_steps, epochs=args.epochs, max_length=args.max_length, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, report_every=args.report_every, lora_r=args.lora_r,
+        wandb_project=args.wandb_project, algo_config=_parse_sets(args.set),
+    )
+    init_ray(args.ray_address)
+    summary = run_train(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_collect, _add_store, _add_import_export, _add_llm_server):
+    for add in (_add_collect, _add_store, _add_import_export, _add_llm_server, _add_train):
         add(sub)
     return parser
 
