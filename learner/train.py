@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +98,47 @@ def latest_checkpoint_dir(result) -> str | None:
     return None if ckpt is None else ckpt.path
 
 
+@contextmanager
+def _progress(metrics_path: Path, total: int, enabled: bool) -> Iterator[None]:
+    """A bar on the driver fed by rank 0's metrics.jsonl (workers' stdout may not reach us)."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    stop = threading.Event()
+    start = metrics_path.stat().st_size if metrics_path.exists() else 0
+
+    def follow() -> None:
+        bar = tqdm(total=total, desc="train", unit="step")
+        offset = start
+        while True:
+            if metrics_path.exists():
+                with metrics_path.open() as f:
+                    f.seek(offset)
+                    for line in f:
+                        if not line.endswith("\n"):
+                            break
+                        offset += len(line.encode())
+                        m = json.loads(line)
+                        bar.n = min(total, int(m.get("step", bar.n)))
+                        loss = m.get("losses/total", m.get("losses/bc"))
+                        if loss is not None:
+                            bar.set_postfix_str(f"loss={loss:.4f} tok/s={m.get('charts/tokens_per_s', 0):.0f}")
+                        bar.refresh()
+            if stop.wait(1.0):
+                break
+        bar.close()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns a summary (steps, final metrics, paths). Re-running resumes the same run."""
     import ray.data
@@ -130,7 +174,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    with _progress(out / "metrics.jsonl", cfg.max_steps, cfg.progress):
+        result = trainer.fit()
     final = latest_checkpoint_dir(result)
     if final is None:
         raise RuntimeError("training produced no checkpoint")

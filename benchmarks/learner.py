@@ -1,0 +1,226 @@
+"""Learner throughput: BC vs. ILQL steps, Ray Train overhead, guided decoding with and without a KV cache.
+
+Prints, in one run on one machine, with one model and one batch shape (B episodes x up to L tokens of
+GSM8K train problems and their human sub-questions, usefulness 1.0 each, correct 1.0):
+1. tokens/s of a BC step and of an ILQL step (median of --steps timed steps after one warm-up step,
+   same model, same batch) and the ILQL / BC step-time ratio;
+2. Ray Train overhead: K BC optimizer steps through ``learner.train.run_train`` (1 worker, reading the
+   same K x B episodes from a temporary store, ``source="reference"``) vs. a bare PyTorch loop doing
+   the same K steps on the same episodes (fresh model each): the wall time of the K training steps in
+   each and the overhead %, then the end-to-end wall of ``run_train`` (Ray Train start-up, worker model
+   load, the K steps, the final checkpoint that is always written) split into its parts;
+3. ILQL-guided greedy decoding (``generate_guided``) with the KV cache vs. recomputing the prefix at
+   every token (paper 1's released decoder), same prompts and heads: tokens/s of each and the
+   speed-up; the two outputs must be identical (asserted).
+
+    python benchmarks/learner.py                            # SmolLM2-135M, the student (~4 min on 2 cores)
+    python benchmarks/learner.py --model tiny-random:llama  # quick
+
+Torch runs with 2 intra-op threads here (--threads); the Ray Train worker sets its own count
+(cpu_count // num_workers, i.e. 2 on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from subq.runtime import configure_env, init_ray  # noqa: E402
+
+configure_env()
+
+import torch  # noqa: E402
+
+from data_store.datasets import load_problems  # noqa: E402
+from learner.bc import BC, BCConfig  # noqa: E402
+from learner.episodes import Episode, build_episode, collate, encode_prompt  # noqa: E402
+from learner.guided_decoding import generate_guided  # noqa: E402
+from learner.ilql import ILQL, ILQLConfig, ILQLHeads  # noqa: E402
+from learner.models import load_model_and_tokenizer, load_tokenizer  # noqa: E402
+
+
+def _episodes(tokenizer, n: int, max_length: int) -> tuple[list[dict], list[Episode]]:
+    """The first ``n`` GSM8K train problems whose reference decomposition fits ``max_length``, and their
+    episodes, built the way ``reference_episodes`` (the driver's ``source="reference"``) builds them."""
+    problems, episodes = [], []
+    for p in load_problems(f"gsm8k:train[:{4 * n + 64}]"):
+        subqs = p.get("reference_subquestions")
+        if not subqs:
+            continue
+        ep = build_episode(tokenizer, p["question"], list(subqs), usefulness=[1.0] * len(subqs), correct=1.0,
+                           max_length=max_length)
+        if ep is not None:
+            problems.append(p)
+            episodes.append(ep)
+        if len(episodes) == n:
+            return problems, episodes
+    raise SystemExit(f"only {len(episodes)} GSM8K problems fit max_length={max_length}")
+
+
+def _timed_steps(step, batch: dict, n: int) -> float:
+    """Median seconds of ``step(batch)`` over ``n`` steps after one warm-up step."""
+    step(batch)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_steps(args: argparse.Namespace, model, tokenizer, batch: dict) -> ILQLHeads:
+    tokens = int(batch["attention_mask"].sum())
+    bc = BC(model, BCConfig(batch_size=args.batch_size, max_length=args.max_length))
+    t_bc = _timed_steps(bc.train_step, batch, args.steps)
+    del bc
+    gc.collect()
+    icfg = ILQLConfig(batch_size=args.batch_size, max_length=args.max_length)
+    heads = ILQLHeads.for_model(model, two_q=icfg.two_q, hidden_mult=icfg.head_hidden_mult)
+    ilql = ILQL(model, heads, icfg)
+    t_ilql = _timed_steps(ilql.train_step, batch, args.steps)
+    del ilql
+    gc.collect()
+    shape = tuple(batch["input_ids"].shape)
+    print(f"1. train steps, batch {shape[0]} x {shape[1]} ({tokens} tokens, "
+          f"{int(batch['action_mask'].sum())} actions), median of {args.steps} after 1 warm-up:")
+    print(f"   BC   {t_bc:7.3f} s/step  {tokens / t_bc:9.1f} tokens/s")
+    print(f"   ILQL {t_ilql:7.3f} s/step  {tokens / t_ilql:9.1f} tokens/s")
+    print(f"   ILQL/BC step time = {t_ilql / t_bc:.2f}")
+    return heads
+
+
+def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int) -> tuple[float, list[float]]:
+    """K BC steps in plain PyTorch on a fresh model: per step collate, loss, backward, clip, AdamW."""
+    model, _ = load_model_and_tokenizer(args.model)
+    torch.manual_seed(0)
+    bc = BC(model, BCConfig(batch_size=args.batch_size, max_length=args.max_length))
+    times = []
+    start = time.perf_counter()
+    for i in range(args.train_steps):
+        t = time.perf_counter()
+        bc.train_step(collate(episodes[i * args.batch_size:(i + 1) * args.batch_size], pad_id))
+        times.append(time.perf_counter() - t)
+    wall = time.perf_counter() - start
+    del bc, model
+    gc.collect()
+    return wall, times
+
+
+def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: list[Episode], pad_id: int) -> None:
+    from data_store.store import Store
+    from learner.train import TrainConfig, run_train
+
+    k = args.train_steps
+    tokens = sum(len(ep.input_ids) for ep in episodes)
+    bare, bare_steps = _bare_loop(args, episodes, pad_id)
+
+    t0 = time.perf_counter()
+    init_ray()
+    t_ray_init = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="subq-bench-") as tmp:
+        Store(f"{tmp}/store").append("problems", problems)
+        cfg = TrainConfig(algo="bc", init=args.model, store=f"{tmp}/store", out=f"{tmp}/out", source="reference",
+                          num_workers=1, batch_size=args.batch_size, max_length=args.max_length, max_steps=k,
+                          epochs=1, report_every=10**6, checkpoint_every=10**6, progress=False)
+        start_wall = time.time()
+        t0 = time.perf_counter()
+        summary = run_train(cfg)
+        e2e = time.perf_counter() - t0
+        end_wall = time.time()
+        lines = (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()
+        reported_at = (Path(tmp) / "out" / "metrics.jsonl").stat().st_mtime  # rank 0 writes it before report()
+    if summary["step"] != k or summary["episodes"] != len(episodes) or len(lines) != 1:
+        raise SystemExit(f"unexpected run: {summary}, {len(lines)} metric lines")
+    metrics = json.loads(lines[0])
+    # The worker's tokens/s counts the real tokens of every micro-batch since just before its data loop,
+    # so tokens / (tokens/s) is the wall of the K steps inside Ray Train (shard iteration included).
+    ray_train = tokens / metrics["charts/tokens_per_s"]
+    before = reported_at - start_wall - ray_train  # driver + trainer + worker start-up, model load
+    after = end_wall - reported_at  # final checkpoint (model + optimizer state), report, shut-down, copy
+    print(f"2. {k} BC optimizer steps of {args.batch_size} episodes (<= {args.max_length} tokens, "
+          f"{tokens} tokens in all), cold start in both:")
+    print(f"   bare PyTorch loop ({torch.get_num_threads()} threads): {bare:7.2f} s  "
+          f"({tokens / bare:8.1f} tokens/s; steps {', '.join(f'{t:.2f}' for t in bare_steps)} s)")
+    print(f"   Ray Train, 1 worker:              {ray_train:7.2f} s  ({metrics['charts/tokens_per_s']:8.1f} tokens/s,"
+          f" from the worker's charts/tokens_per_s)")
+    print(f"   Ray Train overhead on the training steps: {100 * (ray_train / bare - 1):+.1f} %")
+    print(f"   end to end: run_train {e2e:.1f} s (+ ray.init {t_ray_init:.1f} s) = "
+          f"{before:.1f} s start-up + {ray_train:.1f} s steps + {after:.1f} s final checkpoint and tear-down; "
+          f"vs. bare steps {bare:.1f} s: x{(e2e + t_ray_init) / bare:.1f}")
+
+
+def bench_decoding(args: argparse.Namespace, model, tokenizer, heads: ILQLHeads, problems: list[dict]) -> None:
+    model.eval()
+    heads.eval()
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems[:args.prompts]]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    beta = ILQLConfig().beta
+
+    def run(use_cache: bool) -> tuple[torch.Tensor, float]:
+        t = time.perf_counter()
+        out = generate_guided(model, heads, input_ids, mask, max_new_tokens=args.new_tokens, beta=beta,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=use_cache)
+        return out, time.perf_counter() - t
+
+    generate_guided(model, heads, input_ids, mask, max_new_tokens=2, beta=beta,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)  # warm-up
+    cached, t_cached = run(True)
+    recomputed, t_recomputed = run(False)
+    new = cached[:, width:]
+    # Generated tokens: up to and including each row's eos (what a client receives).
+    is_eos = (new == tokenizer.eos_token_id).int()
+    n_tokens = int(torch.where(is_eos.any(1), is_eos.argmax(1) + 1, new.shape[1]).sum())
+    print(f"3. ILQL-guided greedy decoding (beta {beta}), {len(prompts)} prompts of <= {width} tokens, left-padded, "
+          f"{n_tokens} new tokens (<= {args.new_tokens} per prompt):")
+    print(f"   KV cache:          {t_cached:7.2f} s  {n_tokens / t_cached:8.1f} tokens/s")
+    print(f"   recompute prefix:  {t_recomputed:7.2f} s  {n_tokens / t_recomputed:8.1f} tokens/s")
+    print(f"   speed-up of the cache: x{t_recomputed / t_cached:.2f}")
+    if not torch.equal(cached, recomputed):
+        diff = (cached != recomputed).nonzero()
+        raise AssertionError(f"cached and recomputed decoding differ at {diff[:5].tolist()} ...")
+    print("   outputs identical: yes")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct",
+                    help="model spec (learner/models.py); tiny-random:llama for a quick run")
+    ap.add_argument("--batch-size", type=int, default=4, help="episodes per step")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per episode")
+    ap.add_argument("--steps", type=int, default=3, help="timed BC / ILQL steps (after 1 warm-up)")
+    ap.add_argument("--train-steps", type=int, default=4, help="K: optimizer steps, Ray Train vs. bare loop")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts decoded together")
+    ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per prompt")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads in this process")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    tokenizer = load_tokenizer(args.model)
+    n = max(args.batch_size, args.train_steps * args.batch_size)
+    problems, episodes = _episodes(tokenizer, n, args.max_length)
+    print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs")
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    heads = bench_steps(args, model, tokenizer, collate(episodes[:args.batch_size], tokenizer.pad_token_id))
+    bench_ray_train(args, problems, episodes, tokenizer.pad_token_id)
+    bench_decoding(args, model, tokenizer, heads, problems)
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
