@@ -13,7 +13,7 @@ GSM8K train problems and their human sub-questions, usefulness 1.0 each, correct
    every token (paper 1's released decoder), same prompts and heads: tokens/s of each and the
    speed-up; the two outputs must be identical (asserted).
 
-    python benchmarks/learner.py                            # SmolLM2-135M, the student (~4 min on 2 cores)
+    python benchmarks/learner.py                            # SmolLM2-135M, the student (~5 min on 2 cores)
     python benchmarks/learner.py --model tiny-random:llama  # quick
 
 Torch runs with 2 intra-op threads here (--threads); the Ray Train worker sets its own count
@@ -40,6 +40,7 @@ from subq.runtime import configure_env, init_ray  # noqa: E402
 configure_env()
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from data_store.datasets import load_problems  # noqa: E402
 from learner.bc import BC, BCConfig  # noqa: E402
@@ -99,64 +100,93 @@ def bench_steps(args: argparse.Namespace, model, tokenizer, batch: dict) -> ILQL
     return heads
 
 
-def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int) -> tuple[float, list[float]]:
+def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int):
     """K BC steps in plain PyTorch on a fresh model: per step collate, loss, backward, clip, AdamW."""
     model, _ = load_model_and_tokenizer(args.model)
     torch.manual_seed(0)
     bc = BC(model, BCConfig(batch_size=args.batch_size, max_length=args.max_length))
     times = []
-    start = time.perf_counter()
     for i in range(args.train_steps):
         t = time.perf_counter()
         bc.train_step(collate(episodes[i * args.batch_size:(i + 1) * args.batch_size], pad_id))
         times.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start
-    del bc, model
+    del bc
     gc.collect()
-    return wall, times
+    return model, times
+
+
+def _ray_train(args: argparse.Namespace, store: str, out: str, report_every: int) -> tuple[dict, list[dict], dict]:
+    """One ``run_train``; its summary, metric lines, and wall-clock marks (driver clock)."""
+    from learner.train import TrainConfig, run_train
+
+    cfg = TrainConfig(algo="bc", init=args.model, store=store, out=out, source="reference", num_workers=1,
+                      batch_size=args.batch_size, max_length=args.max_length, max_steps=args.train_steps,
+                      epochs=1, report_every=report_every, checkpoint_every=10**6, progress=False)
+    start = time.time()
+    summary = run_train(cfg)
+    end = time.time()
+    metrics_file = Path(out) / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    # rank 0 appends a line just before each ray.train.report; the last one precedes the final checkpoint
+    marks = {"start": start, "end": end, "last_line": metrics_file.stat().st_mtime}
+    if summary["step"] != args.train_steps:
+        raise SystemExit(f"unexpected run: {summary}")
+    return summary, lines, marks
 
 
 def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: list[Episode], pad_id: int) -> None:
     from data_store.store import Store
-    from learner.train import TrainConfig, run_train
+    from learner.checkpoint import load_checkpoint
 
-    k = args.train_steps
-    tokens = sum(len(ep.input_ids) for ep in episodes)
-    bare, bare_steps = _bare_loop(args, episodes, pad_id)
+    k, b = args.train_steps, args.batch_size
+    batch_tokens = [sum(len(ep.input_ids) for ep in episodes[i * b:(i + 1) * b]) for i in range(k)]
+    tokens = sum(batch_tokens)
+    bare_model, bare_steps = _bare_loop(args, episodes, pad_id)
+    bare = sum(bare_steps)
 
     t0 = time.perf_counter()
     init_ray()
     t_ray_init = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="subq-bench-") as tmp:
         Store(f"{tmp}/store").append("problems", problems)
-        cfg = TrainConfig(algo="bc", init=args.model, store=f"{tmp}/store", out=f"{tmp}/out", source="reference",
-                          num_workers=1, batch_size=args.batch_size, max_length=args.max_length, max_steps=k,
-                          epochs=1, report_every=10**6, checkpoint_every=10**6, progress=False)
-        start_wall = time.time()
-        t0 = time.perf_counter()
-        summary = run_train(cfg)
-        e2e = time.perf_counter() - t0
-        end_wall = time.time()
-        lines = (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()
-        reported_at = (Path(tmp) / "out" / "metrics.jsonl").stat().st_mtime  # rank 0 writes it before report()
-    if summary["step"] != k or summary["episodes"] != len(episodes) or len(lines) != 1:
+        summary, lines, marks = _ray_train(args, f"{tmp}/store", f"{tmp}/out", report_every=10**6)
+        ray_model = load_checkpoint(summary["final"]).model
+        weight_diff = max(float((a - c).abs().max()) for a, c in
+                          zip(bare_model.state_dict().values(), ray_model.state_dict().values(), strict=True))
+        del ray_model, bare_model
+        gc.collect()
+        if not args.no_per_step:
+            _, step_lines, step_marks = _ray_train(args, f"{tmp}/store", f"{tmp}/out-per-step", report_every=1)
+    if summary["episodes"] != len(episodes) or len(lines) != 1:
         raise SystemExit(f"unexpected run: {summary}, {len(lines)} metric lines")
-    metrics = json.loads(lines[0])
-    # The worker's tokens/s counts the real tokens of every micro-batch since just before its data loop,
+    # The worker's tokens/s counts the real tokens of its micro-batches since just before its data loop,
     # so tokens / (tokens/s) is the wall of the K steps inside Ray Train (shard iteration included).
-    ray_train = tokens / metrics["charts/tokens_per_s"]
-    before = reported_at - start_wall - ray_train  # driver + trainer + worker start-up, model load
-    after = end_wall - reported_at  # final checkpoint (model + optimizer state), report, shut-down, copy
-    print(f"2. {k} BC optimizer steps of {args.batch_size} episodes (<= {args.max_length} tokens, "
-          f"{tokens} tokens in all), cold start in both:")
-    print(f"   bare PyTorch loop ({torch.get_num_threads()} threads): {bare:7.2f} s  "
-          f"({tokens / bare:8.1f} tokens/s; steps {', '.join(f'{t:.2f}' for t in bare_steps)} s)")
-    print(f"   Ray Train, 1 worker:              {ray_train:7.2f} s  ({metrics['charts/tokens_per_s']:8.1f} tokens/s,"
-          f" from the worker's charts/tokens_per_s)")
-    print(f"   Ray Train overhead on the training steps: {100 * (ray_train / bare - 1):+.1f} %")
-    print(f"   end to end: run_train {e2e:.1f} s (+ ray.init {t_ray_init:.1f} s) = "
-          f"{before:.1f} s start-up + {ray_train:.1f} s steps + {after:.1f} s final checkpoint and tear-down; "
-          f"vs. bare steps {bare:.1f} s: x{(e2e + t_ray_init) / bare:.1f}")
+    ray_train = tokens / lines[0]["charts/tokens_per_s"]
+    e2e = marks["end"] - marks["start"]
+    before = marks["last_line"] - marks["start"] - ray_train  # driver + trainer + worker start-up, model load
+    after = marks["end"] - marks["last_line"]  # final checkpoint (model + optimizer state), shut-down, copy
+    print(f"2. {k} BC optimizer steps of {b} episodes (<= {args.max_length} tokens, {tokens} tokens in all), "
+          f"cold start in both:")
+    print(f"   bare PyTorch loop ({torch.get_num_threads()} threads): {bare:7.2f} s  ({tokens / bare:8.1f} tokens/s;"
+          f" steps {', '.join(f'{t:.2f}' for t in bare_steps)} s)")
+    print(f"   Ray Train, 1 worker, report/checkpoint only at the end: {ray_train:7.2f} s  "
+          f"({lines[0]['charts/tokens_per_s']:8.1f} tokens/s, the worker's charts/tokens_per_s)")
+    print(f"   Ray Train overhead on the training steps: {100 * (ray_train / bare - 1):+.1f} %  "
+          f"(final weights vs. the bare loop's: max |diff| {weight_diff:.1e}"
+          f"{', identical: same batches in the same order' if weight_diff == 0 else ''})")
+    print(f"   end to end: run_train {e2e:.1f} s (+ ray.init {t_ray_init:.1f} s) = {before:.1f} s start-up + "
+          f"{ray_train:.1f} s steps + {after:.1f} s final checkpoint and tear-down; "
+          f"x{(e2e + t_ray_init) / bare:.1f} the bare steps")
+    if not args.no_per_step:
+        # Same run with a report after every step: each window is one step (the first also starts the
+        # shard's Ray Data iteration); tokens per window are exact when the batches come in order
+        # (identical final weights above say they do; otherwise the windows are approximate).
+        windows = [batch_tokens[m["step"] - 1] / m["charts/tokens_per_s"] for m in step_lines]
+        later, bare_later = sum(windows[1:]), sum(bare_steps[1:])
+        print(f"   per-step view (a 2nd run, report_every=1): Ray windows {', '.join(f'{t:.2f}' for t in windows)} s;"
+              f" step 1 {windows[0] - bare_steps[0]:+.2f} s vs. bare (shard start-up, first batch),"
+              f" steps 2..{k} {100 * (later / bare_later - 1):+.1f} %;"
+              f" run_train {step_marks['end'] - step_marks['start']:.1f} s ({k - 1} more reports)")
 
 
 def bench_decoding(args: argparse.Namespace, model, tokenizer, heads: ILQLHeads, problems: list[dict]) -> None:
@@ -201,11 +231,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="episodes per step")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per episode")
     ap.add_argument("--steps", type=int, default=3, help="timed BC / ILQL steps (after 1 warm-up)")
-    ap.add_argument("--train-steps", type=int, default=4, help="K: optimizer steps, Ray Train vs. bare loop")
+    ap.add_argument("--train-steps", type=int, default=8, help="K: optimizer steps, Ray Train vs. bare loop")
     ap.add_argument("--prompts", type=int, default=4, help="prompts decoded together")
     ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per prompt")
+    ap.add_argument("--no-per-step", action="store_true", help="skip the 2nd Ray Train run (report every step)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads in this process")
     args = ap.parse_args()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would bury the figures
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -213,12 +245,13 @@ def main() -> None:
     n = max(args.batch_size, args.train_steps * args.batch_size)
     problems, episodes = _episodes(tokenizer, n, args.max_length)
     print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes skew every figure)")
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     heads = bench_steps(args, model, tokenizer, collate(episodes[:args.batch_size], tokenizer.pad_token_id))
     bench_ray_train(args, problems, episodes, tokenizer.pad_token_id)
     bench_decoding(args, model, tokenizer, heads, problems)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
