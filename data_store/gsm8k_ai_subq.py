@@ -140,15 +140,20 @@ def _gold_of(value: Any) -> float | None:
     return None
 
 
+def _not_an_object(rec: Any) -> Row:
+    """A record that is not a JSON object: stored as a parse error with its text, never dropped."""
+    return {
+        "question": None,
+        "decompose_raw": str(rec),
+        "decompose_status": STATUS_PARSE_ERROR,
+        "decompose_error": "record is not a JSON object",
+        "answer_status": STATUS_SKIPPED,
+    }
+
+
 def _raw_fields(rec: Any) -> Row:
     if not isinstance(rec, dict):
-        return {
-            "question": None,
-            "decompose_raw": str(rec),
-            "decompose_status": STATUS_PARSE_ERROR,
-            "decompose_error": "record is not a JSON object",
-            "answer_status": STATUS_SKIPPED,
-        }
+        return _not_an_object(rec)
     out: Row = {
         "question": rec.get("problem") if isinstance(rec.get("problem"), str) else None,
         "gold_value": _gold_of(rec.get("answer")),
@@ -187,13 +192,7 @@ def _raw_fields(rec: Any) -> Row:
 
 def _converted_fields(rec: Any) -> Row:
     if not isinstance(rec, dict):
-        return {
-            "question": None,
-            "decompose_raw": str(rec),
-            "decompose_status": STATUS_PARSE_ERROR,
-            "decompose_error": "record is not a JSON object",
-            "answer_status": STATUS_SKIPPED,
-        }
+        return _not_an_object(rec)
     out: Row = {
         "question": rec.get("question") if isinstance(rec.get("question"), str) else None,
         "gold_value": _gold_of(rec.get("true_answer")),

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from learner.optim import adamw_with_warmup, clip_and_step
+
 
 @dataclass
 class BCConfig:
@@ -65,10 +67,8 @@ class BC:
         params = [p for p in model.parameters() if p.requires_grad]  # LoRA only, for a peft model
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        warmup = max(cfg.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        self.optimizer, self.scheduler = adamw_with_warmup(
+            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps
         )
         self.step = 0  # optimizer steps taken
 
@@ -100,15 +100,9 @@ class BC:
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip the accumulated gradients, step the optimizer and the schedule, zero the gradients."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        metrics = clip_and_step(self.optimizer, self.scheduler, self.cfg.max_grad_norm)
         self.step += 1
-        return {"charts/grad_norm": float(grad_norm), "charts/lr": float(lr)}
+        return metrics
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One full update on ``batch``: loss, backward, clip, step. Returns the step's metrics."""

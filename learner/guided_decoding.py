@@ -70,7 +70,7 @@ def generate_guided(
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     past = None
     for _ in range(max_new_tokens):
-        # Left padding: a row's first real token is position 0 (pads get a dummy 1, they are masked anyway).
+        # Left padding: a row's first real token is position 0 (pads get position 1; they are masked anyway).
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         if past is None:  # the first step, or every step without the cache: the whole prefix
             out = model(input_ids=seq, attention_mask=mask, position_ids=positions, use_cache=use_cache,
