@@ -49,6 +49,9 @@ class CollectConfig:
     min_actors: int = 1  # the actor pool autoscales between these
     max_actors: int = 4
     actor_num_cpus: float = 0.25  # fractional: an actor pool taking every CPU deadlocks Ray Data
+    # Custom Ray resources each actor requests, e.g. {"collect_node": 0.01} to pin collection
+    # actors to nodes that advertise that resource (cluster/ puts it on the CPU worker group).
+    actor_resources: dict[str, float] = field(default_factory=dict)
     batch_size: int = 8  # rows per batch = rows per durable part file
     batches_in_flight_per_actor: int = 8  # concurrent batches per actor (x batch_size calls)
     progress: bool = True  # a tqdm bar per stage on the driver
@@ -168,6 +171,7 @@ def run_pipeline(stages: list[str], inputs: list[dict] | pa.Table, cfg: CollectC
                 max_concurrent_calls_per_actor=cfg.batches_in_flight_per_actor,
             ),
             num_cpus=cfg.actor_num_cpus,
+            **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
         )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         bar.add(batch)

@@ -22,6 +22,17 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line."""
 
 
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object of numbers (Ray resources)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        raise argparse.ArgumentTypeError('expected a JSON object of numbers, e.g. {"collect_node": 0.01}')
+    return value
+
+
 def _add_collect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="query a teacher for decompositions, answers and feedback")
     p.add_argument("--problems", default="gsm8k:train[:8]", help="dataset spec, e.g. gsm8k:train[:100]")
@@ -43,6 +54,9 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--actor-num-cpus", type=float, default=0.25, help="CPUs each collection actor reserves")
+    p.add_argument("--actor-resources", type=_json_object, default={}, metavar="JSON",
+                   help='custom Ray resources per actor, e.g. \'{"collect_node": 0.01}\' to pin actors to such nodes')
     p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model served when no base URL is given")
     p.add_argument("--local-port", type=int, default=8011)
     p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
@@ -84,6 +98,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
             budget_usd=args.budget_usd, prices=prices, min_actors=args.min_actors,
             max_actors=args.max_actors, batch_size=args.batch_size, progress=not args.no_progress,
+            actor_num_cpus=args.actor_num_cpus, actor_resources=args.actor_resources,
         )
         report = run_collect(cfg, problems)
     if args.json:
