@@ -275,7 +275,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_collect, _add_store, _add_import_export, _add_llm_server, _add_train):
+    from subq.cli_eval import add_eval, add_pipeline, add_rescore, add_serve
+
+    for add in (add_pipeline, _add_collect, _add_store, _add_import_export, _add_llm_server, _add_train, add_serve,
+                add_eval, add_rescore):
         add(sub)
     return parser
 
@@ -290,7 +293,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from subq.cli_eval import rewrite_argv
+
+    args = build_parser().parse_args(rewrite_argv(list(sys.argv[1:] if argv is None else argv)))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

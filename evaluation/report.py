@@ -1,0 +1,277 @@
+"""Summaries of evaluation runs and the report: ``results.json``, ``results.md``, ``accuracy_vs_cost.png``.
+
+A *run* is one (decomposer, solver, benchmark) combination; :func:`summarize` turns its per-problem
+records into a :class:`RunSummary`, :func:`write_report` writes the three files for a list of them.
+
+Record contract (one dict per problem; ``evaluation/run.py`` writes exactly these keys, flat):
+
+=========================== =================== ==========================================================
+key                         type                meaning
+=========================== =================== ==========================================================
+problem_id                  str
+answer_type                 str                 number | choice | yesno | text
+subquestions                list[str] | None    the decomposer's plan; None for the CoT baseline
+reference_subquestions      list[str] | None    human decomposition (GSM8K socratic, StrategyQA)
+decompose_tokens_in / _out  int                 usage of the decomposition call (0 for the baseline)
+decompose_latency_s         float | None
+decompose_cost_usd          float | None        None = the model's price is unknown
+solve_tokens_in / _out      int
+solve_latency_s             float | None
+solve_cost_usd              float | None        None = unknown price
+solver_text                 str                 the solver's reply ("" after an API failure)
+decompose_error             str | None          API or parse failure of the decomposer
+solve_error                 str | None          API failure of the solver: counted wrong, and counted apart
+prediction                  str | None          ``evaluation.scoring.Score`` fields, flat:
+correct                     bool                  ``score(solver_text, problem, mode)``
+f1                          float | None          (text answers only)
+score_error                 str | None            ``Score.error``: the reply did not follow the format
+=========================== =================== ==========================================================
+
+Counting: ``correct`` excludes records with a ``solve_error``; ``parse_failures`` counts replies (API
+failures excluded) whose ``score_error`` is set, including replies scored through a fallback;
+token counts and $ are totals over the run, $ is None as soon as one record's price is unknown;
+latencies are medians over problems. The tables show tokens per problem and $ per 1k problems.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import fmean, median
+from typing import Any
+
+from evaluation.scoring import wilson_interval
+from evaluation.similarity import aggregate_similarity
+
+DASH = "—"
+
+
+@dataclass
+class RunSummary:
+    decomposer: str  # row label, e.g. "filtered_bc", "teacher (gpt-4o-mini)", "none (CoT)"
+    solver: str  # column label
+    benchmark: str  # dataset spec, e.g. "gsm8k:test[:200]"
+    scorer: str  # strict | paper1
+    n: int  # problems
+    correct: int
+    accuracy: float
+    ci_low: float  # 95% Wilson interval
+    ci_high: float
+    f1_mean: float | None  # text answers: mean best token F1 (None for other benchmarks)
+    subq_per_problem: float | None  # mean number of sub-questions; None without a decomposer
+    decompose_tokens_in: int  # totals over the run
+    decompose_tokens_out: int
+    solve_tokens_in: int
+    solve_tokens_out: int
+    decompose_latency_p50_s: float | None  # median seconds per problem
+    solve_latency_p50_s: float | None
+    decompose_cost_usd: float | None  # totals; None = some price unknown
+    solve_cost_usd: float | None
+    cost_per_1k_usd: float | None  # (decompose + solve) per 1000 problems
+    parse_failures: int  # replies whose answer was not read from a "Final answer" line
+    decompose_failures: int  # records with a decompose_error
+    solve_failures: int  # records with a solve_error (API failure, counted wrong)
+    similarity: dict[str, Any] | None  # evaluation.similarity.aggregate_similarity, when references exist
+
+
+def _total(values: Iterable[Any]) -> float | None:
+    """Sum of costs; None when any is unknown."""
+    total = 0.0
+    for v in values:
+        if v is None:
+            return None
+        total += float(v)
+    return total
+
+
+def _p50(values: Iterable[Any]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return median(known) if known else None
+
+
+def summarize(records: Sequence[dict[str, Any]], decomposer: str, solver: str, benchmark: str,
+              mode: str) -> RunSummary:
+    """One run's summary from its per-problem records (see the module docstring for the contract)."""
+    if not records:
+        raise ValueError(f"no records for {decomposer} / {solver} on {benchmark}")
+    n = len(records)
+    correct = sum(bool(r.get("correct")) and not r.get("solve_error") for r in records)
+    lo, hi = wilson_interval(correct, n)
+    texts = [r for r in records if r.get("answer_type") == "text"]
+    plans = [r["subquestions"] for r in records if r.get("subquestions") is not None]
+    dec_cost = _total(r.get("decompose_cost_usd", 0.0) for r in records)
+    solve_cost = _total(r.get("solve_cost_usd", 0.0) for r in records)
+    similarity = aggregate_similarity((r.get("subquestions"), r.get("reference_subquestions")) for r in records)
+    return RunSummary(
+        decomposer=decomposer, solver=solver, benchmark=benchmark, scorer=mode,
+        n=n, correct=correct, accuracy=correct / n, ci_low=lo, ci_high=hi,
+        f1_mean=fmean(float(r.get("f1") or 0.0) for r in texts) if texts else None,
+        subq_per_problem=fmean(len(p) for p in plans) if plans else None,
+        decompose_tokens_in=sum(int(r.get("decompose_tokens_in") or 0) for r in records),
+        decompose_tokens_out=sum(int(r.get("decompose_tokens_out") or 0) for r in records),
+        solve_tokens_in=sum(int(r.get("solve_tokens_in") or 0) for r in records),
+        solve_tokens_out=sum(int(r.get("solve_tokens_out") or 0) for r in records),
+        decompose_latency_p50_s=_p50(r.get("decompose_latency_s") for r in records),
+        solve_latency_p50_s=_p50(r.get("solve_latency_s") for r in records),
+        decompose_cost_usd=dec_cost, solve_cost_usd=solve_cost,
+        cost_per_1k_usd=None if dec_cost is None or solve_cost is None else (dec_cost + solve_cost) / n * 1000,
+        parse_failures=sum(not r.get("solve_error") and r.get("score_error") is not None for r in records),
+        decompose_failures=sum(r.get("decompose_error") is not None for r in records),
+        solve_failures=sum(bool(r.get("solve_error")) for r in records),
+        similarity=similarity if similarity["n"] else None,
+    )
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+
+def _cell(s: RunSummary) -> str:
+    return f"{s.accuracy:.3f} [{s.ci_low:.2f}, {s.ci_high:.2f}]"
+
+
+def _esc(label: str) -> str:
+    return label.replace("|", "\\|")
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return DASH if x is None else format(x, fmt)
+
+
+def _usd(total: float | None, n: int) -> str:
+    """$ per 1k problems from a run total: "?" when the price is unknown."""
+    if total is None:
+        return "?"
+    return "0" if total == 0 else f"{total / n * 1000:.3g}"
+
+
+def _ordered(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+_DETAIL_HEAD = (
+    "| decomposer | solver | n | accuracy [95% CI] | F1 | sub-q / problem | decomp tokens in / out "
+    "| solve tokens in / out | decomp p50 s | solve p50 s | $/1k decomp | $/1k solve | $/1k total "
+    "| parse fail | decomp fail | solve fail | sub-q − ref | ROUGE-L |"
+)
+
+
+def _detail_row(s: RunSummary) -> str:
+    sim = s.similarity or {}
+    cells = [
+        _esc(s.decomposer), _esc(s.solver), str(s.n), _cell(s), _num(s.f1_mean, ".3f"), _num(s.subq_per_problem),
+        f"{s.decompose_tokens_in / s.n:.0f} / {s.decompose_tokens_out / s.n:.0f}",
+        f"{s.solve_tokens_in / s.n:.0f} / {s.solve_tokens_out / s.n:.0f}",
+        _num(s.decompose_latency_p50_s), _num(s.solve_latency_p50_s),
+        _usd(s.decompose_cost_usd, s.n), _usd(s.solve_cost_usd, s.n),
+        "?" if s.cost_per_1k_usd is None else ("0" if s.cost_per_1k_usd == 0 else f"{s.cost_per_1k_usd:.3g}"),
+        str(s.parse_failures), str(s.decompose_failures), str(s.solve_failures),
+        _num(sim.get("count_diff"), "+.2f"), _num(sim.get("rougeL"), ".3f"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(summaries: Sequence[RunSummary]) -> str:
+    """Per benchmark: paper 1's table (rows = decomposers, columns = solvers), then one row per run."""
+    modes = ", ".join(_ordered(s.scorer for s in summaries)) or DASH
+    out = [
+        "# subq evaluation",
+        "",
+        f"Scorer: {modes}. Cells: accuracy [95% Wilson interval]. Tokens are per problem; $ per 1k problems "
+        "from the price table (\"?\" = a model's price is unknown, 0 = self-hosted). A decomposer of "
+        "\"none\" is the solver alone with chain of thought.",
+    ]
+    for bench in _ordered(s.benchmark for s in summaries):
+        runs = [s for s in summaries if s.benchmark == bench]
+        decs, solvers = _ordered(s.decomposer for s in runs), _ordered(s.solver for s in runs)
+        by_key = {(s.decomposer, s.solver): s for s in runs}
+        out += ["", f"## {bench}", "",
+                "| decomposer \\ solver | " + " | ".join(_esc(v) for v in solvers) + " |",
+                "|---" * (len(solvers) + 1) + "|"]
+        for d in decs:
+            cells = [_cell(by_key[d, v]) if (d, v) in by_key else DASH for v in solvers]
+            out.append(f"| {_esc(d)} | " + " | ".join(cells) + " |")
+        out += ["", "Runs:", "", _DETAIL_HEAD, "|---" * (_DETAIL_HEAD.count("|") - 1) + "|"]
+        out += [_detail_row(s) for s in runs]
+    if not summaries:
+        out += ["", "No runs."]
+    return "\n".join(out) + "\n"
+
+
+def format_table(summaries: Sequence[RunSummary]) -> str:
+    """A fixed-width plain-text table of the runs, one line each, for a terminal."""
+    head = ("benchmark", "decomposer", "solver", "n", "accuracy [95% CI]", "F1", "sub-q", "$/1k",
+            "fail parse/dec/solve")
+    rows = [head] + [
+        (s.benchmark, s.decomposer, s.solver, str(s.n), _cell(s), _num(s.f1_mean, ".3f"), _num(s.subq_per_problem),
+         "?" if s.cost_per_1k_usd is None else f"{s.cost_per_1k_usd:.3g}",
+         f"{s.parse_failures}/{s.decompose_failures}/{s.solve_failures}")
+        for s in summaries
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+# --- plot ------------------------------------------------------------------------------------
+
+
+def _plain(text: str) -> str:
+    """Text shown literally: matplotlib reads a pair of "$" as math."""
+    return text.replace("$", r"\$")
+
+
+def plot_accuracy_vs_cost(summaries: Sequence[RunSummary], path: str | Path) -> None:
+    """One panel per benchmark: accuracy (95% CI bars) against $ per 1k problems, a point per run.
+
+    The x axis is symlog so that $0 runs (a self-hosted decomposer and solver) sit at 0 next to paid
+    ones; a run whose price is unknown is drawn hollow at $0 and its label ends in "($?)".
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
+
+    benches = _ordered(s.benchmark for s in summaries) or ["no runs"]
+    fig = Figure(figsize=(6.5 * len(benches), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(benches), squeeze=False)[0]
+    for ax, bench in zip(axes, benches, strict=True):
+        runs = [s for s in summaries if s.benchmark == bench]
+        for s in runs:
+            unknown = s.cost_per_1k_usd is None
+            x = 0.0 if unknown else s.cost_per_1k_usd
+            ax.errorbar([x], [s.accuracy], yerr=[[s.accuracy - s.ci_low], [s.ci_high - s.accuracy]], fmt="o",
+                        capsize=3, mfc="none" if unknown else None)
+            label = f"{s.decomposer} / {s.solver}" + (" ($?)" if unknown else "")
+            ax.annotate(_plain(label), (x, s.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        positive = [s.cost_per_1k_usd for s in runs if s.cost_per_1k_usd]
+        notes = []
+        if positive:
+            ax.set_xscale("symlog", linthresh=min(positive))
+            notes.append("symlog x")
+        else:
+            ax.set_xlim(-0.5, 1.0)
+        if any(s.cost_per_1k_usd == 0 for s in runs):
+            notes.append("self-hosted = $0")
+        if any(s.cost_per_1k_usd is None for s in runs):
+            notes.append("hollow = price unknown, drawn at $0")
+        ax.set_title(_plain(bench + (f"\n({'; '.join(notes)})" if notes else "")), fontsize=9)
+        ax.margins(x=0.2)  # room for the labels right of the points
+        ax.set_xlabel("$ per 1k problems (decomposition + solving)")
+        ax.set_ylabel("accuracy (95% CI)")
+        ax.set_ylim(-0.02, 1.08)  # room for a label above accuracy 1
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+
+
+# --- all three files -------------------------------------------------------------------------
+
+
+def write_report(summaries: Sequence[RunSummary], out_dir: str | Path,
+                 config: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write results.json, results.md and accuracy_vs_cost.png into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_cost.png"}
+    data = {"config": config or {}, "runs": [asdict(s) for s in summaries]}
+    paths["json"].write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
+    paths["markdown"].write_text(markdown(summaries))
+    plot_accuracy_vs_cost(summaries, paths["plot"])
+    return paths

@@ -1,0 +1,185 @@
+"""``subq pipeline``, ``subq serve``, ``subq eval`` and ``subq eval rescore``."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a distilled decomposer (/decompose, /v1/chat/completions) on Ray Serve")
+    p.add_argument("--checkpoint", "--model", dest="model", default=EMBEDDED_MODEL,
+                   help="a subq checkpoint dir (e.g. runs/quickstart/ilql/final), a HF model dir, or embedded:...")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--route-prefix", default="/")
+    p.add_argument("--token-env", help="name of an env var holding a bearer token to require")
+    p.add_argument("--beta", type=float, help="default ILQL guidance (default: the checkpoint's)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-subquestions", type=int)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=1, help="> --min-replicas turns on autoscaling")
+    p.add_argument("--target-ongoing-requests", type=float, default=4.0)
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (bf16 on GPU)")
+    p.add_argument("--ray-address")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from learner.checkpoint import is_checkpoint
+    from learner.models import resolve_model_path
+    from serve.decomposer import DecomposerConfig, run_decomposer_forever
+    from subq.runtime import init_ray
+
+    if not is_checkpoint(args.model):
+        resolve_model_path(args.model)  # a wrong path fails here, in one line
+    cfg = DecomposerConfig(
+        model=args.model, host=args.host, port=args.port, route_prefix=args.route_prefix, token_env=args.token_env,
+        beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        max_subquestions=args.max_subquestions, max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests, num_gpus=args.num_gpus,
+    )
+    init_ray(args.ray_address)
+    run_decomposer_forever(cfg)
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="decomposer -> solver accuracy, tokens, latency and $ on benchmarks "
+                                    "(`subq eval rescore` re-scores paper 1's records)")
+    p.add_argument("--decomposer", action="append", default=[], metavar="SPEC",
+                   help="none | teacher[:MODEL] | URL of a running decomposer | checkpoint/model to serve; "
+                        "NAME=SPEC sets the row label; repeat for several")
+    p.add_argument("--solver", action="append", default=[], metavar="MODEL@BASE_URL",
+                   help="an OpenAI-compatible solver, or 'local' (the embedded model on our own server); repeat")
+    p.add_argument("--benchmark", action="append", default=[], metavar="SPEC",
+                   help="e.g. gsm8k:test[:100], svamp, aqua, strategyqa:dev, bamboogle; repeat")
+    p.add_argument("--out", default="runs/eval", help="records/, results.json, results.md, accuracy_vs_cost.png")
+    p.add_argument("--scorer", choices=["strict", "paper1"], default="strict")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var with the solvers' API key")
+    p.add_argument("--decomposer-token-env", help="env var with a bearer token for decomposer URLs")
+    p.add_argument("--price-table", help='JSON {"version": ..., "prices": {"model": [usd_in_per_1M, usd_out_per_1M]}}')
+    p.add_argument("--max-subquestions", type=int)
+    p.add_argument("--beta", type=float, help="ILQL guidance sent to every served decomposer")
+    p.add_argument("--solve-max-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-actors", type=int, default=4)
+    p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model behind solver 'local'")
+    p.add_argument("--local-port", type=int, default=8011)
+    p.add_argument("--serve-num-gpus", type=float, default=0.0, help="GPUs per served decomposer replica")
+    p.add_argument("--ray-address")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from actors.prices import PriceTable
+    from actors.teacher import TeacherConfig, check_endpoint
+    from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
+    from subq.cli import UserError
+    from subq.eval_setup import ServeOptions, decomposer_label, open_decomposer, parse_solver, split_label
+    from subq.local_teacher import local_teacher
+    from subq.runtime import init_ray
+
+    decomposers = args.decomposer or ["none"]
+    solvers_raw = args.solver or ["local"]
+    try:
+        cfg = EvalConfig(benchmarks=args.benchmark or ["gsm8k:test[:20]"], out_dir=args.out, scorer=args.scorer,
+                         max_subquestions=args.max_subquestions, solve_max_tokens=args.solve_max_tokens,
+                         batch_size=args.batch_size, max_actors=args.max_actors, progress=not args.no_progress)
+        for s in solvers_raw:
+            if split_label(s)[1] != "local":
+                parse_solver(s, None, args.api_key_env)  # malformed specs fail before Ray starts
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
+    init_ray(args.ray_address)
+    need_local = any(split_label(s)[1] == "local" for s in solvers_raw)
+    server = local_teacher(None, args.local_model, args.local_port) if need_local else nullcontext((None, None))
+    with server as (url, served):
+        local = (url, served) if served else None
+        solvers = [parse_solver(s, local, args.api_key_env) for s in solvers_raw]
+        for sv in solvers:
+            check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
+            if served and sv.model == served:
+                prices = prices.with_price(sv.model, 0.0, 0.0)  # our own server bills nothing
+        opts = ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta)
+        labels = [decomposer_label(d, solvers) for d in decomposers]
+        try:
+            check_labels(labels, [sv.label for sv in solvers])
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for i, raw in enumerate(decomposers):
+            if pending(cfg, labels[i], solvers) == 0:
+                continue  # every answer is stored: do not even start its server
+            with open_decomposer(raw, i, solvers, opts, token_env=args.decomposer_token_env) as spec:
+                evaluate(cfg, spec, solvers, prices)
+    summaries = report(cfg, labels, [sv.label for sv in solvers])
+    from evaluation.report import format_table
+
+    print(format_table(summaries))
+    print(f"\nrecords, results.json, results.md and accuracy_vs_cost.png in {args.out}")
+    return 0
+
+
+def add_rescore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-rescore", help="re-score records in paper 1's evaluation format (also: subq eval rescore)")
+    p.add_argument("file", help='JSONL with {"problem", "questions", "answers", "answer"} per line')
+    p.add_argument("--mode", choices=["paper1", "strict"], default="strict")
+    p.set_defaults(func=cmd_rescore)
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from evaluation.rescore import RescoreError, rescore_file
+    from subq.cli import UserError
+
+    try:
+        r = rescore_file(args.file, args.mode)
+    except RescoreError as e:
+        raise UserError(str(e)) from None
+    print(f"{args.mode}: accuracy {r.accuracy:.4f} ({r.correct}/{r.n}), 95% CI [{r.ci_low:.4f}, {r.ci_high:.4f}], "
+          f"no answer found in {r.unparsed}")
+    return 0
+
+
+def add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="the whole loop: collect -> train BC / filtered BC / ILQL -> serve -> eval "
+                                        "-> report (re-run to resume)")
+    p.add_argument("--config", required=True, help="a YAML file, e.g. configs/quickstart.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set train.defaults.max_steps=10 "
+                        "--set 'eval.benchmarks=[\"gsm8k:test[:20]\"]' (YAML values)")
+    p.add_argument("--out", help="shortcut for --set out=DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pipeline)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from subq.cli import UserError
+    from subq.config import ConfigError, load_config
+
+    overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    try:
+        cfg, raw = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    from subq.pipeline import Pipeline, format_stages
+
+    try:
+        result = Pipeline(cfg, raw, progress=not args.no_progress).run()
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    print("\n" + format_stages(result))
+    print(f"\noutputs in {result.out} (resolved config: {result.out}/pipeline_config.yaml)")
+    return 0
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """``subq eval rescore ...`` is spelled ``eval-rescore`` inside argparse."""
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1] == "rescore":
+        return ["eval-rescore", *argv[2:]]
+    return argv

@@ -1,0 +1,270 @@
+"""Pipeline configs: YAML files composed onto each stage's own dataclass config.
+
+A config has one section per stage; each section's keys are exactly the fields of that stage's
+dataclass (``CollectConfig``, ``TrainConfig``, ``EvalConfig``, ...), minus the few the pipeline
+wires itself (store paths, endpoints). Unknown keys and wrong types fail at load time, naming the
+key, before any work starts. ``--set section.key=value`` overrides any value (YAML syntax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from actors.collect import CollectConfig
+from evaluation.run import EvalConfig
+from learner.train import ALGOS, TrainConfig
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message names the file and key."""
+
+
+@dataclass
+class TeacherSection:
+    base_url: str | None = None  # OpenAI-compatible root; None: serve local_model on 127.0.0.1:local_port
+    model: str | None = None  # model name at base_url (required with base_url)
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key (the key never enters a config)
+    local_model: str = EMBEDDED_MODEL  # served as teacher and as solver "local" when no base_url
+    local_port: int = 8011
+    timeout_s: float = 60.0  # per attempt
+    max_attempts: int = 6
+    price_table: str | None = None  # JSON price table file (default: the built-in versioned table)
+
+
+@dataclass
+class ImportSection:
+    reference: str | None = None  # e.g. gsm8k:train: problems with human (socratic) sub-questions, for source=reference
+    gsm8k_ai_subq: str | None = None  # a GSM8K-AI-SubQ file (paper 1's published teacher data) into `samples`
+    gsm8k_ai_subq_split: str = "train"  # the GSM8K split that file's problems come from
+    gsm8k_ai_subq_teacher: str = "gpt-3.5-turbo"  # the teacher model its samples are stored under
+
+
+@dataclass
+class TrainSection:
+    algos: list[str] = field(default_factory=lambda: ["bc", "filtered-bc", "ilql"])  # run in this order
+    defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every algorithm
+    per_algo: dict[str, dict[str, Any]] = field(default_factory=dict)  # {algo: TrainConfig fields}
+
+
+@dataclass
+class ServeSection:
+    port: int = 8011  # the Serve HTTP proxy (shared with the local teacher/solver server)
+    max_batch_size: int = 8
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0  # > 0: decomposer replicas on GPU
+    beta: float | None = None  # ILQL guidance; None: each checkpoint's own
+    max_new_tokens: int = 128
+
+
+@dataclass
+class EvalSection:
+    decomposers: list[str] | None = None  # None: every trained algorithm + the baseline (+ teacher, below)
+    solvers: list[str] = field(default_factory=lambda: ["local"])  # MODEL@BASE_URL or local
+    baseline: bool = True  # the single-stage (CoT) solver alone
+    teacher_decomposes: bool = False  # also the teacher's own decompositions (paper 1's last column)
+    settings: dict[str, Any] = field(default_factory=dict)  # EvalConfig fields (benchmarks, scorer, ...)
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "subq"
+    out: str = "runs/subq"  # every stage's outputs go under here
+    store: str | None = None  # default: <out>/store; any pyarrow URI (s3://...) on a cluster
+    ray_address: str | None = None  # default: $RAY_ADDRESS (set by `ray job submit`) or a local Ray
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # a subset skips the others
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    collect: dict[str, Any] = field(default_factory=dict)  # CollectConfig fields; {} or enabled: false skips
+    imports: ImportSection = field(default_factory=ImportSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    serve: ServeSection = field(default_factory=ServeSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or str(Path(self.out) / "store")
+
+
+STAGES = ("collect", "import", "train", "eval", "report")
+# Fields the pipeline sets itself, so a config may not.
+_WIRED = {"collect": {"store", "teacher", "prices", "progress"},
+          "train": {"algo", "store", "out", "progress"},
+          "eval": {"out_dir", "progress"}}
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Validate (and lightly coerce: int -> float) ``value`` against a type hint."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type):
+        if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def build(cls: type, values: dict[str, Any] | None, where: str, *, exclude: set[str] = frozenset(),
+          extra: dict[str, type] | None = None) -> Any:
+    """``cls(**values)`` after checking every key and type; nested dataclass fields recurse."""
+    values = dict(values or {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    unknown = set(values) - names - set(extra or {})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names | set(extra or {}))}")
+    kwargs = {}
+    for key, value in values.items():
+        if extra and key in extra:
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            kwargs[key] = build(tp, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_type(value, tp, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def section_config(cls: type, values: dict[str, Any], where: str, stage: str, **wired: Any) -> Any:
+    """A stage's dataclass from its config section plus the fields the pipeline wires in."""
+    obj = build(cls, values, where, exclude=_WIRED[stage], extra={"enabled": bool})
+    return dataclasses.replace(obj, **wired) if wired else obj
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``section.key=value`` (YAML value) into the raw mapping; creates intermediate mappings."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.defaults.max_steps=10), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: not a YAML value: {e}") from None
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> tuple[PipelineConfig, dict[str, Any]]:
+    """Parse, override and validate; returns the config and the resolved raw mapping (to save)."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    where = path or "config"
+    top = {k: v for k, v in raw.items() if k not in ("train", "import", "eval")}
+    if "import" in raw:
+        top["imports"] = raw["import"]
+    cfg: PipelineConfig = build(PipelineConfig, top, where, exclude={"train", "eval"})
+    cfg.train = _train_section(raw.get("train") or {}, f"{where}: train")
+    cfg.eval = _eval_section(raw.get("eval") or {}, f"{where}: eval")
+    validate(cfg, where)
+    return cfg, raw
+
+
+def _train_section(raw: dict[str, Any], where: str) -> TrainSection:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    algos = _check_type(raw.get("algos", TrainSection().algos), list[str], f"{where}.algos")
+    for a in algos:
+        if a not in ALGOS:
+            raise ConfigError(f"{where}.algos: unknown algorithm {a!r}; choose from {list(ALGOS)}")
+    per_algo = {a: raw[a] for a in ALGOS if a in raw}
+    unknown = set(raw) - {"algos", "defaults", *ALGOS}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: algos, defaults, {', '.join(ALGOS)}")
+    section = TrainSection(algos=algos, defaults=raw.get("defaults") or {}, per_algo=per_algo)
+    for a in algos:  # every algorithm's merged settings must build a TrainConfig now
+        train_config(section, a, "/tmp/x", "/tmp/x", where)
+    return section
+
+
+def _eval_section(raw: dict[str, Any], where: str) -> EvalSection:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    own = {f.name for f in dataclasses.fields(EvalSection)} - {"settings"}
+    section = build(EvalSection, {k: v for k, v in raw.items() if k in own}, where)
+    section.settings = {k: v for k, v in raw.items() if k not in own}
+    build(EvalConfig, section.settings, where, exclude=_WIRED["eval"])
+    return section
+
+
+def train_config(section: TrainSection, algo: str, store: str, out: str, where: str = "train",
+                 init: str | None = None) -> TrainConfig:
+    """TrainConfig for one algorithm: defaults, then the algorithm's own keys, then the wiring."""
+    values = {**section.defaults, **(section.per_algo.get(algo) or {})}
+    if init is not None and "init" not in (section.per_algo.get(algo) or {}):
+        values["init"] = init
+    cfg = build(TrainConfig, values, f"{where}.{algo}", exclude=_WIRED["train"])
+    return dataclasses.replace(cfg, algo=algo, store=store, out=out)
+
+
+def validate(cfg: PipelineConfig, where: str) -> None:
+    """Cross-field checks that need no network: files exist, required pairs are given."""
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"{where}.stages: unknown stage {stage!r}; stages: {list(STAGES)}")
+    if cfg.teacher.base_url and not cfg.teacher.model:
+        raise ConfigError(f"{where}: teacher.model is required with teacher.base_url")
+    for key, path in (("teacher.price_table", cfg.teacher.price_table), ("import.gsm8k_ai_subq",
+                                                                            cfg.imports.gsm8k_ai_subq)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{where}: {key}: file not found: {path}")
+    if cfg.collect:
+        section_config(CollectConfig, cfg.collect, f"{where}: collect", "collect")
+
+
+def dump(raw: dict[str, Any]) -> str:
+    return yaml.safe_dump(raw, sort_keys=False)

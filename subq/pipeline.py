@@ -1,0 +1,296 @@
+"""``subq pipeline``: collect -> import -> train (BC, filtered BC, ILQL) -> serve + evaluate -> report.
+
+Every stage is skipped when its output already exists, so re-running the same command resumes a
+killed run where it stopped (collection and evaluation also resume *inside* a stage, key by key).
+Everything that can be checked without doing work is checked first: config keys and types, files,
+dataset specs, model paths and endpoints; a mistake fails in one line before the first paid call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.collect import CollectConfig, plan_keys, run_collect
+from actors.prices import PriceTable
+from actors.teacher import TeacherConfig, check_endpoint
+from data_store.datasets import load_problems
+from data_store.store import Store
+from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
+from subq.config import PipelineConfig, ServeSection, dump, section_config, train_config
+from subq.eval_setup import ServeOptions, decomposer_label, open_decomposer, parse_solver, split_label
+from subq.local_teacher import local_teacher
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # done | skipped (output exists) | off (not in this config)
+    wall_s: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class PipelineResult:
+    stages: list[StageResult] = field(default_factory=list)
+    summaries: list[Any] = field(default_factory=list)  # evaluation.report.RunSummary
+    out: str = ""
+
+
+class Pipeline:
+    """One run of a PipelineConfig; each stage is a method, each checks whether it has work first."""
+
+    def __init__(self, cfg: PipelineConfig, raw: dict[str, Any], *, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> None:
+        self.cfg, self.raw, self.progress, self.echo = cfg, raw, progress, echo
+        self.out = Path(cfg.out)
+        self.result = PipelineResult(out=str(self.out))
+        self.prices = PriceTable.from_json(cfg.teacher.price_table) if cfg.teacher.price_table else PriceTable()
+
+    # ------------------------------------------------------------------ plan (no work, no Ray)
+
+    def collect_config(self) -> CollectConfig | None:
+        c = self.cfg.collect
+        if "collect" not in self.cfg.stages or not c or not c.get("enabled", True):
+            return None
+        t = self.cfg.teacher
+        teacher = TeacherConfig(base_url=t.base_url or "http://127.0.0.1", model=t.model or _served_name(t.local_model),
+                                api_key_env=t.api_key_env, timeout_s=t.timeout_s, max_attempts=t.max_attempts)
+        return section_config(CollectConfig, c, "collect", "collect", store=self.cfg.store_uri, teacher=teacher,
+                              prices=self.prices, progress=self.progress)
+
+    def train_dir(self, algo: str) -> Path:
+        return self.out / "train" / algo
+
+    def eval_config(self) -> EvalConfig:
+        from subq.config import _WIRED, build
+
+        settings = self.cfg.eval.settings
+        cfg = build(EvalConfig, settings, "eval", exclude=_WIRED["eval"])
+        return dataclasses.replace(cfg, out_dir=str(self.out / "eval"), progress=self.progress)
+
+    def decomposer_specs(self) -> list[str]:
+        e = self.cfg.eval
+        if e.decomposers is not None:
+            return list(e.decomposers)
+        specs = [f"{a}={self.train_dir(a) / 'final'}" for a in self.cfg.train.algos if "train" in self.cfg.stages]
+        if e.teacher_decomposes:
+            specs.append(f"teacher:{self.teacher_model()}")
+        if e.baseline:
+            specs.append("none")
+        return specs
+
+    def teacher_model(self) -> str:
+        return self.cfg.teacher.model or _served_name(self.cfg.teacher.local_model)
+
+    def preflight(self) -> None:
+        """Fail before any work: datasets, model paths, endpoints the remaining work needs."""
+        from learner.checkpoint import is_checkpoint
+        from learner.models import resolve_model_path
+
+        cc = self.collect_config()
+        if cc is not None:
+            load_problems(cc.problems)
+            if self.cfg.teacher.base_url and self._collect_todo(cc):
+                check_endpoint(cc.teacher)
+        if "import" in self.cfg.stages and self.cfg.imports.reference:
+            load_problems(self.cfg.imports.reference)
+        if "train" in self.cfg.stages:
+            for algo in self.cfg.train.algos:
+                tc = train_config(self.cfg.train, algo, self.cfg.store_uri, str(self.train_dir(algo)))
+                if algo == "bc" or "init" in (self.cfg.train.per_algo.get(algo) or {}):
+                    if not is_checkpoint(tc.init) and not Path(tc.init, "final").is_dir():
+                        resolve_model_path(tc.init)
+        if "eval" in self.cfg.stages:
+            ec = self.eval_config()
+            for s in self.cfg.eval.solvers:
+                if split_label(s)[1] != "local":
+                    sv = parse_solver(s, None, self.cfg.teacher.api_key_env)
+                    if self._eval_todo(ec):
+                        check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model,
+                                                     api_key_env=sv.api_key_env))
+
+    def _collect_todo(self, cc: CollectConfig) -> int:
+        problems = load_problems(cc.problems)
+        wanted = {k for ks in plan_keys(problems, cc).values() for k in ks}
+        return len(wanted - Store(cc.store).keys("samples"))
+
+    def _solver_labels(self) -> list[str]:
+        local = ("http://127.0.0.1/v1", _served_name(self.cfg.teacher.local_model))
+        return [parse_solver(s, local, self.cfg.teacher.api_key_env).label for s in self.cfg.eval.solvers]
+
+    def _eval_todo(self, ec: EvalConfig) -> int:
+        from evaluation.clients import SolverSpec
+
+        labels = self._solver_labels()
+        solvers = [SolverSpec(base_url="-", model="-", label=label) for label in labels]
+        first = solvers[0] if solvers else None
+        return sum(pending(ec, decomposer_label(d, [first] if first else []), solvers)
+                   for d in self.decomposer_specs())
+
+    # ------------------------------------------------------------------------------ stages
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[StageResult]:
+        res = StageResult(name, "done")
+        index = len(self.result.stages) + 1
+        total = 4 + len(self.cfg.train.algos)
+        self.echo(f"\n== [{index}/{total}] {name} ==")
+        start = time.perf_counter()
+        try:
+            yield res
+        finally:
+            res.wall_s = time.perf_counter() - start
+            self.result.stages.append(res)
+            self.echo(f"-- {name}: {res.status}{' (' + res.note + ')' if res.note else ''} in {res.wall_s:.0f} s")
+
+    def _teacher_server(self) -> Any:
+        t = self.cfg.teacher
+        return local_teacher(t.base_url, t.local_model, t.local_port)
+
+    def collect(self) -> None:
+        with self._stage("collect") as res:
+            cc = self.collect_config()
+            if cc is None:
+                res.status, res.note = "off", "no collect section"
+                return
+            todo = self._collect_todo(cc)
+            if todo == 0:
+                res.status, res.note = "skipped", "every sample is stored"
+                return
+            with self._teacher_server() as (base_url, served):
+                teacher = dataclasses.replace(cc.teacher, base_url=base_url)
+                prices = cc.prices.with_price(teacher.model, 0.0, 0.0) if served else cc.prices
+                if served is None:
+                    check_endpoint(teacher)
+                report = run_collect(dataclasses.replace(cc, teacher=teacher, prices=prices))
+            stages = report.stages
+            failed = sum(s.failed for s in stages.values())
+            cost = sum(s.cost_usd for s in stages.values())
+            res.note = (f"{report.samples_total}/{report.samples_expected} samples, {failed} stage failures, "
+                        f"${cost:.4f}")
+
+    def imports(self) -> None:
+        with self._stage("import") as res:
+            imp = self.cfg.imports
+            if "import" not in self.cfg.stages or not (imp.reference or imp.gsm8k_ai_subq):
+                res.status, res.note = "off", "nothing to import"
+                return
+            store = Store(self.cfg.store_uri)
+            notes = []
+            if imp.reference:
+                problems = load_problems(imp.reference)
+                before = len(store.keys("problems"))
+                store.append("problems", problems)  # unique keys: a re-run adds nothing
+                notes.append(f"{imp.reference}: +{len(store.keys('problems', fresh=True)) - before} problems")
+            if imp.gsm8k_ai_subq:
+                from data_store.gsm8k_ai_subq import import_gsm8k_ai_subq
+
+                r = import_gsm8k_ai_subq(imp.gsm8k_ai_subq, store, teacher_model=imp.gsm8k_ai_subq_teacher,
+                                         split=imp.gsm8k_ai_subq_split)
+                notes.append(f"GSM8K-AI-SubQ: +{r.samples_added} samples")
+            res.note = "; ".join(notes)
+
+    def train(self) -> None:
+        from learner.checkpoint import is_checkpoint
+        from learner.train import run_train
+
+        for algo in self.cfg.train.algos if "train" in self.cfg.stages else []:
+            with self._stage(f"train {algo}") as res:
+                out = self.train_dir(algo)
+                if is_checkpoint(out / "final"):
+                    res.status, res.note = "skipped", f"{out / 'final'} exists"
+                    continue
+                init = None
+                if algo != "bc" and "bc" in self.cfg.train.algos:
+                    init = str(self.train_dir("bc") / "final")  # paper 1: filtered BC and ILQL start from BC
+                tc = train_config(self.cfg.train, algo, self.cfg.store_uri, str(out), init=init)
+                summary = run_train(dataclasses.replace(tc, progress=self.progress))
+                metrics = summary.get("metrics") or {}
+                loss = next((v for k, v in metrics.items() if k.endswith("loss")), None)
+                res.note = (f"{summary['step']} steps on {summary['episodes']} episodes"
+                            + (f", loss {loss:.3f}" if loss is not None else ""))
+
+    def evaluate(self) -> None:
+        with self._stage("serve + eval") as res:
+            if "eval" not in self.cfg.stages:
+                res.status, res.note = "off", "not in stages"
+                return
+            ec = self.eval_config()
+            specs = self.decomposer_specs()
+            if self._eval_todo(ec) == 0:
+                res.status, res.note = "skipped", "every answer is stored"
+                return
+            t = self.cfg.teacher
+            need_local = any(split_label(s)[1] == "local" for s in self.cfg.eval.solvers) or (
+                self.cfg.eval.teacher_decomposes and not t.base_url)
+            server = local_teacher(None, t.local_model, t.local_port) if need_local else nullcontext((None, None))
+            with server as (url, served):
+                local = (url, served) if served else None
+                solvers = [parse_solver(s, local, t.api_key_env) for s in self.cfg.eval.solvers]
+                prices = self.prices.with_price(served, 0.0, 0.0) if served else self.prices
+                labels = [decomposer_label(d, solvers) for d in specs]
+                check_labels(labels, [s.label for s in solvers])
+                opts = _serve_options(self.cfg.serve)
+                added = 0
+                for i, raw in enumerate(specs):
+                    if pending(ec, labels[i], solvers) == 0:
+                        continue
+                    teacher = (t.base_url or url, t.api_key_env)
+                    with open_decomposer(raw, i, solvers, opts, teacher_endpoint=teacher) as spec:
+                        added += evaluate(ec, spec, solvers, prices)
+            res.note = f"{added} answers"
+
+    def report(self) -> None:
+        from evaluation.report import format_table
+
+        with self._stage("report") as res:
+            if "eval" not in self.cfg.stages and "report" not in self.cfg.stages:
+                res.status = "off"
+                return
+            ec = self.eval_config()
+            local = ("http://127.0.0.1/v1", _served_name(self.cfg.teacher.local_model))
+            solvers = [parse_solver(s, local, self.cfg.teacher.api_key_env) for s in self.cfg.eval.solvers]
+            labels = [decomposer_label(d, solvers) for d in self.decomposer_specs()]
+            self.result.summaries = report(ec, labels, [s.label for s in solvers])
+            res.note = f"{ec.out_dir}/results.md"
+            if self.result.summaries:
+                self.echo(format_table(self.result.summaries))
+
+    def run(self) -> PipelineResult:
+        from subq.runtime import init_ray
+
+        self.preflight()
+        self.out.mkdir(parents=True, exist_ok=True)
+        resolved = dataclasses.asdict(self.cfg)
+        (self.out / "pipeline_config.yaml").write_text(dump(resolved))
+        init_ray(self.cfg.ray_address)
+        for step in (self.collect, self.imports, self.train, self.evaluate, self.report):
+            step()
+        (self.out / "pipeline_summary.json").write_text(json.dumps(
+            [dataclasses.asdict(s) for s in self.result.stages], indent=2))
+        return self.result
+
+
+def _serve_options(s: ServeSection) -> ServeOptions:
+    return ServeOptions(port=s.port, max_batch_size=s.max_batch_size, num_gpus=s.num_gpus, num_cpus=s.num_cpus,
+                        beta=s.beta, max_new_tokens=s.max_new_tokens)
+
+
+def _served_name(model: str) -> str:
+    from learner.models import model_display_name
+
+    return model_display_name(model)
+
+
+def format_stages(result: PipelineResult) -> str:
+    rows = [("stage", "status", "wall", "note")] + [
+        (s.stage, s.status, f"{s.wall_s:.0f} s", s.note) for s in result.stages]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows)
