@@ -104,9 +104,9 @@ class Pipeline:
         if "train" in self.cfg.stages:
             for algo in self.cfg.train.algos:
                 tc = train_config(self.cfg.train, algo, self.cfg.store_uri, str(self.train_dir(algo)))
-                if algo == "bc" or "init" in (self.cfg.train.per_algo.get(algo) or {}):
-                    if not is_checkpoint(tc.init) and not Path(tc.init, "final").is_dir():
-                        resolve_model_path(tc.init)
+                own_init = algo == "bc" or "init" in (self.cfg.train.per_algo.get(algo) or {})
+                if own_init and not is_checkpoint(tc.init) and not Path(tc.init, "final").is_dir():
+                    resolve_model_path(tc.init)  # a wrong model path fails now, not after collection
         if "eval" in self.cfg.stages:
             ec = self.eval_config()
             for s in self.cfg.eval.solvers:
