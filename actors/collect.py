@@ -139,25 +139,34 @@ class StageWorker:
         return table if stored is None else pa.concat_tables([stored.cast(SAMPLES_SCHEMA), table])
 
 
-def _blocks(rows: list[dict] | pa.Table, batch_size: int) -> list[pa.Table]:
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-    return [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
+def batched_dataset(rows: list[dict] | pa.Table, batch_size: int):
+    """A Ray Dataset of ``rows`` in blocks of about ``batch_size`` rows (one block = one batch).
+
+    ``from_items`` builds the blocks in this process. ``from_arrow`` would instead launch one
+    metadata task per block, each asking for a whole CPU: beside a local model server on a
+    2-core machine those tasks never get scheduled and the pipeline hangs.
+    """
+    import ray.data
+
+    items = rows.to_pylist() if isinstance(rows, pa.Table) else list(rows)
+    if not items:
+        return None
+    return ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size))
 
 
 def run_pipeline(stages: list[str], inputs: list[dict] | pa.Table, cfg: CollectConfig,
                  settings: StageSettings, limiter: Any, expected: int, bar: Any) -> None:
     """One streaming Ray Data pipeline over ``stages``: every stage has its own actor pool and
     all stages run at once (a batch is answered while the next one is still being decomposed)."""
-    import ray.data
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.debug import log_once
 
-    blocks = _blocks(inputs, cfg.batch_size)
-    if not blocks:
+    ds = batched_dataset(inputs, cfg.batch_size)
+    if ds is None:
         return
+    n_blocks = -(-(inputs.num_rows if isinstance(inputs, pa.Table) else len(inputs)) // cfg.batch_size)
     DataContext.get_current().enable_progress_bars = False  # our bar says more (failed, $)
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
-    ds = ray.data.from_arrow(blocks)
     for stage in stages:
         ds = ds.map_batches(
             StageWorker,
@@ -167,7 +176,7 @@ def run_pipeline(stages: list[str], inputs: list[dict] | pa.Table, cfg: CollectC
             batch_format="pyarrow",
             compute=ActorPoolStrategy(
                 min_size=cfg.min_actors,
-                max_size=max(cfg.min_actors, min(cfg.max_actors, len(blocks))),
+                max_size=max(cfg.min_actors, min(cfg.max_actors, n_blocks)),
                 max_concurrent_calls_per_actor=cfg.batches_in_flight_per_actor,
             ),
             num_cpus=cfg.actor_num_cpus,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from actors.collect import batched_dataset
 from actors.prices import PriceTable
 from actors.teacher import TeacherClient, TeacherConfig
 from data_store.datasets import load_problems, parse_problem_spec
@@ -212,26 +213,28 @@ def run_eval(cfg: EvalConfig, decomposers: list[DecomposerSpec], solvers: list[S
 
 def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], prices: PriceTable | None = None) -> int:
     """One decomposer's pass over every benchmark and solver; returns the answers it added."""
-    import ray.data
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
 
     prices = prices or PriceTable()
     settings = EvalSettings(cfg.max_subquestions, cfg.decompose_temperature, cfg.decompose_max_tokens,
                             cfg.solve_temperature, cfg.solve_max_tokens, cfg.timeout_s, cfg.max_attempts)
-    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().enable_progress_bars = False  # our bar says more (wrong answers)
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
     rows = [r for b in cfg.benchmarks for r in _plan(b, load_problems(b), dec, solvers, cfg.out_dir)]
     if not rows:
         return 0
     added = 0
     total = sum(len(json.loads(r["solvers_todo"])) for r in rows)
     bar = tqdm(total=total, desc=f"eval {dec.label}", unit="answer", disable=not cfg.progress)
-    blocks = [pa.Table.from_pylist(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
-    ds = ray.data.from_arrow(blocks).map_batches(
+    n_blocks = -(-len(rows) // cfg.batch_size)
+    ds = batched_dataset(rows, cfg.batch_size).map_batches(
         EvalWorker, fn_constructor_kwargs=dict(decomposer=dec, solvers=solvers, settings=settings, prices=prices),
         batch_size=None, batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=max(cfg.min_actors, min(cfg.max_actors,
-                                                                                            len(blocks))),
+        compute=ActorPoolStrategy(min_size=cfg.min_actors,
+                                  max_size=max(cfg.min_actors, min(cfg.max_actors, n_blocks)),
                                   max_concurrent_calls_per_actor=4),
         num_cpus=cfg.actor_num_cpus,
         **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),

@@ -49,7 +49,10 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, raw: dict[str, Any], *, progress: bool = True,
                  echo: Callable[[str], None] = print) -> None:
         self.cfg, self.raw, self.progress, self.echo = cfg, raw, progress, echo
-        self.out = Path(cfg.out)
+        # Absolute: Ray Train workers and Serve replicas do not run in this process's directory.
+        self.out = Path(cfg.out).expanduser().resolve()
+        if "://" not in cfg.store_uri:
+            cfg.store = str(Path(cfg.store_uri).expanduser().resolve())
         self.result = PipelineResult(out=str(self.out))
         self.prices = PriceTable.from_json(cfg.teacher.price_table) if cfg.teacher.price_table else PriceTable()
 
@@ -145,6 +148,10 @@ class Pipeline:
         start = time.perf_counter()
         try:
             yield res
+        except BaseException as e:
+            res.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            res.note = res.note or type(e).__name__
+            raise
         finally:
             res.wall_s = time.perf_counter() - start
             self.result.stages.append(res)
