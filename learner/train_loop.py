@@ -7,6 +7,7 @@ a restarted worker skips those micro-batches of its (order-preserving) shard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -134,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint(Path(tmp) / "ckpt", model, tokenizer, algo=cfg.algo, config=cfg_dict,
                                 heads=heads.module if hasattr(heads, "module") else heads, step=step,
-                                extra={"algo_config": acfg})
+                                extra={"algo_config": dataclasses.asdict(acfg)})
                 torch.save({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
                             "optimizer": algo.optimizer.state_dict(), "scheduler": algo.scheduler.state_dict(),
                             "torch_rng": [torch.get_rng_state()]}, Path(tmp) / "ckpt" / STATE_FILE)

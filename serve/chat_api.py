@@ -119,8 +119,12 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"'{name}' must be a number", code="invalid_type", param=name)
+    if isinstance(value, int) and not low <= value <= high:  # a 400-digit int overflows isfinite()
+        raise ApiError(400, f"'{name}' must be between {low:g} and {high:g}", param=name)
+    if not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite number", code="invalid_type", param=name)
     if not low <= value <= high:
         raise ApiError(400, f"'{name}' must be between {low:g} and {high:g}, got {value!r}", param=name)
     return float(value)

@@ -101,6 +101,9 @@ def test_openai_client_gets_a_chat_completion_with_usage(server):
         (json.dumps({"messages": [{"role": "user", "content": "x" * 300}]}), 400, "at most 255"),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True}), 400,
          "streaming is not supported"),
+        # a 400-digit integer made math.isfinite raise OverflowError: a 500 before the fix
+        ('{"messages": [{"role": "user", "content": "x"}], "temperature": 1' + "0" * 400 + "}", 400,
+         "'temperature' must be between"),
     ],
 )
 def test_client_mistakes_get_4xx_with_an_openai_error(http, body, status, fragment):
