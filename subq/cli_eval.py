@@ -79,7 +79,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from actors.prices import PriceTable
     from actors.teacher import TeacherConfig, check_endpoint
+    from evaluation.clients import SolverSpec
     from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
+    from learner.models import model_display_name
     from subq.cli import UserError
     from subq.eval_setup import ServeOptions, decomposer_label, open_decomposer, parse_solver, split_label
     from subq.local_teacher import local_teacher
@@ -97,28 +99,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
-    init_ray(args.ray_address)
-    need_local = any(split_label(s)[1] == "local" for s in solvers_raw)
-    server = local_teacher(None, args.local_model, args.local_port) if need_local else nullcontext((None, None))
-    with server as (url, served):
-        local = (url, served) if served else None
-        solvers = [parse_solver(s, local, args.api_key_env) for s in solvers_raw]
-        for sv in solvers:
-            check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
-            if served and sv.model == served:
-                prices = prices.with_price(sv.model, 0.0, 0.0)  # our own server bills nothing
-        opts = ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta)
-        labels = [decomposer_label(d, solvers) for d in decomposers]
-        try:
-            check_labels(labels, [sv.label for sv in solvers])
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        for i, raw in enumerate(decomposers):
-            if pending(cfg, labels[i], solvers) == 0:
-                continue  # every answer is stored: do not even start its server
-            with open_decomposer(raw, i, solvers, opts, token_env=args.decomposer_token_env) as spec:
-                evaluate(cfg, spec, solvers, prices)
-    summaries = report(cfg, labels, [sv.label for sv in solvers])
+    # Labels (and so what is already stored) are known before any server starts.
+    placeholder = ("http://127.0.0.1/v1", model_display_name(args.local_model))
+    labels_of = [parse_solver(s, placeholder, args.api_key_env).label for s in solvers_raw]
+    plan_solvers = [SolverSpec(base_url="-", model="-", label=label) for label in labels_of]
+    labels = [decomposer_label(d, [parse_solver(solvers_raw[0], placeholder, args.api_key_env)]) for d in decomposers]
+    try:
+        check_labels(labels, labels_of)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    todo = [pending(cfg, label, plan_solvers) for label in labels]
+    if any(todo):
+        init_ray(args.ray_address)
+        need_local = any(split_label(s)[1] == "local" for s in solvers_raw)
+        server = local_teacher(None, args.local_model, args.local_port) if need_local else nullcontext((None, None))
+        with server as (url, served):
+            local = (url, served) if served else None
+            solvers = [parse_solver(s, local, args.api_key_env) for s in solvers_raw]
+            for sv in solvers:
+                check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
+                if served and sv.model == served:
+                    prices = prices.with_price(sv.model, 0.0, 0.0)  # our own server bills nothing
+            opts = ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta)
+            for i, raw in enumerate(decomposers):
+                if todo[i] == 0:
+                    continue  # every answer is stored: do not even start its server
+                with open_decomposer(raw, i, solvers, opts, token_env=args.decomposer_token_env) as spec:
+                    evaluate(cfg, spec, solvers, prices)
+    summaries = report(cfg, labels, labels_of)
     from evaluation.report import format_table
 
     print(format_table(summaries))

@@ -1,0 +1,111 @@
+"""Evaluation end to end: decompose -> solve over Ray actors, records, resume, report, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from actors.teacher import TeacherConfig
+from evaluation.clients import DecomposerSpec, SolverSpec
+from evaluation.run import EvalConfig, read_records, records_path, run_eval
+from subq.cli import main
+from tests.teacher_server import TeacherServer
+
+
+def _count_lines(root: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in root.rglob("*.jsonl"))
+
+
+def test_teacher_decomposes_once_per_problem_and_a_new_solver_reuses_the_plan(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBQ_TEST_KEY", "sk-eval-secret-0123456789")
+    with TeacherServer(latency_s=0.0, model="test-teacher") as srv:
+        teacher = DecomposerSpec("teacher", "teacher", teacher=TeacherConfig(
+            base_url=srv.base_url, model="test-teacher", api_key_env="SUBQ_TEST_KEY"))
+        baseline = DecomposerSpec("none", "none (CoT)")
+        a = SolverSpec(base_url=srv.base_url, model="test-teacher", api_key_env="SUBQ_TEST_KEY", label="a")
+        b = SolverSpec(base_url=srv.base_url, model="test-teacher", api_key_env="SUBQ_TEST_KEY", label="b")
+        cfg = EvalConfig(benchmarks=["gsm8k:test[:4]", "svamp:test[:2]"], out_dir=str(tmp_path), batch_size=2,
+                         max_actors=1, progress=False)
+        summaries = run_eval(cfg, [teacher, baseline], [a], None)
+        stats = srv.stats()["by_stage"]
+        assert stats["decompose"] == 6  # one plan per problem; the baseline asks for none
+        assert len(summaries) == 4 and {s.n for s in summaries} == {4, 2}
+        recs = read_records(records_path(str(tmp_path), "gsm8k:test[:4]", "teacher", "a"))
+        assert len(recs) == 4 and all(r["subquestions"] for r in recs)
+        assert all(r["decompose_error"] is None and r["solve_error"] is None for r in recs)
+        base = read_records(records_path(str(tmp_path), "gsm8k:test[:4]", "none (CoT)", "a"))
+        assert all(r["subquestions"] is None and r["decompose_tokens_in"] == 0 for r in base)
+
+        # same run again: nothing to do, nothing called
+        before = srv.stats()["requests"]
+        run_eval(cfg, [teacher, baseline], [a], None)
+        assert srv.stats()["requests"] == before
+
+        # a second solver: solved anew, but the stored plans are reused (no decompose call)
+        summaries = run_eval(cfg, [teacher, baseline], [a, b], None)
+        stats = srv.stats()["by_stage"]
+        assert stats["decompose"] == 6
+        assert len(summaries) == 8
+        plans_a = {r["problem_id"]: r["subquestions"] for r in recs}
+        plans_b = {r["problem_id"]: r["subquestions"]
+                   for r in read_records(records_path(str(tmp_path), "gsm8k:test[:4]", "teacher", "b"))}
+        assert plans_a == plans_b
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["decomposer"], r["solver"]) for r in report["runs"]} == {
+        (d, s) for d in ("teacher", "none (CoT)") for s in ("a", "b")}
+    assert "sk-eval-secret" not in (tmp_path / "results.json").read_text()
+    assert all("sk-eval-secret" not in p.read_text() for p in tmp_path.rglob("*.jsonl"))
+    md = (tmp_path / "results.md").read_text()
+    assert "| decomposer \\ solver | a | b |" in md
+
+
+def test_a_torn_last_line_is_redone_not_fatal(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"problem_id": "x"}) + "\n" + '{"problem_id": "y", "solv')
+    assert [r["problem_id"] for r in read_records(path)] == ["x"]
+
+
+@pytest.mark.slow
+def test_embedded_model_as_decomposer_and_solver_end_to_end(ray_session, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "--decomposer", "embedded:smollm2-135m-instruct", "--decomposer", "none", "--solver", "local",
+            "--benchmark", "gsm8k:test[:3]", "--out", str(out), "--solve-max-tokens", "96", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in printed and "none (CoT)" in printed
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 2 and all(r["n"] == 3 for r in runs)
+    student = next(r for r in runs if r["decomposer"] == "smollm2-135m-instruct")
+    assert student["decompose_tokens_out"] > 0 and student["solve_tokens_out"] > 0
+    assert student["similarity"] is not None  # GSM8K test has socratic references
+    assert (out / "accuracy_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = _count_lines(out)
+    assert lines == 6
+    # a re-run has nothing to do: no server started, the same report
+    assert main(argv) == 0
+    assert _count_lines(out) == lines
+    again = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in runs]
+
+
+def test_rescore_command_prints_both_modes(tmp_path, capsys):
+    path = tmp_path / "paper1.jsonl"
+    rows = [{"problem": "p", "questions": ["q"], "answers": "Final answer: 1,000", "answer": "#### 1000"},
+            {"problem": "p", "questions": ["q"], "answers": "the final answer: 7", "answer": 7}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["eval", "rescore", "--mode", "paper1", str(path)]) == 0
+    assert "paper1: accuracy 0.5000 (1/2)" in capsys.readouterr().out
+    assert main(["eval", "rescore", "--mode", "strict", str(path)]) == 0
+    assert "strict: accuracy 1.0000 (2/2)" in capsys.readouterr().out
+    assert main(["eval", "rescore", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_bad_eval_inputs_fail_in_one_line(tmp_path, capsys):
+    assert main(["eval", "--benchmark", "nosuch:test", "--out", str(tmp_path)]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert main(["eval", "--solver", "gpt-4o", "--out", str(tmp_path)]) == 2
+    assert "MODEL@BASE_URL" in capsys.readouterr().err
+    assert main(["eval", "--decomposer", "a=none", "--decomposer", "a=teacher", "--out", str(tmp_path)]) == 2
+    assert "distinct" in capsys.readouterr().err
