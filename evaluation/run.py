@@ -162,11 +162,12 @@ def _problem_row(p: dict) -> dict:
     return {k: p.get(k) for k in PROBLEM_FIELDS}
 
 
-def _plan(benchmark: str, problems: list[dict], decomposer: DecomposerSpec, solvers: list[SolverSpec],
-          out_dir: str) -> list[dict]:
-    """Rows still to do for one decomposer on one benchmark (resume: skip stored (problem, solver))."""
-    done = [{r["problem_id"]: r for r in read_records(records_path(out_dir, benchmark, decomposer.label, sv.label))}
-            for sv in solvers]
+def _plan(benchmark: str, problems: list[dict], decomposer: str, solvers: list[str], out_dir: str) -> list[dict]:
+    """Rows still to do for one decomposer on one benchmark (resume: skip stored (problem, solver)).
+
+    Labels only: what is stored is known before any endpoint exists."""
+    done = [{r["problem_id"]: r for r in read_records(records_path(out_dir, benchmark, decomposer, solver))}
+            for solver in solvers]
     rows = []
     for p in problems:
         todo = [i for i, d in enumerate(done) if p["problem_id"] not in d]
@@ -192,11 +193,10 @@ def check_labels(decomposers: list[str], solvers: list[str]) -> None:
             raise ValueError(f"{what} labels must be distinct (as file names): {labels}")
 
 
-def pending(cfg: EvalConfig, decomposer: str, solvers: list[SolverSpec]) -> int:
-    """(problem, solver) answers still missing for this decomposer: 0 means nothing to serve or call."""
-    dec = DecomposerSpec("none", decomposer)
+def pending(cfg: EvalConfig, decomposer: str, solvers: list[str]) -> int:
+    """(problem, solver) answers still missing for this decomposer (labels): 0 = nothing to serve or call."""
     return sum(len(json.loads(r["solvers_todo"])) for b in cfg.benchmarks
-               for r in _plan(b, load_problems(b), dec, solvers, cfg.out_dir))
+               for r in _plan(b, load_problems(b), decomposer, solvers, cfg.out_dir))
 
 
 def run_eval(cfg: EvalConfig, decomposers: list[DecomposerSpec], solvers: list[SolverSpec],
@@ -223,7 +223,8 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
-    rows = [r for b in cfg.benchmarks for r in _plan(b, load_problems(b), dec, solvers, cfg.out_dir)]
+    labels = [sv.label for sv in solvers]
+    rows = [r for b in cfg.benchmarks for r in _plan(b, load_problems(b), dec.label, labels, cfg.out_dir)]
     if not rows:
         return 0
     added = 0

@@ -33,7 +33,6 @@ Usage::
 import asyncio
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,16 @@ from serve.decompose_api import (
     parse_decompose_request,
 )
 from serve.decomposer_model import Decoded, Decoder, Job
-from serve.llm_server import RAY_ENV, _error, _http_error, _read_token, _Secret, _serve_address, _wait_healthy
+from serve.serving import (
+    Secret,
+    api_error,
+    check_auth,
+    delete_app,
+    deploy,
+    http_error,
+    read_token,
+    serve_until_stopped,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +121,9 @@ class DecomposerConfig:
         if self.max_subquestions is not None and self.max_subquestions < 1:
             raise ValueError("max_subquestions must be >= 1 (or None)")
 
-    @property
-    def base_path(self) -> str:
-        """The route prefix without a trailing slash ("" for the root)."""
-        return self.route_prefix.rstrip("/")
-
 
 app = FastAPI(title="subq decomposer", docs_url=None, redoc_url=None, openapi_url=None)
-app.add_exception_handler(StarletteHTTPException, _http_error)  # unknown routes: OpenAI's error shape too
+app.add_exception_handler(StarletteHTTPException, http_error)  # unknown routes: OpenAI's error shape too
 
 
 async def _read_body(request: Request) -> bytes:
@@ -142,7 +145,7 @@ async def _read_body(request: Request) -> bytes:
 class Decomposer:
     """One replica: a :class:`Decoder` and a batch queue."""
 
-    def __init__(self, cfg: DecomposerConfig, token: _Secret | None) -> None:
+    def __init__(self, cfg: DecomposerConfig, token: Secret | None) -> None:
         import torch
 
         torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)  # Ray sets OMP threads to num_cpus
@@ -173,7 +176,7 @@ class Decomposer:
     @app.get("/stats")
     async def get_stats(self, request: Request) -> JSONResponse:
         """Counters for this replica, so tests and benchmarks can check batching without timing."""
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size,
                              "prompt_format": self.decoder.prompt_format, "default_beta": self.decoder.default_beta,
@@ -181,16 +184,16 @@ class Decomposer:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         return JSONResponse({"object": "list", "data": [model_card(self.limits.served_model, self.created)]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> JSONResponse:
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         if model_id != self.limits.served_model:
-            return _error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
+            return api_error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
                                         f"{self.limits.served_model!r}", code="model_not_found"))
         return JSONResponse(model_card(model_id, self.created))
 
@@ -205,7 +208,7 @@ class Decomposer:
     # ----------------------------------------------------------------------------------- helpers
 
     async def _serve(self, request: Request, *, chat: bool) -> JSONResponse:
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         try:
             body = decode_json(await _read_body(request))
@@ -213,7 +216,7 @@ class Decomposer:
             job = self._job(req)
             decoded = await self._decode(job)
         except ApiError as exc:
-            return _error(exc)
+            return api_error(exc)
         except Exception:
             logger.exception("decomposition failed")
             return JSONResponse(error_body("the server failed to decompose the problem", type="server_error"),
@@ -247,12 +250,6 @@ class Decomposer:
         return Job(prompt=prompt, beta=beta, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
                    stop=req.stop)
 
-    def _check_auth(self, request: Request) -> JSONResponse | None:
-        if self.token is None or self.token.matches(request.headers.get("authorization")):
-            return None
-        return _error(ApiError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
-                               type="authentication_error", code="invalid_api_key"))
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _decode(self, jobs: list[Job]) -> list[Decoded]:
         """One batch, decoded in a worker thread so health checks and queueing stay responsive."""
@@ -282,58 +279,27 @@ def build_decomposer_app(cfg: DecomposerConfig) -> serve.Application:
         max_ongoing_requests=2 * cfg.max_batch_size,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         **scaling,
-    ).bind(cfg, _read_token(cfg))  # type: ignore[arg-type] - _read_token only reads cfg.token_env
+    ).bind(cfg, read_token(cfg.token_env))
 
 
 def start_decomposer(cfg: DecomposerConfig, *, timeout_s: float = 300.0) -> str:
     """Deploy ``cfg`` and return its base URL (``http://host:port<prefix>``, no ``/v1``) once healthy.
 
-    Initialises Ray (with DESIGN §4's environment) if the caller has not. Serve has one HTTP proxy
-    per cluster: if it already runs on another host/port, the app joins it and the URL says so.
+    Initialises Ray if the caller has not; joins Serve's proxy where it already runs (see
+    ``serve.serving.deploy``).
     """
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": "WARNING"})
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    host, port = _serve_address(cfg)  # type: ignore[arg-type] - reads host, port, app_name only
-    serve.run(build_decomposer_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    base = f"http://{url_host}:{port}{cfg.base_path}"
-    _wait_healthy(f"{base}/health", timeout_s)
-    return base
+    return deploy(build_decomposer_app(cfg), app_name=cfg.app_name, host=cfg.host, port=cfg.port,
+                  route_prefix=cfg.route_prefix, timeout_s=timeout_s)
 
 
 def stop_decomposer(cfg: DecomposerConfig) -> None:
     """Delete this app (other Serve apps and the proxy keep running)."""
-    import ray
-
-    if ray.is_initialized():
-        try:
-            serve.delete(cfg.app_name)
-        except Exception as e:  # Serve already gone: nothing to stop
-            logger.debug("stop_decomposer: %s", e)
+    delete_app(cfg.app_name)
 
 
 def run_decomposer_forever(cfg: DecomposerConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then delete the app (what ``subq serve`` runs)."""
     url = start_decomposer(cfg)
     auth = f", bearer token from ${cfg.token_env}" if cfg.token_env else ""
-    print(f"serving decomposer {cfg.served_model_name!r} at {url} (POST {url}/decompose, OpenAI base URL "
-          f"{url}/v1; Ctrl-C to stop{auth})", flush=True)
-
-    def _interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: same clean exit as Ctrl-C
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        stop_decomposer(cfg)  # only our app: other Serve apps on a shared cluster keep running
+    serve_until_stopped(f"serving decomposer {cfg.served_model_name!r} at {url} (POST {url}/decompose, OpenAI "
+                        f"base URL {url}/v1; Ctrl-C to stop{auth})", lambda: stop_decomposer(cfg))

@@ -21,15 +21,11 @@ Usage::
 # No `from __future__ import annotations`: FastAPI must see real `Request` annotations on the
 # route methods, which Serve re-wraps outside this module's namespace.
 import asyncio
-import hmac
 import json
 import logging
 import os
-import signal
 import time
-import urllib.request
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -39,14 +35,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from learner.models import model_display_name
 from serve.chat_api import ApiError, ChatRequest, chat_completion, error_body, model_card, parse_chat_request
 from serve.generation import Completion, SamplingParams
+from serve.serving import (
+    Secret,
+    api_error,
+    check_auth,
+    delete_app,
+    deploy,
+    http_error,
+    read_token,
+    serve_until_stopped,
+)
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-# Must be in the environment before Ray starts (DESIGN §4); subq.runtime sets the same for the CLI.
 MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; stops tokenizing junk
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
 
 
 @dataclass
@@ -76,51 +79,12 @@ class LLMServerConfig:
         if self.max_batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("max_batch_size and max_new_tokens must be >= 1")
 
-    @property
-    def base_path(self) -> str:
-        """The route prefix without a trailing slash ("" for the root)."""
-        return self.route_prefix.rstrip("/")
-
-
-class _Secret:
-    """Carries the bearer token to the replicas without ever printing it."""
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def matches(self, header: str | None) -> bool:
-        if not header or not header.startswith("Bearer "):
-            return False
-        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._value.encode())
-
-    def __repr__(self) -> str:
-        return "_Secret(***)"
-
-
-def _read_token(cfg: LLMServerConfig) -> _Secret | None:
-    """Read the token in the driver: replicas may not inherit env vars set after ray.init."""
-    if not cfg.token_env:
-        return None
-    value = os.environ.get(cfg.token_env, "")
-    if not value:  # fail closed: asked for auth, but there is no token to check against
-        raise ValueError(f"token_env={cfg.token_env!r} is set but that environment variable is empty")
-    return _Secret(value)
-
-
-def _error(exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 app = FastAPI(title="subq local LLM server", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes and wrong methods answer in OpenAI's error shape too."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", code=code),
-                        status_code=exc.status_code)
+app.add_exception_handler(StarletteHTTPException, http_error)  # unknown routes: OpenAI's error shape too
 
 
 def _rows(jobs: list[tuple[list[int], SamplingParams]]) -> int:
@@ -132,7 +96,7 @@ def _rows(jobs: list[tuple[list[int], SamplingParams]]) -> int:
 class LLMServer:
     """One replica: a model, its tokenizer and a batch queue."""
 
-    def __init__(self, cfg: LLMServerConfig, token: _Secret | None) -> None:
+    def __init__(self, cfg: LLMServerConfig, token: Secret | None) -> None:
         import torch
 
         from learner.models import load_model_and_tokenizer
@@ -161,28 +125,28 @@ class LLMServer:
     @app.get("/stats")
     async def get_stats(self, request: Request) -> JSONResponse:
         """Counters for this replica, so tests and benchmarks can check batching without timing."""
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size})
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         return JSONResponse({"object": "list", "data": [model_card(self.cfg.served_model_name, self.created)]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> JSONResponse:
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         if model_id != self.cfg.served_model_name:
-            return _error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
+            return api_error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
                                         f"{self.cfg.served_model_name!r}", code="model_not_found"))
         return JSONResponse(model_card(model_id, self.created))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> JSONResponse:
-        if (denied := self._check_auth(request)) is not None:
+        if (denied := check_auth(self.token, request)) is not None:
             return denied
         try:
             chat = self._parse(await request.body())
@@ -190,7 +154,7 @@ class LLMServer:
             max_tokens = min(chat.max_tokens or self.cfg.max_new_tokens, self.context - len(prompt))
             completions = await self._generate((prompt, chat.sampling(max_tokens)))
         except ApiError as exc:
-            return _error(exc)
+            return api_error(exc)
         except Exception:
             logger.exception("chat completion failed")
             return JSONResponse(error_body("the server failed to generate a completion", type="server_error"),
@@ -201,12 +165,6 @@ class LLMServer:
         return JSONResponse(chat_completion(self.cfg.served_model_name, len(prompt), completions))
 
     # ----------------------------------------------------------------------------------- helpers
-
-    def _check_auth(self, request: Request) -> JSONResponse | None:
-        if self.token is None or self.token.matches(request.headers.get("authorization")):
-            return None
-        return _error(ApiError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
-                               type="authentication_error", code="invalid_api_key"))
 
     def _parse(self, raw: bytes) -> ChatRequest:
         if len(raw) > MAX_BODY_BYTES:
@@ -259,91 +217,28 @@ def build_llm_app(cfg: LLMServerConfig) -> serve.Application:
         # (DESIGN §4); twice that lets the next batch queue while one decodes.
         max_ongoing_requests=2 * cfg.max_batch_size,
         ray_actor_options={"num_cpus": cfg.num_cpus},
-    ).bind(cfg, _read_token(cfg))
+    ).bind(cfg, read_token(cfg.token_env))
 
 
 def start_llm_server(cfg: LLMServerConfig, *, timeout_s: float = 300.0) -> str:
     """Deploy ``cfg`` and return its OpenAI base URL (``http://host:port<prefix>/v1``) once healthy.
 
-    Initialises Ray (with DESIGN §4's environment) if the caller has not. Serve has one HTTP proxy
-    per cluster: if it is already running on another host/port, the app joins it and the returned
-    URL names the port actually in use.
+    Initialises Ray if the caller has not; joins Serve's proxy where it already runs (see
+    ``serve.serving.deploy``).
     """
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": "WARNING"})
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "app ready" chatter
-    host, port = _serve_address(cfg)
-    serve.run(build_llm_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    base = f"http://{url_host}:{port}{cfg.base_path}"
-    _wait_healthy(f"{base}/health", timeout_s)
+    base = deploy(build_llm_app(cfg), app_name=cfg.app_name, host=cfg.host, port=cfg.port,
+                  route_prefix=cfg.route_prefix, timeout_s=timeout_s)
     return f"{base}/v1"
 
 
 def stop_llm_server(cfg: LLMServerConfig) -> None:
     """Delete this app (other Serve apps and the proxy keep running)."""
-    import ray
-
-    if ray.is_initialized():
-        try:
-            serve.delete(cfg.app_name)
-        except Exception as e:  # Serve already gone: nothing to stop
-            logger.debug("stop_llm_server: %s", e)
+    delete_app(cfg.app_name)
 
 
 def run_forever(cfg: LLMServerConfig) -> None:
     """Serve until Ctrl-C or SIGTERM, then delete the app (what ``subq llm-server`` runs)."""
     url = start_llm_server(cfg)
     auth = f", bearer token from ${cfg.token_env}" if cfg.token_env else ""
-    print(f"serving {cfg.served_model_name!r} at {url} (Ctrl-C to stop{auth})", flush=True)
-
-    def _interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: same clean exit as Ctrl-C
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        # Only our app: on a shared cluster (--ray-address) other Serve apps must keep running; a
-        # local Ray started by this process goes away with it.
-        stop_llm_server(cfg)
-
-
-def _serve_address(cfg: LLMServerConfig) -> tuple[str, int]:
-    """The proxy's real host and port (Serve keeps its first http_options)."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        http = _get_global_client().http_config
-        host, port = http.host, int(http.port)
-    except Exception:  # private API moved: trust the config
-        return cfg.host, cfg.port
-    if (host, port) != (cfg.host, cfg.port):
-        logger.warning("Serve already listens on %s:%s; %s joins it there instead of %s:%s",
-                       host, port, cfg.app_name, cfg.host, cfg.port)
-    return host, port
-
-
-def _wait_healthy(url: str, timeout_s: float) -> None:
-    """serve.run returns when replicas are up; the proxy's route table can lag a moment behind."""
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: ignore HTTP_PROXY
-    while time.monotonic() < deadline:
-        try:
-            with opener.open(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except Exception as e:
-            last = e
-        time.sleep(0.2)
-    raise TimeoutError(f"the LLM server at {url} did not become healthy in {timeout_s:.0f} s ({last})")
+    serve_until_stopped(f"serving {cfg.served_model_name!r} at {url} (Ctrl-C to stop{auth})",
+                        lambda: stop_llm_server(cfg))

@@ -79,11 +79,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from actors.prices import PriceTable
     from actors.teacher import TeacherConfig, check_endpoint
-    from evaluation.clients import SolverSpec
     from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
-    from learner.models import model_display_name
     from subq.cli import UserError
-    from subq.eval_setup import ServeOptions, decomposer_label, open_decomposer, parse_solver, split_label
+    from subq.eval_setup import (
+        ServeOptions,
+        decomposer_label,
+        open_decomposer,
+        parse_solver,
+        plan_solvers,
+        split_label,
+    )
     from subq.local_teacher import local_teacher
     from subq.runtime import init_ray
 
@@ -100,15 +105,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
     # Labels (and so what is already stored) are known before any server starts.
-    placeholder = ("http://127.0.0.1/v1", model_display_name(args.local_model))
-    labels_of = [parse_solver(s, placeholder, args.api_key_env).label for s in solvers_raw]
-    plan_solvers = [SolverSpec(base_url="-", model="-", label=label) for label in labels_of]
-    labels = [decomposer_label(d, [parse_solver(solvers_raw[0], placeholder, args.api_key_env)]) for d in decomposers]
+    planned = plan_solvers(solvers_raw, args.local_model, args.api_key_env)
+    solver_labels = [sv.label for sv in planned]
+    labels = [decomposer_label(d, planned) for d in decomposers]
     try:
-        check_labels(labels, labels_of)
+        check_labels(labels, solver_labels)
     except ValueError as e:
         raise UserError(str(e)) from None
-    todo = [pending(cfg, label, plan_solvers) for label in labels]
+    todo = [pending(cfg, label, solver_labels) for label in labels]
     if any(todo):
         init_ray(args.ray_address)
         need_local = any(split_label(s)[1] == "local" for s in solvers_raw)
@@ -126,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     continue  # every answer is stored: do not even start its server
                 with open_decomposer(raw, i, solvers, opts, token_env=args.decomposer_token_env) as spec:
                     evaluate(cfg, spec, solvers, prices)
-    summaries = report(cfg, labels, labels_of)
+    summaries = report(cfg, labels, solver_labels)
     from evaluation.report import format_table
 
     print(format_table(summaries))

@@ -76,6 +76,15 @@ def decomposer_label(raw: str, solvers: list[SolverSpec]) -> str:
     return default_label(spec)
 
 
+def plan_solvers(specs: list[str], local_model: str, api_key_env: str) -> list[SolverSpec]:
+    """Solver specs parsed before any server runs: right labels and models, with a placeholder URL
+    for ``local`` (its server starts only when work remains)."""
+    from learner.models import model_display_name
+
+    placeholder = ("http://127.0.0.1/v1", model_display_name(local_model))
+    return [parse_solver(s, placeholder, api_key_env) for s in specs]
+
+
 @contextmanager
 def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts: ServeOptions, *,
                     token_env: str | None = None, timeout_s: float = 120.0,

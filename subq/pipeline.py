@@ -23,8 +23,16 @@ from actors.teacher import TeacherConfig, check_endpoint
 from data_store.datasets import load_problems
 from data_store.store import Store
 from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
+from learner.models import model_display_name
 from subq.config import PipelineConfig, ServeSection, dump, section_config, train_config
-from subq.eval_setup import ServeOptions, decomposer_label, open_decomposer, parse_solver, split_label
+from subq.eval_setup import (
+    ServeOptions,
+    decomposer_label,
+    open_decomposer,
+    parse_solver,
+    plan_solvers,
+    split_label,
+)
 from subq.local_teacher import local_teacher
 
 
@@ -63,7 +71,7 @@ class Pipeline:
         if "collect" not in self.cfg.stages or not c or not c.get("enabled", True):
             return None
         t = self.cfg.teacher
-        teacher = TeacherConfig(base_url=t.base_url or "http://127.0.0.1", model=t.model or _served_name(t.local_model),
+        teacher = TeacherConfig(base_url=t.base_url or "http://127.0.0.1", model=t.model or model_display_name(t.local_model),
                                 api_key_env=t.api_key_env, timeout_s=t.timeout_s, max_attempts=t.max_attempts)
         return section_config(CollectConfig, c, "collect", "collect", store=self.cfg.store_uri, teacher=teacher,
                               prices=self.prices, progress=self.progress)
@@ -72,11 +80,8 @@ class Pipeline:
         return self.out / "train" / algo
 
     def eval_config(self) -> EvalConfig:
-        from subq.config import _WIRED, build
-
-        settings = self.cfg.eval.settings
-        cfg = build(EvalConfig, settings, "eval", exclude=_WIRED["eval"])
-        return dataclasses.replace(cfg, out_dir=str(self.out / "eval"), progress=self.progress)
+        return section_config(EvalConfig, self.cfg.eval.settings, "eval", "eval", out_dir=str(self.out / "eval"),
+                              progress=self.progress)
 
     def decomposer_specs(self) -> list[str]:
         e = self.cfg.eval
@@ -90,7 +95,7 @@ class Pipeline:
         return specs
 
     def teacher_model(self) -> str:
-        return self.cfg.teacher.model or _served_name(self.cfg.teacher.local_model)
+        return self.cfg.teacher.model or model_display_name(self.cfg.teacher.local_model)
 
     def preflight(self) -> None:
         """Fail before any work: datasets, model paths, endpoints the remaining work needs."""
@@ -110,32 +115,25 @@ class Pipeline:
                 own_init = algo == "bc" or "init" in (self.cfg.train.per_algo.get(algo) or {})
                 if own_init and not is_checkpoint(tc.init) and not Path(tc.init, "final").is_dir():
                     resolve_model_path(tc.init)  # a wrong model path fails now, not after collection
-        if "eval" in self.cfg.stages:
-            ec = self.eval_config()
+        if "eval" in self.cfg.stages and self._eval_todo(self.eval_config()):
             for s in self.cfg.eval.solvers:
                 if split_label(s)[1] != "local":
                     sv = parse_solver(s, None, self.cfg.teacher.api_key_env)
-                    if self._eval_todo(ec):
-                        check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model,
-                                                     api_key_env=sv.api_key_env))
+                    check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
 
     def _collect_todo(self, cc: CollectConfig) -> int:
         problems = load_problems(cc.problems)
         wanted = {k for ks in plan_keys(problems, cc).values() for k in ks}
         return len(wanted - Store(cc.store).keys("samples"))
 
-    def _solver_labels(self) -> list[str]:
-        local = ("http://127.0.0.1/v1", _served_name(self.cfg.teacher.local_model))
-        return [parse_solver(s, local, self.cfg.teacher.api_key_env).label for s in self.cfg.eval.solvers]
+    def _labels(self) -> tuple[list[str], list[str]]:
+        """(decomposer labels, solver labels): what names the record files, known before any server."""
+        solvers = plan_solvers(self.cfg.eval.solvers, self.cfg.teacher.local_model, self.cfg.teacher.api_key_env)
+        return [decomposer_label(d, solvers) for d in self.decomposer_specs()], [s.label for s in solvers]
 
     def _eval_todo(self, ec: EvalConfig) -> int:
-        from evaluation.clients import SolverSpec
-
-        labels = self._solver_labels()
-        solvers = [SolverSpec(base_url="-", model="-", label=label) for label in labels]
-        first = solvers[0] if solvers else None
-        return sum(pending(ec, decomposer_label(d, [first] if first else []), solvers)
-                   for d in self.decomposer_specs())
+        decomposers, solvers = self._labels()
+        return sum(pending(ec, d, solvers) for d in decomposers)
 
     # ------------------------------------------------------------------------------ stages
 
@@ -247,7 +245,7 @@ class Pipeline:
                 opts = _serve_options(self.cfg.serve)
                 added = 0
                 for i, raw in enumerate(specs):
-                    if pending(ec, labels[i], solvers) == 0:
+                    if pending(ec, labels[i], [s.label for s in solvers]) == 0:
                         continue
                     teacher = (t.base_url or url, t.api_key_env)
                     with open_decomposer(raw, i, solvers, opts, teacher_endpoint=teacher) as spec:
@@ -262,10 +260,7 @@ class Pipeline:
                 res.status = "off"
                 return
             ec = self.eval_config()
-            local = ("http://127.0.0.1/v1", _served_name(self.cfg.teacher.local_model))
-            solvers = [parse_solver(s, local, self.cfg.teacher.api_key_env) for s in self.cfg.eval.solvers]
-            labels = [decomposer_label(d, solvers) for d in self.decomposer_specs()]
-            self.result.summaries = report(ec, labels, [s.label for s in solvers])
+            self.result.summaries = report(ec, *self._labels())
             res.note = f"{ec.out_dir}/results.md"
             if self.result.summaries:
                 self.echo(format_table(self.result.summaries))
@@ -288,12 +283,6 @@ class Pipeline:
 def _serve_options(s: ServeSection) -> ServeOptions:
     return ServeOptions(port=s.port, max_batch_size=s.max_batch_size, num_gpus=s.num_gpus, num_cpus=s.num_cpus,
                         beta=s.beta, max_new_tokens=s.max_new_tokens)
-
-
-def _served_name(model: str) -> str:
-    from learner.models import model_display_name
-
-    return model_display_name(model)
 
 
 def format_stages(result: PipelineResult) -> str:

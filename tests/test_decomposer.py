@@ -42,6 +42,7 @@ from serve.decompose_api import (
 from serve.decomposer import DecomposerConfig, build_decomposer_app, start_decomposer, stop_decomposer
 from serve.decomposer_model import Decoder, Job, checkpoint_beta, heads_from_state
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 TOKEN_ENV = "SUBQ_TEST_DECOMPOSER_TOKEN"
 TOKEN = "decomposer-test-token-value"
 TINY = "tiny-random:llama?layers=2&hidden=32&heads=2&ctx=2048&seed=0"  # ctx: the chat prompt is ~1000 bytes
@@ -94,15 +95,6 @@ def models(tmp_path_factory) -> dict[str, str]:
                            config={"algo": "ilql", "algo_config": {"beta": CKPT_BETA}},
                            heads=_big_random_heads(model), extra={"algo_config": ILQLConfig(beta=CKPT_BETA)})
     return {"plain": str(plain), "ckpt": str(ckpt)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

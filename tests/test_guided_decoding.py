@@ -9,16 +9,8 @@ from learner.guided_decoding import generate_guided
 from learner.ilql import ILQLHeads, guided_logits
 from learner.models import load_model_and_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 PROMPTS = ["Problem: 3 apples", "Hi", "A much longer prompt, left padded less"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

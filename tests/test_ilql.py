@@ -19,18 +19,10 @@ import learner.ilql as ilql_mod
 from learner.ilql import ILQL, ILQLConfig, ILQLHeads, expectile_loss, guided_logits, next_state_positions
 
 CTX, PAD = 0, 4  # token 0 is the context (prompt) token; actions are tokens 1, 2, 3
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 ACTIONS = (1, 2, 3)
 VOCAB = 5
 GAMMA = 0.9
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class PrefixModel(nn.Module):

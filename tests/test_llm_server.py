@@ -16,7 +16,8 @@ import pytest
 
 from learner.models import build_byte_tokenizer
 from serve.chat_api import ApiError, parse_chat_request
-from serve.llm_server import LLMServerConfig, _read_token, start_llm_server, stop_llm_server
+from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+from serve.serving import read_token
 
 TOKEN_ENV = "SUBQ_TEST_LLM_TOKEN"
 TOKEN = "s3cret-test-token-value"
@@ -134,7 +135,7 @@ def test_bearer_token_is_required_and_never_echoed(server):
         assert ok.status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).chat.completions.create(**body)
-    assert TOKEN not in repr(_read_token(cfg)) and TOKEN not in repr(cfg)
+    assert TOKEN not in repr(read_token(cfg.token_env)) and TOKEN not in repr(cfg)
 
 
 def test_concurrent_requests_share_batches(http, server):
@@ -164,4 +165,4 @@ def test_validation_rules_without_a_server():
                            served_model="m", max_n=4, max_new_tokens=16)
     assert info.value.status == 400
     with pytest.raises(ValueError, match="is set but that environment variable is empty"):
-        _read_token(LLMServerConfig(model="tiny-random:llama", token_env="SUBQ_TEST_UNSET_TOKEN_VAR"))
+        read_token(LLMServerConfig(model="tiny-random:llama", token_env="SUBQ_TEST_UNSET_TOKEN_VAR").token_env)

@@ -1,0 +1,159 @@
+"""Plumbing shared by subq's Serve applications (the LLM server and the decomposer).
+
+Bearer tokens, OpenAI-shaped errors, deploying an app behind Serve's one HTTP proxy and waiting
+until it answers, deleting it, and serving until Ctrl-C / SIGTERM. Nothing model-specific here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.chat_api import ApiError, error_body
+
+logger = logging.getLogger(__name__)
+
+# Must be in the environment before Ray starts (DESIGN §4); subq.runtime sets the same for the CLI.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
+
+
+class Secret:
+    """Carries the bearer token to the replicas without ever printing it."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def matches(self, header: str | None) -> bool:
+        if not header or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._value.encode())
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+
+def read_token(token_env: str | None) -> Secret | None:
+    """Read the token in the driver: replicas may not inherit env vars set after ray.init."""
+    if not token_env:
+        return None
+    value = os.environ.get(token_env, "")
+    if not value:  # fail closed: asked for auth, but there is no token to check against
+        raise ValueError(f"token_env={token_env!r} is set but that environment variable is empty")
+    return Secret(value)
+
+
+def api_error(exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def check_auth(token: Secret | None, request: Request) -> JSONResponse | None:
+    """None when the request may pass, else the 401 to send."""
+    if token is None or token.matches(request.headers.get("authorization")):
+        return None
+    return api_error(ApiError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                              type="authentication_error", code="invalid_api_key"))
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods answer in OpenAI's error shape too."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", code=code),
+                        status_code=exc.status_code)
+
+
+def deploy(application: serve.Application, *, app_name: str, host: str, port: int, route_prefix: str,
+           timeout_s: float) -> str:
+    """Run ``application`` under ``route_prefix`` and return ``http://host:port<prefix>`` once /health answers.
+
+    Initialises Ray (with DESIGN §4's environment) if the caller has not. Serve has one HTTP proxy
+    per cluster: if it already runs on another host/port, the app joins it and the URL says so.
+    """
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "app ready" chatter
+    real_host, real_port = _serve_address(host, port, app_name)
+    serve.run(application, name=app_name, route_prefix=route_prefix)
+    url_host = "127.0.0.1" if real_host in ("0.0.0.0", "::", "") else real_host
+    base = f"http://{url_host}:{real_port}{route_prefix.rstrip('/')}"
+    _wait_healthy(f"{base}/health", timeout_s)
+    return base
+
+
+def delete_app(app_name: str) -> None:
+    """Delete one app (other Serve apps and the proxy keep running)."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            serve.delete(app_name)
+        except Exception as e:  # Serve already gone: nothing to stop
+            logger.debug("delete %s: %s", app_name, e)
+
+
+def serve_until_stopped(banner: str, stop: Callable[[], None]) -> None:
+    """Print ``banner``, wait for Ctrl-C or SIGTERM, then ``stop()`` (what the ``subq`` serve commands run)."""
+    print(banner, flush=True)
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: same clean exit as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # Only our app: on a shared cluster other Serve apps must keep running; a local Ray started
+        # by this process goes away with it.
+        stop()
+
+
+def _serve_address(host: str, port: int, app_name: str) -> tuple[str, int]:
+    """The proxy's real host and port (Serve keeps its first http_options)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        real = (http.host, int(http.port))
+    except Exception:  # private API moved: trust the config
+        return host, port
+    if real != (host, port):
+        logger.warning("Serve already listens on %s:%s; %s joins it there instead of %s:%s",
+                       real[0], real[1], app_name, host, port)
+    return real
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    """serve.run returns when replicas are up; the proxy's route table can lag a moment behind."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: ignore HTTP_PROXY
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as e:
+            last = e
+        time.sleep(0.2)
+    raise TimeoutError(f"the server at {url} did not become healthy in {timeout_s:.0f} s ({last})")
