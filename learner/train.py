@@ -6,7 +6,8 @@ their shard with ``ray.train.get_dataset_shard``. The per-worker loop is in ``le
 the algorithms (``bc.py``, ``filtered_bc.py``, ``ilql.py``) know nothing of Ray.
 
 Outputs under ``out``: ``ray/`` (Ray Train's run: checkpoints every K steps, resumable),
-``final/`` (the last checkpoint in HF format + heads + config, loadable without training code),
+``final/`` (the last checkpoint in HF format + heads + config, loadable without training code; the
+optimizer state stays in ``ray/`` only),
 ``metrics.jsonl`` and ``train_config.json``.
 """
 
@@ -147,7 +148,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     from learner.checkpoint import strip_secrets
     from learner.models import load_tokenizer
-    from learner.train_loop import train_loop_per_worker
+    from learner.train_loop import STATE_FILE, train_loop_per_worker
 
     if cfg.algo not in ALGOS:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {ALGOS}")
@@ -182,7 +183,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     target = out / "final"
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(final, target)
+    # final/ is for loading and serving; the optimizer state stays with Ray's checkpoints (for resume)
+    shutil.copytree(final, target, ignore=shutil.ignore_patterns(STATE_FILE))
     meta = json.loads((target / "subq_checkpoint.json").read_text())
     return {"out": str(out), "final": str(target), "step": meta["step"], "episodes": len(episodes),
             "excluded": excluded, "metrics": {k: v for k, v in (result.metrics or {}).items()

@@ -129,24 +129,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {k: float(np.mean(v)) for k, v in window.items()}
         metrics.update({"step": step, "epoch": epoch,
                         "charts/tokens_per_s": tokens * world / max(1e-9, time.perf_counter() - t0)})
-        checkpoint = None
-        if final or step % cfg.checkpoint_every == 0:
-            tmp = tempfile.mkdtemp(prefix="subq-ckpt-")
-            if rank == 0:
-                save_checkpoint(Path(tmp) / "ckpt", model, tokenizer, algo=cfg.algo, config=cfg_dict,
-                                heads=heads.module if hasattr(heads, "module") else heads, step=step,
-                                extra={"algo_config": dataclasses.asdict(acfg)})
-                torch.save({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                            "optimizer": algo.optimizer.state_dict(), "scheduler": algo.scheduler.state_dict(),
-                            "torch_rng": [torch.get_rng_state()]}, Path(tmp) / "ckpt" / STATE_FILE)
-                checkpoint = Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
-            last_saved = step
         if rank == 0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if wandb_run is not None:
                 wandb_run.log(metrics, step=step)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # report() uploads the checkpoint to the run's storage before it returns (SYNC mode), so the
+        # staging copy is removed right after: a checkpoint of the embedded model is 1.6 GB.
+        with tempfile.TemporaryDirectory(prefix="subq-ckpt-") as tmp:
+            checkpoint = None
+            if final or step % cfg.checkpoint_every == 0:
+                if rank == 0:
+                    save_checkpoint(Path(tmp) / "ckpt", model, tokenizer, algo=cfg.algo, config=cfg_dict,
+                                    heads=heads.module if hasattr(heads, "module") else heads, step=step,
+                                    extra={"algo_config": dataclasses.asdict(acfg)})
+                    torch.save({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                                "optimizer": algo.optimizer.state_dict(),
+                                "scheduler": algo.scheduler.state_dict(),
+                                "torch_rng": [torch.get_rng_state()]}, Path(tmp) / "ckpt" / STATE_FILE)
+                    checkpoint = Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
+                last_saved = step
+            ray.train.report(metrics, checkpoint=checkpoint)
         window, tokens, t0 = {}, 0, time.perf_counter()
 
     micro_in_epoch = 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import tempfile
 from datetime import datetime, timezone
 
 import pytest
@@ -43,7 +46,11 @@ def test_two_workers_train_checkpoint_and_resume(ray_session, tmp_path, algo):
     cfg = TrainConfig(algo=algo, init=TINY, store=store, out=str(out), num_workers=2, batch_size=2,
                       max_steps=3, epochs=10, checkpoint_every=2, report_every=1, max_length=128,
                       algo_config={"lr": 1e-3}, progress=False)
+    staging = os.path.join(tempfile.gettempdir(), "subq-ckpt-*")
+    before = set(glob.glob(staging))
     first = run_train(cfg)
+    assert set(glob.glob(staging)) <= before  # the workers' checkpoint staging dirs are removed
+    assert not (out / "final" / "training_state.pt").exists()  # optimizer state only in ray/ (resume)
     assert first["step"] == 3 and first["episodes"] == 12 and first["excluded"] == {"parse_error": 1}
     assert _steps(out) == [1, 2, 3]
     ckpt = load_checkpoint(first["final"])  # loads without the training code
