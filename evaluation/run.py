@@ -2,15 +2,17 @@
 
 One pass per decomposer: every problem is decomposed once and the same sub-questions go to every
 solver, so decomposers are compared on identical plans and a decomposition is never paid twice.
-Each finished batch is appended to ``<out>/records/<benchmark>/<decomposer>__<solver>.jsonl``
-(one JSON object per problem and solver, flushed per batch); a re-run skips what is there and
-reuses stored sub-questions when only some solvers are missing. Summaries and the report are
+The worker that answered a batch appends it to ``<out>/records/<benchmark>/<decomposer>__<solver>.jsonl``
+(one JSON object per problem and solver, fsynced per batch) before handing it back, so paid answers
+survive a killed driver; a re-run skips what is there and reuses stored sub-questions when only some
+solvers are missing. Summaries and the report are
 always rebuilt from the record files, so ``--scorer`` can change without calling anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -80,24 +82,37 @@ def records_path(out_dir: str, benchmark: str, decomposer: str, solver: str) -> 
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records of one run; a torn last line (killed mid-write) is ignored, so that problem is redone."""
+    """Records of one run, one per problem (the first).
+
+    A torn line (a writer killed mid-write) is ignored, so that problem is redone; a repeated
+    problem (a batch Ray retried after its actor had written it) counts once.
+    """
     if not path.exists():
         return []
-    out = []
+    out, seen = [], set()
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if rec.get("problem_id") not in seen:
+            seen.add(rec.get("problem_id"))
+            out.append(rec)
     return out
 
 
 class EvalWorker:
-    """Ray Data callable class: decompose a batch of problems, then solve each with every solver."""
+    """Ray Data callable class: decompose a batch of problems, solve each with every solver, store it.
+
+    The worker appends its records itself (as collection's stage workers do), so answers already paid
+    for are kept whatever happens to the driver; a batch Ray retries skips what its first try stored.
+    Returns one row per record: ``correct``, for the driver's progress bar.
+    """
 
     def __init__(self, decomposer: DecomposerSpec, solvers: list[SolverSpec], settings: EvalSettings,
-                 prices: PriceTable) -> None:
+                 prices: PriceTable, out_dir: str, scorer: str) -> None:
         self.decomposer, self.solvers, self.settings, self.prices = decomposer, solvers, settings, prices
+        self.out_dir, self.scorer = out_dir, scorer
         self._dec: DecomposerClient | None = None
         self._solvers: list[TeacherClient] = []
 
@@ -135,12 +150,41 @@ class EvalWorker:
             })
         return out
 
+    def _path(self, benchmark: str, solver_index: int) -> Path:
+        return records_path(self.out_dir, benchmark, self.decomposer.label, self.solvers[solver_index].label)
+
+    def _not_stored(self, rows: list[dict]) -> list[dict]:
+        """Drop (problem, solver) pairs already recorded: a retried batch must not pay twice."""
+        done: dict[Path, set] = {}
+        todo = []
+        for row in rows:
+            pid = json.loads(row["problem"])["problem_id"]
+            left = []
+            for i in json.loads(row["solvers_todo"]):
+                path = self._path(row["benchmark"], i)
+                if path not in done:
+                    done[path] = {r["problem_id"] for r in read_records(path)}
+                if pid not in done[path]:
+                    left.append(i)
+            if left:
+                todo.append({**row, "solvers_todo": json.dumps(left)})
+        return todo
+
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._dec is None:  # clients belong to the actor's event loop
             self._clients()
-        results = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
-        lines = [json.dumps(rec) for recs in results for rec in recs]
-        return pa.table({"record": pa.array(lines, pa.string())})
+        results = await asyncio.gather(*(self._one(r) for r in self._not_stored(batch.to_pylist())))
+        by_file: dict[Path, list[str]] = {}
+        correct = []
+        for rec in (rec for recs in results for rec in recs):
+            bench, i = rec.pop("benchmark"), rec["solver_index"]
+            path = self._path(bench, i)
+            done = finish_record(rec, bench, self.decomposer.label, self.solvers[i].label, self.scorer)
+            correct.append(done["correct"])
+            by_file.setdefault(path, []).append(json.dumps(done))
+        for path, lines in by_file.items():
+            append_records(path, lines)
+        return pa.table({"correct": pa.array(correct, pa.bool_())})
 
 
 def finish_record(rec: dict, benchmark: str, decomposer: str, solver: str, scorer: str) -> dict:
@@ -162,7 +206,7 @@ def _problem_row(p: dict) -> dict:
     return {k: p.get(k) for k in PROBLEM_FIELDS}
 
 
-def _plan(benchmark: str, problems: list[dict], decomposer: str, solvers: list[str], out_dir: str) -> list[dict]:
+def plan_rows(benchmark: str, problems: list[dict], decomposer: str, solvers: list[str], out_dir: str) -> list[dict]:
     """Rows still to do for one decomposer on one benchmark (resume: skip stored (problem, solver)).
 
     Labels only: what is stored is known before any endpoint exists."""
@@ -196,7 +240,7 @@ def check_labels(decomposers: list[str], solvers: list[str]) -> None:
 def pending(cfg: EvalConfig, decomposer: str, solvers: list[str]) -> int:
     """(problem, solver) answers still missing for this decomposer (labels): 0 = nothing to serve or call."""
     return sum(len(json.loads(r["solvers_todo"])) for b in cfg.benchmarks
-               for r in _plan(b, load_problems(b), decomposer, solvers, cfg.out_dir))
+               for r in plan_rows(b, load_problems(b), decomposer, solvers, cfg.out_dir))
 
 
 def run_eval(cfg: EvalConfig, decomposers: list[DecomposerSpec], solvers: list[SolverSpec],
@@ -224,7 +268,8 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
 
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
     labels = [sv.label for sv in solvers]
-    rows = [r for b in cfg.benchmarks for r in _plan(b, load_problems(b), dec.label, labels, cfg.out_dir)]
+    out_dir = os.path.abspath(cfg.out_dir)  # workers need not share the driver's working directory
+    rows = [r for b in cfg.benchmarks for r in plan_rows(b, load_problems(b), dec.label, labels, out_dir)]
     if not rows:
         return 0
     added = 0
@@ -232,7 +277,8 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
     bar = tqdm(total=total, desc=f"eval {dec.label}", unit="answer", disable=not cfg.progress)
     n_blocks = -(-len(rows) // cfg.batch_size)
     ds = batched_dataset(rows, cfg.batch_size).map_batches(
-        EvalWorker, fn_constructor_kwargs=dict(decomposer=dec, solvers=solvers, settings=settings, prices=prices),
+        EvalWorker, fn_constructor_kwargs=dict(decomposer=dec, solvers=solvers, settings=settings, prices=prices,
+                                               out_dir=out_dir, scorer=cfg.scorer),
         batch_size=None, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=cfg.min_actors,
                                   max_size=max(cfg.min_actors, min(cfg.max_actors, n_blocks)),
@@ -243,16 +289,7 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
     wrong = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            by_file: dict[Path, list[str]] = {}
-            for line in batch.column("record").to_pylist():
-                rec = json.loads(line)
-                sv, bench = solvers[rec["solver_index"]], rec.pop("benchmark")
-                done = finish_record(rec, bench, dec.label, sv.label, cfg.scorer)
-                wrong += not done["correct"]
-                by_file.setdefault(records_path(cfg.out_dir, bench, dec.label, sv.label), []).append(
-                    json.dumps(done))
-            for path, lines in by_file.items():
-                _append(path, lines)
+            wrong += batch.num_rows - sum(batch.column("correct").to_pylist())
             bar.update(batch.num_rows)
             bar.set_postfix_str(f"wrong={wrong}")
             added += batch.num_rows
@@ -261,12 +298,22 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
     return added
 
 
-def _append(path: Path, lines: list[str]) -> None:
+def append_records(path: Path, lines: list[str]) -> None:
+    """Append whole lines durably; several actors may append to one file at once (hence the lock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            data = "".join(line + "\n" for line in lines).encode()
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a writer killed mid-line: start on a new line, keep this batch readable
+                    data = b"\n" + data
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def report(cfg: EvalConfig, decomposers: list[str], solvers: list[str]) -> list[RunSummary]:

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from actors.prices import PriceTable
 from actors.teacher import TeacherConfig
+from data_store.datasets import load_problems
 from evaluation.clients import DecomposerSpec, SolverSpec
-from evaluation.run import EvalConfig, read_records, records_path, run_eval
+from evaluation.run import (
+    EvalConfig,
+    EvalSettings,
+    EvalWorker,
+    append_records,
+    plan_rows,
+    read_records,
+    records_path,
+    run_eval,
+)
 from subq.cli import main
 from tests.teacher_server import TeacherServer
 
@@ -65,6 +78,45 @@ def test_a_torn_last_line_is_redone_not_fatal(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"problem_id": "x"}) + "\n" + '{"problem_id": "y", "solv')
     assert [r["problem_id"] for r in read_records(path)] == ["x"]
+
+
+def test_an_append_after_a_torn_line_starts_a_new_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"problem_id": "x"}) + "\n" + '{"problem_id": "y", "solv')
+    append_records(path, [json.dumps({"problem_id": "z"})])
+    assert [r["problem_id"] for r in read_records(path)] == ["x", "z"]
+
+
+def test_a_problem_recorded_twice_counts_once(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_records(path, [json.dumps({"problem_id": "x", "n": 1}), json.dumps({"problem_id": "y"})])
+    append_records(path, [json.dumps({"problem_id": "x", "n": 2})])
+    assert [(r["problem_id"], r.get("n")) for r in read_records(path)] == [("x", 1), ("y", None)]
+
+
+def test_the_worker_stores_its_batch_and_a_retried_batch_pays_nothing(tmp_path, monkeypatch):
+    """Records are written by the actor that paid for them, so a dead driver loses no paid answer."""
+    monkeypatch.setenv("SUBQ_TEST_KEY", "sk-eval-secret-0123456789")
+    bench = "gsm8k:test[:3]"
+    with TeacherServer(latency_s=0.0, model="test-teacher") as srv:
+        teacher = DecomposerSpec("teacher", "teacher", teacher=TeacherConfig(
+            base_url=srv.base_url, model="test-teacher", api_key_env="SUBQ_TEST_KEY"))
+        solvers = [SolverSpec(base_url=srv.base_url, model="test-teacher", api_key_env="SUBQ_TEST_KEY", label=x)
+                   for x in ("a", "b")]
+        worker = EvalWorker(teacher, solvers, EvalSettings(None, 0.0, 128, 0.0, 128, 10.0, 2), PriceTable(),
+                            out_dir=str(tmp_path), scorer="strict")
+        batch = pa.Table.from_pylist(plan_rows(bench, load_problems(bench), "teacher", ["a", "b"], str(tmp_path)))
+
+        async def twice() -> tuple[pa.Table, int, pa.Table]:  # one event loop, as in the actor
+            first = await worker(batch)
+            return first, srv.stats()["requests"], await worker(batch)
+
+        first, paid, retried = asyncio.run(twice())
+        assert first.num_rows == 6 and paid == 3 + 6  # one plan per problem, every solver answers it
+        for label in ("a", "b"):
+            recs = read_records(records_path(str(tmp_path), bench, "teacher", label))
+            assert len(recs) == 3 and all(r["subquestions"] and r["solve_error"] is None for r in recs)
+        assert retried.num_rows == 0 and srv.stats()["requests"] == paid
 
 
 @pytest.mark.slow
