@@ -3,7 +3,6 @@ no teacher call paid twice, resume after a budget stop, an actor kill and a driv
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from actors.prices import PriceTable
 from actors.teacher import TeacherConfig
 from data_store.datasets import load_problems
 from data_store.store import Store
+from tests.processes import kill_tree
 from tests.teacher_server import MALFORMED_TEXT, FaultPlan, TeacherServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,18 +179,6 @@ def _collect_cmd(srv: TeacherServer, store: Path, problems: str) -> list[str]:
             "--max-actors", "1", "--no-progress", "--timeout", "5"]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (Ray workers have their own groups)."""
-    import psutil
-
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait()
-
-
 def test_killed_driver_resumes_without_paying_twice(tmp_path):
     """SIGKILL `subq collect` and its local Ray mid-run (a crashed machine), then run it again."""
     problems, n_problems = "gsm8k:train[:8]", 8
@@ -203,7 +191,7 @@ def test_killed_driver_resumes_without_paying_twice(tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "collection made no progress"
             time.sleep(0.1)
-        _kill_tree(proc)
+        kill_tree(proc)
         time.sleep(1.0)  # let the server finish requests whose clients died
         at_kill = _store_keys(tmp_path)
         total = 2 * n_problems

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +28,10 @@ from evaluation.run import (
     run_eval,
 )
 from subq.cli import main
+from tests.processes import kill_tree
 from tests.teacher_server import TeacherServer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _count_lines(root: Path) -> int:
@@ -117,6 +124,37 @@ def test_the_worker_stores_its_batch_and_a_retried_batch_pays_nothing(tmp_path, 
             recs = read_records(records_path(str(tmp_path), bench, "teacher", label))
             assert len(recs) == 3 and all(r["subquestions"] and r["solve_error"] is None for r in recs)
         assert retried.num_rows == 0 and srv.stats()["requests"] == paid
+
+
+def test_killed_eval_resumes_without_paying_twice(tmp_path):
+    """SIGKILL `subq eval` and its local Ray mid-run, then run it again: every answer the first run
+    recorded is kept, and the second run decomposes exactly the problems without a record."""
+    n, out = 12, tmp_path / "eval"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_TEST_KEY": "sk-eval-secret-0123456789"}
+    with TeacherServer(latency_s=0.4, model="test-teacher") as srv:
+        cmd = [sys.executable, "-m", "subq.cli", "eval", "--decomposer", "teacher", "--solver",
+               f"test-teacher@{srv.base_url}", "--api-key-env", "SUBQ_TEST_KEY", "--benchmark", f"gsm8k:test[:{n}]",
+               "--out", str(out), "--batch-size", "2", "--max-actors", "1", "--no-progress"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not out.exists() or _count_lines(out) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "evaluation made no progress"
+            time.sleep(0.1)
+        kill_tree(proc)
+        time.sleep(1.0)  # let the server finish requests whose clients died
+        [path] = list(out.rglob("*.jsonl"))
+        kept = {r["problem_id"]: r for r in read_records(path)}
+        assert 2 <= len(kept) < n, "the run finished before it was killed"
+        srv.reset_stats()
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        decomposed = srv.stats()["by_stage"]["decompose"]
+    recs = read_records(path)
+    assert len(recs) == n == len(path.read_text().splitlines())  # complete, nothing written twice
+    assert decomposed == n - len(kept)
+    assert all(r == kept[r["problem_id"]] for r in recs if r["problem_id"] in kept)
 
 
 @pytest.mark.slow
