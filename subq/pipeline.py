@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -24,7 +25,7 @@ from data_store.datasets import load_problems
 from data_store.store import Store
 from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
 from learner.models import model_display_name
-from subq.config import PipelineConfig, ServeSection, dump, section_config, train_config
+from subq.config import ConfigError, PipelineConfig, ServeSection, dump, section_config, train_config
 from subq.eval_setup import (
     ServeOptions,
     decomposer_label,
@@ -99,7 +100,7 @@ class Pipeline:
 
     def preflight(self) -> None:
         """Fail before any work: datasets, model paths, endpoints the remaining work needs."""
-        from learner.checkpoint import is_checkpoint
+        from learner.checkpoint import is_checkpoint, training_disk_estimate
         from learner.models import resolve_model_path
 
         cc = self.collect_config()
@@ -110,16 +111,40 @@ class Pipeline:
         if "import" in self.cfg.stages and self.cfg.imports.reference:
             load_problems(self.cfg.imports.reference)
         if "train" in self.cfg.stages:
+            need: list[tuple[str, int]] = []
+            model_dir = None
             for algo in self.cfg.train.algos:
                 tc = train_config(self.cfg.train, algo, self.cfg.store_uri, str(self.train_dir(algo)))
                 own_init = algo == "bc" or "init" in (self.cfg.train.per_algo.get(algo) or {})
-                if own_init and not is_checkpoint(tc.init) and not Path(tc.init, "final").is_dir():
-                    resolve_model_path(tc.init)  # a wrong model path fails now, not after collection
+                if own_init:  # otherwise it starts from BC's final/, a model of the same size
+                    if is_checkpoint(tc.init):
+                        model_dir = tc.init
+                    elif Path(tc.init, "final").is_dir():
+                        model_dir = str(Path(tc.init, "final"))
+                    else:
+                        model_dir = resolve_model_path(tc.init)  # a wrong path fails now, not after collection
+                if model_dir and not (self.train_dir(algo) / "final").is_dir():
+                    need.append((algo, training_disk_estimate(model_dir, algo)))
+            self._check_disk(need)
         if "eval" in self.cfg.stages and self._eval_todo(self.eval_config()):
             for s in self.cfg.eval.solvers:
                 if split_label(s)[1] != "local":
                     sv = parse_solver(s, None, self.cfg.teacher.api_key_env)
                     check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
+
+    def _check_disk(self, need: list[tuple[str, int]]) -> None:
+        """Checkpoints are GBs: a full disk should stop the run now, not halfway through training."""
+        if not need:
+            return
+        path = self.out
+        while not path.exists():
+            path = path.parent
+        free, total = shutil.disk_usage(path).free, sum(n for _, n in need)
+        if free < total:
+            parts = ", ".join(f"{algo} {n / 1e9:.1f}" for algo, n in need)
+            raise ConfigError(f"not enough disk for the training checkpoints under {self.out}: about "
+                              f"{total / 1e9:.1f} GB needed ({parts}), {free / 1e9:.1f} GB free; free some "
+                              "space or set `out` (--out) to a larger disk")
 
     def _collect_todo(self, cc: CollectConfig) -> int:
         problems = load_problems(cc.problems)

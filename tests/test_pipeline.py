@@ -86,6 +86,21 @@ def test_unreachable_teacher_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing written, nothing started
 
 
+def test_a_disk_too_small_for_the_checkpoints_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import subq.pipeline
+
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(subq.pipeline.shutil, "disk_usage", lambda p: real._replace(free=1000))
+    path = _config(tmp_path, "http://127.0.0.1:9/v1")
+    code = main(["pipeline", "--config", str(path), "--set", "stages=[train]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not enough disk for the training checkpoints" in err
+    assert "bc " in err and "ilql " in err and "0.0 GB free" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_config_fails_naming_the_key(tmp_path, capsys):
     path = _config(tmp_path, "http://127.0.0.1:9/v1")
     code = main(["pipeline", "--config", str(path), "--set", "train.defaults.max_stepz=1"])
