@@ -113,6 +113,7 @@ class EvalWorker:
                  prices: PriceTable, out_dir: str, scorer: str) -> None:
         self.decomposer, self.solvers, self.settings, self.prices = decomposer, solvers, settings, prices
         self.out_dir, self.scorer = out_dir, scorer
+        self._seen: dict[Path, tuple[int, set[str]]] = {}  # records file -> (bytes read, problem ids)
         self._dec: DecomposerClient | None = None
         self._solvers: list[TeacherClient] = []
 
@@ -153,19 +154,31 @@ class EvalWorker:
     def _path(self, benchmark: str, solver_index: int) -> Path:
         return records_path(self.out_dir, benchmark, self.decomposer.label, self.solvers[solver_index].label)
 
+    def _stored_ids(self, path: Path) -> set[str]:
+        """Problem ids recorded in ``path``, reading only what was appended since the last look
+        (the file grows by one batch at a time; re-reading it whole per batch would be quadratic)."""
+        offset, ids = self._seen.get(path, (0, set()))
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            whole = data.rfind(b"\n") + 1  # a line still being written is read next time
+            for line in data[:whole].splitlines():
+                try:
+                    ids.add(json.loads(line)["problem_id"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn line: that problem is redone
+            offset += whole
+        self._seen[path] = (offset, ids)
+        return ids
+
     def _not_stored(self, rows: list[dict]) -> list[dict]:
         """Drop (problem, solver) pairs already recorded: a retried batch must not pay twice."""
-        done: dict[Path, set] = {}
         todo = []
         for row in rows:
             pid = json.loads(row["problem"])["problem_id"]
-            left = []
-            for i in json.loads(row["solvers_todo"]):
-                path = self._path(row["benchmark"], i)
-                if path not in done:
-                    done[path] = {r["problem_id"] for r in read_records(path)}
-                if pid not in done[path]:
-                    left.append(i)
+            left = [i for i in json.loads(row["solvers_todo"])
+                    if pid not in self._stored_ids(self._path(row["benchmark"], i))]
             if left:
                 todo.append({**row, "solvers_todo": json.dumps(left)})
         return todo
