@@ -72,19 +72,14 @@ _NO_MARKER = "no 'Final answer:' line"
 
 def _after_last_marker(text: str) -> str | None:
     """The rest of the line after the last marker (or the next non-empty line), None without one."""
-    last = None
-    for last in _MARKER.finditer(text):  # noqa: B007 - we want the last one
-        pass
-    if last is None:
-        return None
-    for line in text[last.end():].splitlines():
-        if _clean(line):
-            return _clean(line)
-    return ""
+    return find_final_answer(text, _MARKER, _MARKDOWN)
+
+
+_MARKDOWN = "*_`"
 
 
 def _clean(s: str) -> str:
-    return s.strip().strip("*_`").strip()
+    return s.strip().strip(_MARKDOWN).strip()
 
 
 def _last_line(text: str) -> str:

@@ -83,18 +83,19 @@ def last_number(text: str) -> float | None:
     return value
 
 
-def find_final_answer(text: str) -> str | None:
-    """The text of the last "Final answer" (rest of its line, or the next non-empty line), else None.
+def find_final_answer(text: str, marker: re.Pattern[str] = FINAL_MARKER, strip: str = "*_") -> str | None:
+    """The text of the last ``marker`` (rest of its line, or the next non-empty line, trimmed of
+    spaces and the markdown characters in ``strip``), else None.
 
     Returns "" when the last marker is followed by nothing.
     """
     last = None
-    for last in FINAL_MARKER.finditer(text):  # noqa: B007 - we want the last one
+    for last in marker.finditer(text):  # noqa: B007 - we want the last one
         pass
     if last is None:
         return None
     for line in text[last.end():].splitlines():
-        answer = line.strip().strip("*_").strip()
+        answer = line.strip().strip(strip).strip()
         if answer:
             return answer
     return ""

@@ -32,7 +32,6 @@ Usage::
 # No `from __future__ import annotations`: FastAPI must see real `Request` annotations (see llm_server).
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from learner.models import model_display_name
-from serve.chat_api import ApiError, error_body, model_card
+from serve.chat_api import ApiError, error_body
 from serve.decompose_api import (
     MAX_BODY_BYTES,
     DecomposeRequest,
@@ -57,12 +56,17 @@ from serve.decompose_api import (
 )
 from serve.decomposer_model import Decoded, Decoder, Job
 from serve.serving import (
+    ReplicaStats,
     Secret,
     api_error,
     check_auth,
     delete_app,
     deploy,
     http_error,
+    init_replica_torch,
+    model_response,
+    models_response,
+    read_body,
     read_token,
     serve_until_stopped,
 )
@@ -126,20 +130,6 @@ app = FastAPI(title="subq decomposer", docs_url=None, redoc_url=None, openapi_ur
 app.add_exception_handler(StarletteHTTPException, http_error)  # unknown routes: OpenAI's error shape too
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refusing one over the limit before reading it all (413)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @serve.deployment
 @serve.ingress(app)
 class Decomposer:
@@ -148,8 +138,7 @@ class Decomposer:
     def __init__(self, cfg: DecomposerConfig, token: Secret | None) -> None:
         import torch
 
-        torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)  # Ray sets OMP threads to num_cpus
-        torch.seed()  # replicas must not share torch's fixed default seed
+        init_replica_torch(cfg.torch_threads)
         self.cfg = cfg
         self.token = token
         device, dtype = "cpu", None
@@ -162,8 +151,7 @@ class Decomposer:
                              max_new_tokens=cfg.max_new_tokens, default_temperature=cfg.temperature,
                              default_max_subquestions=cfg.max_subquestions)
         self.created = int(time.time())
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "forward_passes": 0, "max_batch_requests": 0,
-                      "prompt_tokens": 0, "completion_tokens": 0, "generate_seconds": 0.0}
+        self.stats = ReplicaStats()
         self._decode.set_max_batch_size(cfg.max_batch_size)
         self._decode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -175,7 +163,6 @@ class Decomposer:
 
     @app.get("/stats")
     async def get_stats(self, request: Request) -> JSONResponse:
-        """Counters for this replica, so tests and benchmarks can check batching without timing."""
         if (denied := check_auth(self.token, request)) is not None:
             return denied
         return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size,
@@ -186,16 +173,13 @@ class Decomposer:
     async def list_models(self, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        return JSONResponse({"object": "list", "data": [model_card(self.limits.served_model, self.created)]})
+        return models_response(self.limits.served_model, self.created)
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        if model_id != self.limits.served_model:
-            return api_error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
-                                        f"{self.limits.served_model!r}", code="model_not_found"))
-        return JSONResponse(model_card(model_id, self.created))
+        return model_response(model_id, self.limits.served_model, self.created)
 
     @app.post("/decompose")
     async def decompose(self, request: Request) -> JSONResponse:
@@ -211,7 +195,7 @@ class Decomposer:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
         try:
-            body = decode_json(await _read_body(request))
+            body = decode_json(await read_body(request, MAX_BODY_BYTES))
             req = parse_decompose_chat(body, self.limits) if chat else parse_decompose_request(body, self.limits)
             job = self._job(req)
             decoded = await self._decode(job)
@@ -222,9 +206,7 @@ class Decomposer:
             return JSONResponse(error_body("the server failed to decompose the problem", type="server_error"),
                                 status_code=500)
         subquestions = self.decoder.subquestions(decoded.text, req.max_subquestions)
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(job.prompt)
-        self.stats["completion_tokens"] += decoded.generated_tokens
+        self.stats.request(len(job.prompt), decoded.generated_tokens)
         name = self.limits.served_model
         if chat:
             return JSONResponse(chat_response(model=name, subquestions=subquestions, prompt_tokens=len(job.prompt),
@@ -255,11 +237,7 @@ class Decomposer:
         """One batch, decoded in a worker thread so health checks and queueing stay responsive."""
         start = time.perf_counter()
         out = await asyncio.to_thread(self.decoder.decode, jobs)
-        self.stats["generate_seconds"] += time.perf_counter() - start
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(jobs)
-        self.stats["forward_passes"] += out.forward_passes
-        self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(jobs))
+        self.stats.batch(len(jobs), len(jobs), out.forward_passes, time.perf_counter() - start)
         return out.decoded
 
 

@@ -23,7 +23,6 @@ Usage::
 import asyncio
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -33,15 +32,20 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from learner.models import model_display_name
-from serve.chat_api import ApiError, ChatRequest, chat_completion, error_body, model_card, parse_chat_request
+from serve.chat_api import ApiError, ChatRequest, chat_completion, error_body, parse_chat_request
 from serve.generation import Completion, SamplingParams
 from serve.serving import (
+    ReplicaStats,
     Secret,
     api_error,
     check_auth,
     delete_app,
     deploy,
     http_error,
+    init_replica_torch,
+    model_response,
+    models_response,
+    read_body,
     read_token,
     serve_until_stopped,
 )
@@ -97,13 +101,10 @@ class LLMServer:
     """One replica: a model, its tokenizer and a batch queue."""
 
     def __init__(self, cfg: LLMServerConfig, token: Secret | None) -> None:
-        import torch
-
         from learner.models import load_model_and_tokenizer
         from serve.generation import context_length, eos_token_ids
 
-        torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)  # Ray sets OMP threads to num_cpus
-        torch.seed()  # replicas must not share torch's fixed default seed
+        init_replica_torch(cfg.torch_threads)
         self.cfg = cfg
         self.token = token
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model)
@@ -111,8 +112,7 @@ class LLMServer:
         self.context = context_length(self.model) or 1 << 30
         self.max_prompt_tokens = min(cfg.max_prompt_tokens or self.context - 1, self.context - 1)
         self.created = int(time.time())
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "forward_passes": 0, "max_batch_requests": 0,
-                      "prompt_tokens": 0, "completion_tokens": 0, "generate_seconds": 0.0}
+        self.stats = ReplicaStats()
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -124,7 +124,6 @@ class LLMServer:
 
     @app.get("/stats")
     async def get_stats(self, request: Request) -> JSONResponse:
-        """Counters for this replica, so tests and benchmarks can check batching without timing."""
         if (denied := check_auth(self.token, request)) is not None:
             return denied
         return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size})
@@ -133,23 +132,20 @@ class LLMServer:
     async def list_models(self, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        return JSONResponse({"object": "list", "data": [model_card(self.cfg.served_model_name, self.created)]})
+        return models_response(self.cfg.served_model_name, self.created)
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        if model_id != self.cfg.served_model_name:
-            return api_error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
-                                        f"{self.cfg.served_model_name!r}", code="model_not_found"))
-        return JSONResponse(model_card(model_id, self.created))
+        return model_response(model_id, self.cfg.served_model_name, self.created)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
         try:
-            chat = self._parse(await request.body())
+            chat = self._parse(await read_body(request, MAX_BODY_BYTES))
             prompt = self._prompt_ids(chat)
             max_tokens = min(chat.max_tokens or self.cfg.max_new_tokens, self.context - len(prompt))
             completions = await self._generate((prompt, chat.sampling(max_tokens)))
@@ -159,16 +155,12 @@ class LLMServer:
             logger.exception("chat completion failed")
             return JSONResponse(error_body("the server failed to generate a completion", type="server_error"),
                                 status_code=500)
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(prompt)
-        self.stats["completion_tokens"] += sum(c.generated_tokens for c in completions)
+        self.stats.request(len(prompt), sum(c.generated_tokens for c in completions))
         return JSONResponse(chat_completion(self.cfg.served_model_name, len(prompt), completions))
 
     # ----------------------------------------------------------------------------------- helpers
 
     def _parse(self, raw: bytes) -> ChatRequest:
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -197,11 +189,7 @@ class LLMServer:
         start = time.perf_counter()
         out = await asyncio.to_thread(generate, self.model, self.tokenizer, [j[0] for j in jobs],
                                       [j[1] for j in jobs], eos_ids=self.eos_ids)
-        self.stats["generate_seconds"] += time.perf_counter() - start
-        self.stats["batches"] += 1
-        self.stats["rows"] += out.rows
-        self.stats["forward_passes"] += out.forward_passes
-        self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(jobs))
+        self.stats.batch(len(jobs), out.rows, out.forward_passes, time.perf_counter() - start)
         return out.completions
 
 

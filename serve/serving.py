@@ -1,6 +1,7 @@
 """Plumbing shared by subq's Serve applications (the LLM server and the decomposer).
 
-Bearer tokens, OpenAI-shaped errors, deploying an app behind Serve's one HTTP proxy and waiting
+Bearer tokens, OpenAI-shaped errors, replica set-up and batching counters, request bodies with a
+size limit, the model routes, deploying an app behind Serve's one HTTP proxy and waiting
 until it answers, deleting it, and serving until Ctrl-C / SIGTERM. Nothing model-specific here.
 """
 
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.chat_api import ApiError, error_body
+from serve.chat_api import ApiError, error_body, model_card
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,64 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", code=code),
                         status_code=exc.status_code)
+
+
+def init_replica_torch(threads: int | None) -> None:
+    """Ray sets OMP threads to num_cpus: use the node's cores (or ``threads``); replicas must not
+    share torch's fixed default seed."""
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.seed()
+
+
+class ReplicaStats(dict):
+    """Batching counters of one replica (``GET /stats``), so tests and benchmarks can check batching
+    without timing."""
+
+    def __init__(self) -> None:
+        super().__init__(requests=0, batches=0, rows=0, forward_passes=0, max_batch_requests=0,
+                         prompt_tokens=0, completion_tokens=0, generate_seconds=0.0)
+
+    def request(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self["requests"] += 1
+        self["prompt_tokens"] += prompt_tokens
+        self["completion_tokens"] += completion_tokens
+
+    def batch(self, requests: int, rows: int, forward_passes: int, seconds: float) -> None:
+        self["generate_seconds"] += seconds
+        self["batches"] += 1
+        self["rows"] += rows
+        self["forward_passes"] += forward_passes
+        self["max_batch_requests"] = max(self["max_batch_requests"], requests)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refusing one over ``max_bytes`` (413) before reading it all."""
+    too_large = ApiError(413, f"the request body is larger than {max_bytes} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def models_response(served_model: str, created: int) -> JSONResponse:
+    """``GET /v1/models``: the one model this server serves."""
+    return JSONResponse({"object": "list", "data": [model_card(served_model, created)]})
+
+
+def model_response(model_id: str, served_model: str, created: int) -> JSONResponse:
+    """``GET /v1/models/{id}``: its card, or OpenAI's 404 for any other id."""
+    if model_id != served_model:
+        return api_error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
+                                    f"{served_model!r}", code="model_not_found"))
+    return JSONResponse(model_card(model_id, created))
 
 
 def deploy(application: serve.Application, *, app_name: str, host: str, port: int, route_prefix: str,

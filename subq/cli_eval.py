@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -78,18 +77,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from actors.prices import PriceTable
-    from actors.teacher import TeacherConfig, check_endpoint
-    from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
+    from evaluation.run import EvalConfig, check_labels, pending, report
     from subq.cli import UserError
     from subq.eval_setup import (
         ServeOptions,
         decomposer_label,
-        open_decomposer,
+        evaluate_decomposers,
         parse_solver,
         plan_solvers,
         split_label,
     )
-    from subq.local_teacher import local_teacher
     from subq.runtime import init_ray
 
     decomposers = args.decomposer or ["none"]
@@ -112,24 +109,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_labels(labels, solver_labels)
     except ValueError as e:
         raise UserError(str(e)) from None
-    todo = [pending(cfg, label, solver_labels) for label in labels]
-    if any(todo):
+    if any(pending(cfg, label, solver_labels) for label in labels):
         init_ray(args.ray_address)
-        need_local = any(split_label(s)[1] == "local" for s in solvers_raw)
-        server = local_teacher(None, args.local_model, args.local_port) if need_local else nullcontext((None, None))
-        with server as (url, served):
-            local = (url, served) if served else None
-            solvers = [parse_solver(s, local, args.api_key_env) for s in solvers_raw]
-            for sv in solvers:
-                check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
-                if served and sv.model == served:
-                    prices = prices.with_price(sv.model, 0.0, 0.0)  # our own server bills nothing
-            opts = ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta)
-            for i, raw in enumerate(decomposers):
-                if todo[i] == 0:
-                    continue  # every answer is stored: do not even start its server
-                with open_decomposer(raw, i, solvers, opts, token_env=args.decomposer_token_env) as spec:
-                    evaluate(cfg, spec, solvers, prices)
+        evaluate_decomposers(cfg, decomposers, solvers_raw, local_model=args.local_model, local_port=args.local_port,
+                             api_key_env=args.api_key_env, prices=prices,
+                             serve_opts=ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta),
+                             token_env=args.decomposer_token_env, check_endpoints=True)
     summaries = report(cfg, labels, solver_labels)
     from evaluation.report import format_table
 

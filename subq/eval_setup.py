@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actors.teacher import TeacherConfig
 from evaluation.clients import DecomposerSpec, SolverSpec
+
+if TYPE_CHECKING:
+    from actors.prices import PriceTable
+    from evaluation.run import EvalConfig
 
 _LABEL = re.compile(r"^(?P<label>[\w.+-]+)=(?P<spec>.+)$")
 
@@ -127,3 +132,42 @@ def _served(spec: str, index: int, opts: ServeOptions) -> Iterator[str]:
         yield url
     finally:
         stop_decomposer(cfg)
+
+
+def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: list[str], *, local_model: str,
+                         local_port: int, api_key_env: str, prices: PriceTable, serve_opts: ServeOptions,
+                         teacher_base_url: str | None = None, local_teacher_model: bool = False,
+                         token_env: str | None = None, check_endpoints: bool = False) -> int:
+    """Evaluate every decomposer that still has answers missing, one served at a time; returns the
+    answers added (what ``subq eval`` and the pipeline's eval stage run; Ray must be up).
+
+    The local server (``local_model`` on ``local_port``) runs for the whole loop when a solver is
+    ``local``, or when a ``teacher`` decomposer needs it (``local_teacher_model``: the teacher is that
+    model). ``teacher`` decomposers call ``teacher_base_url``, else that local server, else the first
+    solver's endpoint. Our own server bills nothing.
+    """
+    from actors.teacher import check_endpoint
+    from evaluation.run import evaluate, pending
+    from subq.local_teacher import local_teacher
+
+    wants_teacher = any(split_label(d)[1].split(":")[0] == "teacher" for d in decomposers)
+    need_local = any(split_label(s)[1] == "local" for s in solver_specs) or (
+        wants_teacher and local_teacher_model and not teacher_base_url)
+    server = local_teacher(None, local_model, local_port) if need_local else nullcontext((None, None))
+    added = 0
+    with server as (url, served):
+        solvers = [parse_solver(s, (url, served) if served else None, api_key_env) for s in solver_specs]
+        if check_endpoints:
+            for sv in solvers:
+                check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
+        if served:
+            prices = prices.with_price(served, 0.0, 0.0)
+        teacher_url = teacher_base_url or (url if local_teacher_model else None)
+        teacher = (teacher_url, api_key_env) if teacher_url else None
+        labels = [sv.label for sv in solvers]
+        for i, raw in enumerate(decomposers):
+            if pending(cfg, decomposer_label(raw, solvers), labels) == 0:
+                continue  # every answer is stored: do not even start its server
+            with open_decomposer(raw, i, solvers, serve_opts, token_env=token_env, teacher_endpoint=teacher) as spec:
+                added += evaluate(cfg, spec, solvers, prices)
+    return added

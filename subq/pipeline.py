@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,13 @@ from actors.prices import PriceTable
 from actors.teacher import TeacherConfig, check_endpoint
 from data_store.datasets import load_problems
 from data_store.store import Store
-from evaluation.run import EvalConfig, check_labels, evaluate, pending, report
+from evaluation.run import EvalConfig, check_labels, pending, report
 from learner.models import model_display_name
 from subq.config import ConfigError, PipelineConfig, ServeSection, dump, section_config, train_config
 from subq.eval_setup import (
     ServeOptions,
     decomposer_label,
-    open_decomposer,
+    evaluate_decomposers,
     parse_solver,
     plan_solvers,
     split_label,
@@ -126,6 +126,8 @@ class Pipeline:
                 if model_dir and not (self.train_dir(algo) / "final").is_dir():
                     need.append((algo, training_disk_estimate(model_dir, algo)))
             self._check_disk(need)
+        if "eval" in self.cfg.stages:
+            check_labels(*self._labels())  # labels name the record files: two runs must not share one
         if "eval" in self.cfg.stages and self._eval_todo(self.eval_config()):
             for s in self.cfg.eval.solvers:
                 if split_label(s)[1] != "local":
@@ -258,23 +260,10 @@ class Pipeline:
                 res.status, res.note = "skipped", "every answer is stored"
                 return
             t = self.cfg.teacher
-            need_local = any(split_label(s)[1] == "local" for s in self.cfg.eval.solvers) or (
-                self.cfg.eval.teacher_decomposes and not t.base_url)
-            server = local_teacher(None, t.local_model, t.local_port) if need_local else nullcontext((None, None))
-            with server as (url, served):
-                local = (url, served) if served else None
-                solvers = [parse_solver(s, local, t.api_key_env) for s in self.cfg.eval.solvers]
-                prices = self.prices.with_price(served, 0.0, 0.0) if served else self.prices
-                labels = [decomposer_label(d, solvers) for d in specs]
-                check_labels(labels, [s.label for s in solvers])
-                opts = _serve_options(self.cfg.serve)
-                added = 0
-                for i, raw in enumerate(specs):
-                    if pending(ec, labels[i], [s.label for s in solvers]) == 0:
-                        continue
-                    teacher = (t.base_url or url, t.api_key_env)
-                    with open_decomposer(raw, i, solvers, opts, teacher_endpoint=teacher) as spec:
-                        added += evaluate(ec, spec, solvers, prices)
+            added = evaluate_decomposers(ec, specs, self.cfg.eval.solvers, local_model=t.local_model,
+                                         local_port=t.local_port, api_key_env=t.api_key_env, prices=self.prices,
+                                         serve_opts=_serve_options(self.cfg.serve), teacher_base_url=t.base_url,
+                                         local_teacher_model=True)
             res.note = f"{added} answers"
 
     def report(self) -> None:
