@@ -195,3 +195,24 @@ def test_filtered_bc_is_bc_on_the_selection(tiny):
     assert chosen == [eps[0], eps[2]]
     metrics = fbc.train_step(collate(chosen, tok.pad_token_id))
     assert metrics["charts/action_tokens"] == sum(sum(ep.action_mask) for ep in chosen)
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_floor(tiny):
+    from learner.optim import lr_factor
+
+    cos = BCConfig(warmup_steps=2, lr_decay="cosine", decay_steps=12, min_lr_ratio=0.1)
+    assert [lr_factor(s, cos) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, cos) == pytest.approx(1.0) and lr_factor(7, cos) == pytest.approx(0.55)  # half way
+    assert lr_factor(12, cos) == pytest.approx(0.1) and lr_factor(50, cos) == pytest.approx(0.1)
+    lin = dataclasses.replace(cos, lr_decay="linear", min_lr_ratio=0.0)
+    assert [round(lr_factor(s, lin), 6) for s in (2, 7, 12)] == [1.0, 0.5, 0.0]
+    assert lr_factor(1000, BCConfig()) == 1.0  # the default: constant after warmup
+    model, tok = tiny
+    bc = BC(model, dataclasses.replace(lin, lr=1e-3))
+    ep = build_episode(tok, *TOY[0], usefulness=None, correct=1.0, placement="sparse")
+    lrs = [bc.train_step(collate([ep], tok.pad_token_id))["charts/lr"] for _ in range(8)]
+    assert lrs == pytest.approx([1e-3 * lr_factor(s, lin) for s in range(8)])
+    with pytest.raises(ValueError, match="decay_steps"):
+        BC(model, BCConfig(lr_decay="cosine"))
+    with pytest.raises(ValueError, match="lr_decay"):
+        BC(model, BCConfig(lr_decay="step"))
