@@ -45,7 +45,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the episodes, each in its own shuffled order
     max_length: int = 256  # tokens per episode; an over-long problem loses words from its middle
     seed: int = 0  # model / RNG seeding (+ rank) and the data order of every epoch
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
     val_fraction: float = 0.01  # share of the problems held out for validation (paper 1: 1%); 0: none
     val_every: int = 50  # optimizer steps between validations (and at the end); 0: only at the end
     early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best; 0: off
