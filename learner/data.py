@@ -175,9 +175,18 @@ def build_settings(cfg: TrainConfig, tokenizer_spec: str, selection: FilteredBCC
             "placement": "sparse" if cfg.algo == "ilql-sparse" else "full", "selection": rule}
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints under ``OUT/ray``: Ray Train resumes this run from the latest one."""
+    return [p for p in (out / "ray").glob("*/checkpoint_*") if is_checkpoint(p)]
+
+
 def has_checkpoint(out: Path) -> bool:
-    """True when Ray Train will resume this run: a complete checkpoint under ``OUT/ray``."""
-    return any(is_checkpoint(p) for p in (out / "ray").glob("*/checkpoint_*"))
+    return bool(_checkpoints(out))
+
+
+def _checkpoint_fingerprints(out: Path) -> set[str | None]:
+    return {json.loads((p / "subq_checkpoint.json").read_text()).get("extra", {}).get("data_fingerprint")
+            for p in _checkpoints(out)}
 
 
 def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path,
@@ -210,6 +219,11 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path,
     keys = json.dumps([[r.sample_key, r.token_hash] for r in train]) + json.dumps([r.sample_key for r in val])
     manifest = {"build": build, "files": files, "stats": data_stats(train, val, excluded, selected_out),
                 "fingerprint": hashlib.sha256((json.dumps(build, sort_keys=True) + keys).encode()).hexdigest()}
+    if has_checkpoint(out) and manifest["fingerprint"] not in _checkpoint_fingerprints(out):
+        raise ValueError(f"{out / DATA_DIR} was missing and the data built now differs from what the checkpoints "
+                         f"in {out / 'ray'} were trained on (the store changed, or they predate data fingerprints); use a new "
+                         f"--out, or delete "
+                         f"{out / 'ray'} to start over")
     np.savez(data_dir / INDEX, train=np.array([r.row for r in train], dtype=np.int64),
              val=np.array([r.row for r in val], dtype=np.int64))
     tmp = data_dir / f".{MANIFEST}.tmp"

@@ -47,16 +47,22 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
+def check_schedule(cfg: OptimConfig, *, decay_steps_known: bool = True) -> None:
+    """Raise ``ValueError`` naming the setting when the schedule cannot run (the driver checks before any
+    work, when the run's length, hence a default ``decay_steps``, is not known yet)."""
+    if cfg.lr_decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {cfg.lr_decay!r}")
+    if decay_steps_known and cfg.lr_decay != "none" and cfg.decay_steps <= 0:
+        raise ValueError(f"lr_decay {cfg.lr_decay!r} needs decay_steps > 0 (the driver sets the run's steps)")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
 def adamw_with_schedule(
     params: list[nn.Parameter], cfg: OptimConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` and its per-step schedule (:func:`lr_factor`); checks the schedule settings."""
-    if cfg.lr_decay not in LR_DECAYS:
-        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {cfg.lr_decay!r}")
-    if cfg.lr_decay != "none" and cfg.decay_steps <= 0:
-        raise ValueError(f"lr_decay {cfg.lr_decay!r} needs decay_steps > 0 (the driver sets the run's steps)")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    check_schedule(cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     return optimizer, scheduler

@@ -90,11 +90,14 @@ def algo_config(cfg: TrainConfig, decay_steps: int | None = None):
 
 def check_config(cfg: TrainConfig) -> None:
     """Fail before any work, naming the setting, on a config no run could use."""
+    from learner.optim import check_schedule
+
     if cfg.algo not in ALGOS:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {ALGOS}")
     if cfg.source not in ("samples", "reference"):
         raise ValueError(f"source must be 'samples' or 'reference', not {cfg.source!r}")
     acfg = algo_config(cfg)  # unknown overrides fail here
+    check_schedule(acfg, decay_steps_known=False)
     if cfg.algo == "filtered-bc":
         from learner.filtered_bc import check_config as check_filter
 
@@ -109,6 +112,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("val_every and early_stopping_patience must be >= 0")
     if cfg.early_stopping_patience and not cfg.val_fraction:
         raise ValueError("early stopping needs a validation split: set val_fraction > 0")
+    if not cfg.early_stopping_metric.startswith(("losses/val_", "charts/val_")):
+        raise ValueError(f"early_stopping_metric must be a validation metric (losses/val_* or charts/val_*), "
+                         f"got {cfg.early_stopping_metric!r}")
 
 
 def latest_checkpoint_dir(result) -> str | None:

@@ -116,6 +116,9 @@ class WorkerLoop:
         self.report_fn = report or (lambda metrics, checkpoint: None)
         self.acfg = algo_config(cfg, decay_steps=planned_steps)
         state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False) if resume_dir else None
+        if state is not None and "position" not in state:
+            raise RuntimeError(f"{resume_dir} was written by an older subq (no data position): it cannot be "
+                               "resumed exactly; use a new --out")
         if state is not None and state["fingerprint"] != data.fingerprint:
             raise RuntimeError(f"{resume_dir} was trained on other data than {data.dir} holds; use a new --out")
         _seed(cfg.seed)  # the same heads on every rank and for every number of workers
@@ -263,7 +266,7 @@ class WorkerLoop:
         from learner.checkpoint import save_checkpoint
 
         extra = {"algo_config": dataclasses.asdict(self.acfg), "data": self.data.manifest["stats"],
-                 "early_stopping": dict(self.early)}
+                 "data_fingerprint": self.data.fingerprint, "early_stopping": dict(self.early)}
         if self.heads is not None:
             extra["heads"] = self.heads.heads_config()
         save_checkpoint(path, self.model, self.tokenizer, algo=self.cfg.algo, config=dataclasses.asdict(self.cfg),

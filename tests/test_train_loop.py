@@ -228,6 +228,29 @@ def test_resume_refuses_an_optimizer_state_that_does_not_fit(ray_session, store,
     torch.save({**state, "adapter": None}, saved[0] / STATE_FILE)
     with pytest.raises(RuntimeError, match="LoRA checkpoint without its adapters"):
         WorkerLoop(dataclasses.replace(cfg, lora_r=4), data, planned_steps=2, resume_dir=saved[0])
+    state.pop("position")  # what the driver before this one saved: no data position
+    torch.save(state, saved[0] / STATE_FILE)
+    with pytest.raises(RuntimeError, match="older subq"):
+        WorkerLoop(cfg, data, planned_steps=2, resume_dir=saved[0])
+
+
+def test_a_checkpoint_is_never_resumed_on_other_data(ray_session, store, tmp_path):
+    cfg = _cfg(store, tmp_path / "out")
+    manifest = prepare_data(cfg, cfg.init, Path(cfg.out))
+    fake = Path(cfg.out) / "ray" / "run" / "checkpoint_1"  # what Ray Train would resume from
+    fake.mkdir(parents=True)
+    (fake / "config.json").write_text("{}")
+    meta = {"extra": {"data_fingerprint": manifest["fingerprint"]}}
+    (fake / "subq_checkpoint.json").write_text(json.dumps(meta))
+    assert prepare_data(cfg, cfg.init, Path(cfg.out)) == manifest  # a resume reuses the data as built
+    shutil.rmtree(Path(cfg.out) / DATA_DIR)
+    assert prepare_data(cfg, cfg.init, Path(cfg.out))["fingerprint"] == manifest["fingerprint"]  # rebuilt, same
+    with pytest.raises(ValueError, match="other settings"):
+        prepare_data(dataclasses.replace(cfg, max_length=100), cfg.init, Path(cfg.out))
+    shutil.rmtree(Path(cfg.out) / DATA_DIR)
+    (fake / "subq_checkpoint.json").write_text(json.dumps({"extra": {"data_fingerprint": "another"}}))
+    with pytest.raises(ValueError, match="differs from what the checkpoints"):
+        prepare_data(cfg, cfg.init, Path(cfg.out))
 
 
 # --------------------------------------------------------------------- validation, early stopping
