@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from data_store.datasets import load_problems  # noqa: E402
+from learner.batches import epoch_order  # noqa: E402
 from learner.bc import BC, BCConfig  # noqa: E402
 from learner.episodes import Episode, build_episode, collate, encode_prompt  # noqa: E402
 from learner.guided_decoding import generate_guided  # noqa: E402
@@ -100,6 +101,13 @@ def bench_steps(args: argparse.Namespace, model, tokenizer, batch: dict) -> ILQL
     return heads
 
 
+def _ray_order(problems: list[dict], episodes: list[Episode]) -> list[Episode]:
+    """The episodes in the order run_train's first epoch visits them: the driver's canonical order (by sample
+    key, ``reference:<problem_id>``), shuffled by ``epoch_order(n, seed 0, epoch 0)``."""
+    canonical = sorted(range(len(episodes)), key=lambda i: f"reference:{problems[i]['problem_id']}")
+    return [episodes[canonical[i]] for i in epoch_order(len(episodes), 0, 0)]
+
+
 def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int):
     """K BC steps in plain PyTorch on a fresh model: per step collate, loss, backward, clip, AdamW."""
     model, _ = load_model_and_tokenizer(args.model)
@@ -121,7 +129,8 @@ def _ray_train(args: argparse.Namespace, store: str, out: str, report_every: int
 
     cfg = TrainConfig(algo="bc", init=args.model, store=store, out=out, source="reference", num_workers=1,
                       batch_size=args.batch_size, max_length=args.max_length, max_steps=args.train_steps,
-                      epochs=1, report_every=report_every, checkpoint_every=10**6, progress=False)
+                      epochs=1, report_every=report_every, checkpoint_every=10**6, val_fraction=0.0,
+                      progress=False)
     start = time.time()
     summary = run_train(cfg)
     end = time.time()
@@ -139,6 +148,7 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
     from learner.checkpoint import load_checkpoint
 
     k, b = args.train_steps, args.batch_size
+    episodes = _ray_order(problems, episodes)  # the same batches in the same order as the Ray Train run
     batch_tokens = [sum(len(ep.input_ids) for ep in episodes[i * b:(i + 1) * b]) for i in range(k)]
     tokens = sum(batch_tokens)
     bare_model, bare_steps = _bare_loop(args, episodes, pad_id)
@@ -160,7 +170,7 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
     if summary["episodes"] != len(episodes) or len(lines) != 1:
         raise SystemExit(f"unexpected run: {summary}, {len(lines)} metric lines")
     # The worker's tokens/s counts the real tokens of its micro-batches since just before its data loop,
-    # so tokens / (tokens/s) is the wall of the K steps inside Ray Train (shard iteration included).
+    # so tokens / (tokens/s) is the wall of the K steps inside Ray Train (episode reads included).
     ray_train = tokens / lines[0]["charts/tokens_per_s"]
     e2e = marks["end"] - marks["start"]
     before = marks["last_line"] - marks["start"] - ray_train  # driver + trainer + worker start-up, model load
@@ -178,13 +188,13 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
           f"{ray_train:.1f} s steps + {after:.1f} s final checkpoint and tear-down; "
           f"x{(e2e + t_ray_init) / bare:.1f} the bare steps")
     if not args.no_per_step:
-        # Same run with a report after every step: each window is one step (the first also starts the
-        # shard's Ray Data iteration); tokens per window are exact when the batches come in order
+        # Same run with a report after every step: each window is one step (the first also opens the
+        # episode table); tokens per window are exact when the batches come in the bare loop's order
         # (identical final weights above say they do; otherwise the windows are approximate).
         windows = [batch_tokens[m["step"] - 1] / m["charts/tokens_per_s"] for m in step_lines]
         later, bare_later = sum(windows[1:]), sum(bare_steps[1:])
         print(f"   per-step view (a 2nd run, report_every=1): Ray windows {', '.join(f'{t:.2f}' for t in windows)} s;"
-              f" step 1 {windows[0] - bare_steps[0]:+.2f} s vs. bare (shard start-up, first batch),"
+              f" step 1 {windows[0] - bare_steps[0]:+.2f} s vs. bare (first step),"
               f" steps 2..{k} {100 * (later / bare_later - 1):+.1f} %;"
               f" run_train {step_marks['end'] - step_marks['start']:.1f} s ({k - 1} more reports)")
 

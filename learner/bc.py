@@ -23,20 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learner.optim import adamw_with_warmup, clip_and_step
+from learner.optim import OptimConfig, adamw_with_schedule, clip_and_step
 
 
 @dataclass
-class BCConfig:
-    lr: float = 5e-5  # AdamW learning rate (peak, after warmup)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this; <= 0 disables clipping
-    warmup_steps: int = 0  # linear warmup from 0 to lr over this many optimizer steps
-    batch_size: int = 8  # episodes per optimizer step (across workers and accumulation steps)
-    max_length: int = 512  # tokens per episode (context + sub-questions); longer contexts are cut
-    num_epochs: int = 1  # passes over the training episodes
-    seed: int = 0  # the driver seeds torch / python / numpy with it before touching model and data
+class BCConfig(OptimConfig):
+    """BC has no settings of its own: the optimizer's (``learner/optim.py``), lr 5e-5 by default."""
 
 
 def action_token_loss(
@@ -67,9 +59,7 @@ class BC:
         params = [p for p in model.parameters() if p.requires_grad]  # LoRA only, for a peft model
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer, self.scheduler = adamw_with_warmup(
-            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps
-        )
+        self.optimizer, self.scheduler = adamw_with_schedule(params, cfg)
         self.step = 0  # optimizer steps taken
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,13 +80,15 @@ class BC:
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Validation metrics of a held-out batch (eval mode, no gradients); train mode is restored."""
-        was_training = self.model.training
-        self.model.eval()
+        model = getattr(self.model, "module", self.model)  # without DDP: its forward is a collective
+        was_training = model.training
+        model.eval()
         try:
-            loss, _, accuracy = action_token_loss(self.model, self._to_device(batch))
+            loss, n_tokens, accuracy = action_token_loss(model, self._to_device(batch))
         finally:
-            self.model.train(was_training)
-        return {"losses/val_bc": loss.item(), "charts/val_token_accuracy": float(accuracy)}
+            model.train(was_training)
+        return {"losses/val_bc": loss.item(), "charts/val_token_accuracy": float(accuracy),
+                "charts/val_action_tokens": float(n_tokens)}
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip the accumulated gradients, step the optimizer and the schedule, zero the gradients."""

@@ -23,6 +23,7 @@ import copy
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -40,7 +41,8 @@ from protocol.prompts import PROMPT_VERSION
 
 META_FILE = "subq_checkpoint.json"
 HEADS_FILE = "heads.safetensors"
-SECRET_MARKERS = ("key", "token", "secret", "password")
+SECRET_WORDS = frozenset({"key", "keys", "apikey", "token", "secret", "secrets", "password", "passwd",
+                          "credential", "credentials"})
 _LIBRARIES = ("subq", "torch", "transformers", "peft", "safetensors")
 
 
@@ -52,17 +54,24 @@ class LoadedCheckpoint:
     heads_state: dict[str, torch.Tensor] | None  # heads.safetensors, or None when none were saved
 
 
-def strip_secrets(config: Any) -> Any:
-    """``config`` without any entry whose key contains "key", "token", "secret" or "password".
+def _is_secret_name(name: str) -> bool:
+    """A key named like a credential: one of its words (split at ``_``, ``-``, ``.`` and camelCase) is in
+    ``SECRET_WORDS``, or it contains "secret" or "password" anywhere."""
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    lowered = name.lower()
+    return any(w in SECRET_WORDS for w in words) or "secret" in lowered or "password" in lowered
 
-    Case-insensitive substring match, applied recursively through dicts and lists. It is deliberately
-    broad (it also drops e.g. "max_new_tokens"): a lost harmless field costs less than a leaked key.
+
+def strip_secrets(config: Any) -> Any:
+    """``config`` without any entry whose key is named like a credential (``api_key``, ``hf_token``,
+    ``Key``, ``passwordHash``, ``client_secret``), recursively through dicts and lists.
+
+    Matched by whole words, so counts such as ``max_target_tokens`` or ``max_new_tokens`` stay (a
+    substring match dropped them, and with them the data statistics serving derives limits from);
+    a value is never inspected, so keys belong in the environment, not in a config value.
     """
     if isinstance(config, dict):
-        return {
-            k: strip_secrets(v) for k, v in config.items()
-            if not any(m in str(k).lower() for m in SECRET_MARKERS)
-        }
+        return {k: strip_secrets(v) for k, v in config.items() if not _is_secret_name(str(k))}
     if isinstance(config, list | tuple):
         return [strip_secrets(v) for v in config]
     return config

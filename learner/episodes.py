@@ -51,14 +51,16 @@ RETURN_KINDS = ("correctness", "usefulness", "both")
 class Episode:
     """One decomposition as tokens; all per-token lists have the length of ``input_ids``."""
 
-    input_ids: list[int]  # context + action tokens (context left-truncated to fit max_length)
+    input_ids: list[int]  # context + action tokens (an over-long problem is cut in its middle: fit_context)
     action_mask: list[int]  # 1 on the tokens the policy emits (the target), 0 on the context
     rewards: list[float]  # per token: 0 except where the placement puts a reward
     dones: list[int]  # 1 on the last action token
     subq_end_positions: list[int]  # index in input_ids of the last token of each sub-question
     correct: float  # 1.0 if the teacher's answer via these sub-questions was right, else 0.0
     usefulness: list[float]  # per sub-question, 0..1; [] when unknown (sparse episodes only)
-    sample_key: str | None = None  # the samples-table key it came from (None for references)
+    sample_key: str | None = None  # the samples-table key it came from ("reference:<problem_id>" for references)
+    problem_id: str | None = None  # the problem it decomposes (filtered BC ranks within it; the val split by it)
+    cut_words: int = 0  # problem words cut from the middle of the context to fit max_length (0: none)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: str) -> list[int]:
@@ -68,6 +70,43 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: str) -> list[int]
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+CUT_MARKER = "..."  # stands for the words fit_context removed from the middle of a problem
+
+
+def _cut_middle(words: list[str], keep: int) -> str:
+    """The first ceil(keep / 2) and the last floor(keep / 2) words, joined around ``CUT_MARKER``."""
+    head, tail = words[: (keep + 1) // 2], words[len(words) - keep // 2:] if keep >= 2 else []
+    return " ".join([*head, CUT_MARKER, *tail])
+
+
+def fit_context(
+    tokenizer: PreTrainedTokenizerBase, problem: str, max_tokens: int
+) -> tuple[list[int], int] | None:
+    """The student's context for ``problem`` in at most ``max_tokens`` tokens, and how many words were cut.
+
+    A prompt that fits is exactly :func:`encode_prompt`'s (0 words cut). An over-long one keeps the
+    "Problem:" header and the closing "Sub-questions:" line that serving always sends, and the start
+    and the end of the problem (its setting and its question), replacing words from its middle with
+    ``CUT_MARKER``; the result is ``encode_prompt`` of that shortened problem, so a server that calls
+    this function feeds exactly what training saw. None when not even the header and the marker fit.
+    Cutting the left end instead (the old rule) removed the header, which serving never does.
+    """
+    ids = encode_prompt(tokenizer, problem)
+    if len(ids) <= max_tokens:
+        return ids, 0
+    words = problem.split()
+    best: tuple[list[int], int] | None = None
+    lo, hi = 0, len(words) - 1  # words kept; all of them do not fit
+    while lo <= hi:  # the most words that fit (token counts grow with the words kept)
+        keep = (lo + hi) // 2
+        cut = encode_prompt(tokenizer, _cut_middle(words, keep))
+        if len(cut) <= max_tokens:
+            best, lo = (cut, len(words) - keep), keep + 1
+        else:
+            hi = keep - 1
+    return best
 
 
 def build_episode(
@@ -80,12 +119,13 @@ def build_episode(
     placement: str = "full",
     max_length: int = 512,
     sample_key: str | None = None,
+    problem_id: str | None = None,
 ) -> Episode | None:
     """Tokenise one decomposition and place its rewards; None when it cannot fit ``max_length``.
 
-    The context is cut from the left when needed (the problem's start goes first, the sub-questions
-    never); an episode whose actions need ``max_length`` tokens or more is dropped, because at least
-    one context token must precede the first action (the logits at t - 1 predict token t).
+    An over-long context loses words from the middle of the problem (:func:`fit_context`; the header,
+    the problem's start and its question stay, the sub-questions are never cut); an episode is dropped
+    when its actions leave no room for the shortest such context.
     Raises ``ValueError`` on inputs no row should have: no or blank sub-questions, an unknown
     placement, or ``"full"`` without one usefulness value per sub-question.
     """
@@ -110,10 +150,10 @@ def build_episode(
         actions += _encode(tokenizer, piece)
         if i < len(subquestions):
             subq_ends.append(len(actions) - 1)
-    if len(actions) >= max_length:
+    fitted = fit_context(tokenizer, problem, max_length - len(actions)) if len(actions) < max_length else None
+    if fitted is None:
         return None
-    context = encode_prompt(tokenizer, problem)
-    context = context[max(0, len(context) + len(actions) - max_length):]
+    context, cut_words = fitted
     n_ctx, n = len(context), len(context) + len(actions)
 
     rewards = [0.0] * n
@@ -132,12 +172,41 @@ def build_episode(
         correct=float(correct),
         usefulness=[float(u) for u in usefulness] if usefulness is not None else [],
         sample_key=sample_key,
+        problem_id=problem_id,
+        cut_words=cut_words,
     )
 
 
 def _missing(value: Any) -> bool:
     """None, or NaN (what pandas / Ray Data batches turn a null into)."""
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def episode_from_sample(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, placement: str = "full", max_length: int = 512
+) -> tuple[Episode | None, str | None]:
+    """One ``samples`` row as an episode, or (None, the reason it is excluded); see :func:`episodes_from_samples`."""
+    status = row.get("status")
+    if status != "ok":
+        return None, str(status or "no_status")
+    subqs = row.get("subquestions")
+    subqs = [] if _missing(subqs) else [str(q) for q in subqs]
+    if not subqs or any(not q.strip() for q in subqs):
+        return None, "no_subquestions"
+    raw_use = row.get("usefulness")
+    use = None if _missing(raw_use) else list(raw_use)
+    complete = use is not None and len(use) == len(subqs) and not any(_missing(u) for u in use)
+    if placement == "full" and not complete:
+        return None, "no_usefulness"
+    correct = row.get("correct")
+    episode = build_episode(
+        tokenizer, str(row["question"]), subqs,
+        usefulness=[float(u) for u in use] if complete and use is not None else None,
+        correct=0.0 if _missing(correct) else float(bool(correct)),
+        placement=placement, max_length=max_length, sample_key=row.get("sample_key"),
+        problem_id=row.get("problem_id"),
+    )
+    return (episode, None) if episode is not None else (None, "too_long")
 
 
 def episodes_from_samples(
@@ -159,33 +228,33 @@ def episodes_from_samples(
     episodes: list[Episode] = []
     excluded: Counter[str] = Counter()
     for row in rows:
-        status = row.get("status")
-        if status != "ok":
-            excluded[str(status or "no_status")] += 1
-            continue
-        subqs = row.get("subquestions")
-        subqs = [] if _missing(subqs) else [str(q) for q in subqs]
-        if not subqs or any(not q.strip() for q in subqs):
-            excluded["no_subquestions"] += 1
-            continue
-        raw_use = row.get("usefulness")
-        use = None if _missing(raw_use) else list(raw_use)
-        complete = use is not None and len(use) == len(subqs) and not any(_missing(u) for u in use)
-        if placement == "full" and not complete:
-            excluded["no_usefulness"] += 1
-            continue
-        correct = row.get("correct")
-        episode = build_episode(
-            tokenizer, str(row["question"]), subqs,
-            usefulness=[float(u) for u in use] if complete and use is not None else None,
-            correct=0.0 if _missing(correct) else float(bool(correct)),
-            placement=placement, max_length=max_length, sample_key=row.get("sample_key"),
-        )
+        episode, reason = episode_from_sample(row, tokenizer, placement=placement, max_length=max_length)
         if episode is None:
-            excluded["too_long"] += 1
-            continue
-        episodes.append(episode)
+            excluded[str(reason)] += 1
+        else:
+            episodes.append(episode)
     return episodes, dict(excluded)
+
+
+def episode_from_reference(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, *, placement: str = "full", max_length: int = 512
+) -> tuple[Episode | None, str | None]:
+    """A human decomposition (``reference_subquestions`` of a ``problems`` row) as an episode, or (None, why).
+
+    References are treated as perfect: usefulness 1.0 per sub-question and correct 1.0; the sample key
+    is ``reference:<problem_id>``.
+    """
+    refs = row.get("reference_subquestions")
+    subqs = [] if _missing(refs) else [str(q) for q in refs]
+    if not subqs or any(not q.strip() for q in subqs):
+        return None, "no_subquestions"
+    problem_id = row.get("problem_id")
+    episode = build_episode(
+        tokenizer, str(row["question"]), subqs, usefulness=[1.0] * len(subqs), correct=1.0,
+        placement=placement, max_length=max_length, problem_id=problem_id,
+        sample_key=None if problem_id is None else f"reference:{problem_id}",
+    )
+    return (episode, None) if episode is not None else (None, "too_long")
 
 
 def reference_episodes(
@@ -195,24 +264,11 @@ def reference_episodes(
     max_length: int = 512,
     placement: str = "full",
 ) -> list[Episode]:
-    """Episodes from human decompositions (``reference_subquestions``, GSM8K socratic).
-
-    They are treated as perfect: usefulness 1.0 per sub-question and correct 1.0. Problems without
-    reference sub-questions, and episodes that do not fit ``max_length``, are skipped.
-    """
-    episodes = []
-    for row in problem_rows:
-        refs = row.get("reference_subquestions")
-        subqs = [] if _missing(refs) else [str(q) for q in refs]
-        if not subqs or any(not q.strip() for q in subqs):
-            continue
-        episode = build_episode(
-            tokenizer, str(row["question"]), subqs, usefulness=[1.0] * len(subqs), correct=1.0,
-            placement=placement, max_length=max_length,
-        )
-        if episode is not None:
-            episodes.append(episode)
-    return episodes
+    """Episodes from human decompositions (GSM8K socratic); problems without them, and episodes that
+    do not fit ``max_length``, are skipped (see :func:`episode_from_reference`)."""
+    built = (episode_from_reference(row, tokenizer, placement=placement, max_length=max_length)[0]
+             for row in problem_rows)
+    return [ep for ep in built if ep is not None]
 
 
 def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:

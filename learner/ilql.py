@@ -34,6 +34,7 @@ the target heads); ``train_step`` is the single-process version of the same.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,13 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learner.optim import adamw_with_warmup, clip_and_step
+from learner.optim import OptimConfig, adamw_with_schedule, clip_and_step
 
 
 @dataclass
-class ILQLConfig:
-    """Hyper-parameters of ILQL. Defaults follow Snell et al. / trlx unless a comment says otherwise."""
+class ILQLConfig(OptimConfig):
+    """Hyper-parameters of ILQL. Defaults follow Snell et al. / trlx unless a comment says otherwise;
+    the optimizer's fields are ``OptimConfig``'s (``learner/optim.py``)."""
 
+    lr: float = 1e-4  # AdamW learning rate (peak, after warmup) for the LM and the online heads (Snell: 1e-4)
     gamma: float = 0.99  # per-token discount in y = r + gamma * (1 - done) * V(s'); paper 1 and Snell use 0.99
     #                      (episodes are finite, so 1.0 is also valid; 0.99 keeps results comparable to paper 1)
     tau: float = 0.7  # expectile of V over dataset actions: 0.5 = their mean (SARSA), -> 1 = their max (Q-learning)
@@ -56,27 +59,43 @@ class ILQLConfig:
     q_loss_weight: float = 1.0  # weight of the Bellman MSE (summed over both Q heads)
     v_loss_weight: float = 1.0  # weight of the expectile loss on V
     target_update_rate: float = 0.005  # Polyak alpha per optimizer step: target <- alpha*online + (1-alpha)*target
+    target_warmup: bool = True  # Polyak rate max(alpha, 1 / (step + 2)): for the first 1/alpha steps the targets
+    #                             are the running mean of the online heads, not a 200-step-old copy (short runs)
     two_q: bool = True  # two Q heads (clipped double Q): min of the targets is V's target and guides decoding
     head_hidden_mult: int = 1  # heads are Linear(H, m*H)-ReLU-Linear(m*H, out); 0 = a single Linear. Snell uses
     #                           m = 2; the H x vocab output layer dominates the size, so m = 1 halves the heads
+    q_head_rank: int = 0  # > 0: factor each Q head's output layer as (width -> rank -> vocab), for large
+    #                      vocabularies (see ILQLHeads); 0: the full width x vocab layer
     beta: float = 1.0  # guidance strength at decoding: log pi + beta * (Q - V); 0 = the plain (BC) LM
     reward_placement: str = "full"  # episodes' rewards: "full" (usefulness + correct) or "sparse" (correct only)
-    lr: float = 1e-4  # AdamW learning rate (peak, after warmup) for the LM and the online heads (Snell: 1e-4)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
-    max_grad_norm: float = 1.0  # clip the global gradient norm over LM + heads to this; <= 0 disables
-    warmup_steps: int = 0  # linear warmup from 0 to lr over this many optimizer steps
-    batch_size: int = 8  # episodes per optimizer step (across workers and accumulation steps)
-    max_length: int = 512  # tokens per episode (context + sub-questions); longer contexts are cut
-    num_epochs: int = 1  # passes over the training episodes
-    seed: int = 0  # the driver seeds torch / python / numpy with it before building model, heads and data
 
 
-def _head(in_dim: int, out_dim: int, hidden_mult: int) -> nn.Module:
-    """Linear-ReLU-Linear as in Snell's heads, or one Linear when ``hidden_mult == 0``."""
-    if hidden_mult <= 0:
-        return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(nn.Linear(in_dim, hidden_mult * in_dim), nn.ReLU(), nn.Linear(hidden_mult * in_dim, out_dim))
+HEAD_INIT_SCALE = 0.01  # std of an untrained head's output for a unit-scale hidden state (see _head)
+
+
+def _head(in_dim: int, out_dim: int, hidden_mult: int, rank: int = 0) -> nn.Module:
+    """Linear-ReLU-Linear as in Snell's heads (one Linear when ``hidden_mult == 0``), the last layer
+    optionally factored through ``rank``.
+
+    The output layer starts near zero (std ``HEAD_INIT_SCALE / sqrt(width)``, bias 0): untrained heads
+    say Q ~ V ~ 0, so guided decoding starts as the plain LM. On SmolLM2-135M at 16 GSM8K prompts,
+    PyTorch's default init spread Q - V over the vocabulary with a std of 0.47 (this init: 0.008),
+    against a median gap of 0.69 between the two likeliest first tokens; the slow target heads carried
+    that noise through short runs. Not exactly zero: two identical single-Linear Q heads would get
+    identical gradients and never differ (no clipped double Q)."""
+    layers: list[nn.Module] = []
+    width = in_dim
+    if hidden_mult > 0:
+        layers += [nn.Linear(in_dim, hidden_mult * in_dim), nn.ReLU()]
+        width = hidden_mult * in_dim
+    if rank > 0:
+        layers.append(nn.Linear(width, rank, bias=False))
+        width = rank
+    out = nn.Linear(width, out_dim)
+    nn.init.normal_(out.weight, std=HEAD_INIT_SCALE / math.sqrt(width))
+    nn.init.zeros_(out.bias)
+    layers.append(out)
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 class HeadsOutput(NamedTuple):
@@ -93,31 +112,61 @@ class ILQLHeads(nn.Module):
 
     The target heads read the same hidden states as the online ones (detached), as in Snell's code:
     target networks for the Q *heads* only, which is what keeps ILQL's memory at about one LM.
+
+    Large vocabularies: the four Q heads (two online, two targets) each end in a width x vocab layer.
+    For a 1B student with H = 2048 and a 128k vocabulary that is ~1.07B parameters, ~31 GB with AdamW
+    before activations: more than the LM. ``q_rank = r`` factors that layer as width -> r -> vocab
+    (a low-rank Q head; r = 256 makes the four heads ~0.15B). Our choice: full heads by default (the
+    students we train, SmolLM2-135M and GPT-2 with 49k / 50k vocabularies, afford them, and it is what
+    Snell et al. and paper 1 trained), ``q_rank = 256`` for vocabularies of ~100k and more. Whether a
+    low-rank head loses quality against the full one is for the quality benchmark to measure (not yet
+    run: ``benchmarks/`` has no quality benchmark yet).
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, *, two_q: bool = True, hidden_mult: int = 1) -> None:
+    def __init__(self, hidden_size: int, vocab_size: int, *, two_q: bool = True, hidden_mult: int = 1,
+                 q_rank: int = 0) -> None:
         super().__init__()
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
-        self.two_q, self.hidden_mult = two_q, hidden_mult
+        self.two_q, self.hidden_mult, self.q_rank = two_q, hidden_mult, q_rank
         self.v_head = _head(hidden_size, 1, hidden_mult)
-        self.q1_head = _head(hidden_size, vocab_size, hidden_mult)
-        self.q2_head = _head(hidden_size, vocab_size, hidden_mult) if two_q else None
+        self.q1_head = _head(hidden_size, vocab_size, hidden_mult, q_rank)
+        self.q2_head = _head(hidden_size, vocab_size, hidden_mult, q_rank) if two_q else None
         # Targets start as exact copies and only move by polyak_update, never by gradient.
         self.target_q1 = copy.deepcopy(self.q1_head).requires_grad_(False)
         self.target_q2 = copy.deepcopy(self.q2_head).requires_grad_(False) if two_q else None
 
     @classmethod
-    def for_model(cls, model: nn.Module, *, two_q: bool = True, hidden_mult: int = 1) -> ILQLHeads:
+    def for_model(cls, model: nn.Module, *, two_q: bool = True, hidden_mult: int = 1, q_rank: int = 0) -> ILQLHeads:
         """Heads sized for a Hugging Face causal LM, on its device and in its dtype."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        param = next(model.parameters())
-        heads = cls(config.hidden_size, config.vocab_size, two_q=two_q, hidden_mult=hidden_mult)
+        param = next(getattr(model, "module", model).parameters())
+        heads = cls(config.hidden_size, config.vocab_size, two_q=two_q, hidden_mult=hidden_mult, q_rank=q_rank)
         return heads.to(device=param.device, dtype=param.dtype)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ILQLHeads:
+        """Heads rebuilt from a saved state dict alone (its shapes give every constructor argument), loaded
+        strictly: a missing or extra tensor raises. On the CPU; move them with ``.to(...)``."""
+        def weights(prefix: str) -> list[torch.Tensor]:  # the head's Linear weights, input to output
+            keys = sorted((k for k in state if k.startswith(prefix) and k.endswith("weight")),
+                          key=lambda k: int(k.split(".")[1]) if k.count(".") == 2 else 0)
+            return [state[k] for k in keys]
+
+        v, q = weights("v_head."), weights("q1_head.")
+        if not v or not q:
+            raise ValueError("not an ILQL heads state dict: no v_head / q1_head weights")
+        hidden = v[0].shape[1]
+        mult = v[0].shape[0] // hidden if len(v) == 2 else 0
+        rank = q[-2].shape[0] if len(q) == (3 if mult else 2) else 0
+        heads = cls(hidden, q[-1].shape[0], two_q=any(k.startswith("q2_head.") for k in state),
+                    hidden_mult=mult, q_rank=rank)
+        heads.load_state_dict(state)
+        return heads
 
     def heads_config(self) -> dict[str, int | bool]:
         """Constructor arguments, saved next to the weights so a checkpoint can rebuild the heads."""
         return {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "two_q": self.two_q,
-                "hidden_mult": self.hidden_mult}
+                "hidden_mult": self.hidden_mult, "q_rank": self.q_rank}
 
     def forward(self, hidden: torch.Tensor, state_hidden: torch.Tensor) -> HeadsOutput:
         """V on all positions of ``hidden`` [B, T, H]; Q on the action states ``state_hidden`` [N, H].
@@ -217,9 +266,7 @@ class ILQL:
         params = self.parameters()
         if not params:
             raise ValueError("neither the model nor the heads have trainable parameters")
-        self.optimizer, self.scheduler = adamw_with_warmup(
-            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps
-        )
+        self.optimizer, self.scheduler = adamw_with_schedule(params, cfg)
         self.step = 0  # optimizer steps taken
 
     def parameters(self) -> list[nn.Parameter]:
@@ -243,18 +290,24 @@ class ILQL:
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """The same metrics on a held-out batch, named ``*/val_*`` (eval mode; train mode is restored)."""
-        was_training = self.model.training
-        self.model.eval()
+        # The modules without their DDP wrappers: a DDP forward broadcasts buffers, a collective that
+        # ranks evaluating different numbers of batches would not match.
+        model, heads = _unwrap(self.model), _unwrap(self.heads)
+        was_training = model.training
+        model.eval()
         try:
-            _, metrics = self._loss(self._to_device(batch))
+            _, metrics = self._loss(self._to_device(batch), model, heads)
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         return {k.replace("/", "/val_", 1): v for k, v in metrics.items()}
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None,
+              heads: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
+        model = self.model if model is None else model
+        heads = self.heads if heads is None else heads
         input_ids = batch["input_ids"]
-        out = self.model(input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=True)
+        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=True)
         hidden = out.hidden_states[-1]  # [B, T, H]: the LM head's input
 
         # Action a_t is token t; its state s_t is the prefix up to t - 1, summarised at hidden[:, t - 1].
@@ -263,7 +316,7 @@ class ILQL:
         actions = input_ids[:, 1:][is_action]  # [N]
         rewards = batch["rewards"][:, 1:][is_action].float()
         dones = batch["dones"][:, 1:][is_action].float()
-        heads_out = self.heads(hidden, hidden[:, :-1][is_action])
+        heads_out = heads(hidden, hidden[:, :-1][is_action])
 
         v_all = heads_out.v.float()  # [B, T]
         v_s = v_all[:, :-1][is_action]  # V(s_t)
@@ -297,14 +350,22 @@ class ILQL:
             }
         return total, metrics
 
+    def target_rate(self) -> float:
+        """This update's Polyak rate: ``target_update_rate``, or with ``target_warmup`` at least
+        1 / (step + 2), which keeps the targets at the running mean of the online heads so far (the
+        initial copy included) until the constant rate takes over, after ~1 / rate steps."""
+        rate = self.cfg.target_update_rate
+        return max(rate, 1.0 / (self.step + 2)) if self.cfg.target_warmup else rate
+
     def update_target_heads(self) -> None:
         """Polyak step of the target Q heads (``optimizer_step`` calls it after every update)."""
-        _unwrap(self.heads).polyak_update(self.cfg.target_update_rate)
+        _unwrap(self.heads).polyak_update(self.target_rate())
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip the accumulated gradients, step optimizer and schedule, zero the gradients, then move
         the target heads towards the online ones."""
         metrics = clip_and_step(self.optimizer, self.scheduler, self.cfg.max_grad_norm)
+        metrics["charts/target_rate"] = self.target_rate()
         self.update_target_heads()
         self.step += 1
         return metrics

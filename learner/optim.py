@@ -1,22 +1,70 @@
-"""The optimizer plumbing every learner algorithm shares: AdamW with linear warmup, and one update.
+"""The optimizer plumbing every learner algorithm shares: its config, AdamW with a warmup and decay
+schedule, and one update.
 
 Kept apart so the algorithm files show only their losses; BC and ILQL must update identically.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+LR_DECAYS = ("none", "cosine", "linear")
+DRIVER_FIELDS = ("batch_size", "max_length", "seed")  # filled from TrainConfig, never set per algorithm
 
-def adamw_with_warmup(
-    params: list[nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float, warmup_steps: int
+
+@dataclass
+class OptimConfig:
+    """Settings every algorithm shares (BCConfig and ILQLConfig extend it)."""
+
+    lr: float = 5e-5  # AdamW learning rate (peak, after warmup)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; <= 0 disables clipping
+    warmup_steps: int = 0  # linear warmup from 0 to lr over this many optimizer steps
+    lr_decay: str = "none"  # after warmup: "none" (constant lr), "cosine" or "linear" down to min_lr_ratio * lr
+    decay_steps: int = 0  # optimizer step at which the decay ends; 0: the run's planned steps (driver fills it)
+    min_lr_ratio: float = 0.0  # the decayed lr's floor, as a share of lr
+    # Filled by the driver from TrainConfig (recorded with the checkpoint; not settable per algorithm):
+    batch_size: int = 8  # episodes per worker per micro-batch; one optimizer step sees
+    #                     batch_size x num_workers x grad_accum episodes
+    max_length: int = 512  # tokens per episode (context + sub-questions); a longer problem is cut in its middle
+    seed: int = 0  # seeds python / numpy / torch (+ rank) and the data order
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """The share of ``cfg.lr`` used by optimizer step ``step`` (0-based): warmup, then the decay."""
+    warmup = max(cfg.warmup_steps, 0)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_decay == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, cfg.decay_steps - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def check_schedule(cfg: OptimConfig, *, decay_steps_known: bool = True) -> None:
+    """Raise ``ValueError`` naming the setting when the schedule cannot run (the driver checks before any
+    work, when the run's length, hence a default ``decay_steps``, is not known yet)."""
+    if cfg.lr_decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {cfg.lr_decay!r}")
+    if decay_steps_known and cfg.lr_decay != "none" and cfg.decay_steps <= 0:
+        raise ValueError(f"lr_decay {cfg.lr_decay!r} needs decay_steps > 0 (the driver sets the run's steps)")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
+def adamw_with_schedule(
+    params: list[nn.Parameter], cfg: OptimConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    warmup = max(warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-    )
+    """AdamW over ``params`` and its per-step schedule (:func:`lr_factor`); checks the schedule settings."""
+    check_schedule(cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     return optimizer, scheduler
 
 

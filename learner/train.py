@@ -1,13 +1,15 @@
 """The Ray Train driver: any learner algorithm on N workers (CPU + gloo, or GPU + nccl with bf16).
 
-The driver reads the store through Ray Data, turns samples into episodes (filtered BC selects its
-top fraction here, over the whole dataset), and hands them to a ``TorchTrainer`` whose workers read
-their shard with ``ray.train.get_dataset_shard``. The per-worker loop is in ``learner/train_loop.py``;
-the algorithms (``bc.py``, ``filtered_bc.py``, ``ilql.py``) know nothing of Ray.
+The driver turns the store's rows into an episode table with Ray Data (``learner/data.py``: filtered
+BC's selection, the validation split and the data statistics are decided there, from a few small
+columns), and hands its location to a ``TorchTrainer``. Each worker reads its rows of every
+micro-batch by position, in a per-epoch shuffled order fixed by the seed (``learner/batches.py``);
+the per-worker loop is in ``learner/train_loop.py``; the algorithms (``bc.py``, ``filtered_bc.py``,
+``ilql.py``) know nothing of Ray.
 
-Outputs under ``out``: ``ray/`` (Ray Train's run: checkpoints every K steps, resumable),
-``final/`` (the last checkpoint in HF format + heads + config, loadable without training code; the
-optimizer state stays in ``ray/`` only),
+Outputs under ``out``: ``data/`` (the episode table, its split and manifest), ``ray/`` (Ray Train's
+run: checkpoints every K steps, resumable), ``final/`` (the last checkpoint in HF format + heads +
+config + data statistics, loadable without training code; the optimizer state stays in ``ray/``),
 ``metrics.jsonl`` and ``train_config.json``.
 """
 
@@ -37,61 +39,82 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False  # one GPU per worker, nccl, bf16 autocast
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
-    batch_size: int = 8  # episodes per worker per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 8  # episodes per worker per micro-batch (an optimizer step: x num_workers x grad_accum)
+    grad_accum: int = 1  # micro-batches per optimizer step (an epoch's last step takes those left)
     max_steps: int = 100  # optimizer steps (the run ends earlier if epochs run out)
-    epochs: int = 1  # passes over the episodes
-    max_length: int = 256  # tokens per episode
-    seed: int = 0
+    epochs: int = 1  # passes over the episodes, each in its own shuffled order
+    max_length: int = 256  # tokens per episode; an over-long problem loses words from its middle
+    seed: int = 0  # model / RNG seeding (+ rank) and the data order of every epoch
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
+    val_fraction: float = 0.01  # share of the problems held out for validation (paper 1: 1%); 0: none
+    val_every: int = 50  # optimizer steps between validations (and at the end); 0: only at the end
+    early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best; 0: off
+    early_stopping_metric: str = "losses/val_bc"  # the validation metric to minimise for early stopping
     checkpoint_every: int = 50  # optimizer steps between checkpoints (and at the end)
     report_every: int = 10  # optimizer steps between metric reports (each costs Ray Train time)
     max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
     lora_r: int = 0  # > 0: train LoRA adapters of this rank instead of the full model
     wandb_project: str | None = None  # log to wandb (offline unless WANDB_MODE says otherwise)
     algo_config: dict[str, Any] = field(default_factory=dict)  # overrides of BCConfig / ILQLConfig / ...
-    progress: bool = True
+    progress: bool = True  # a progress bar on the driver (fed by rank 0's metrics.jsonl)
 
 
-def algo_config(cfg: TrainConfig):
-    """The algorithm's own dataclass config, with the driver-level fields and overrides applied."""
+def algo_config(cfg: TrainConfig, decay_steps: int | None = None):
+    """The algorithm's own dataclass config, with the driver-level fields and overrides applied.
+
+    ``decay_steps``: the run's planned optimizer steps, used when the config asks for LR decay
+    without saying when it ends.
+    """
     from learner.bc import BCConfig
     from learner.filtered_bc import FilteredBCConfig
     from learner.ilql import ILQLConfig
+    from learner.optim import DRIVER_FIELDS
 
     cls = {"bc": BCConfig, "filtered-bc": FilteredBCConfig, "ilql": ILQLConfig, "ilql-sparse": ILQLConfig}[cfg.algo]
+    driver = set(DRIVER_FIELDS) & set(cfg.algo_config)
+    if driver:
+        raise ValueError(f"{sorted(driver)} are driver settings: set TrainConfig.{'/'.join(sorted(driver))} "
+                         f"(--batch-size, --max-length, --seed), not algo_config")
+    known = set(cls.__dataclass_fields__)
+    unknown = set(cfg.algo_config) - known
+    if unknown:
+        raise ValueError(f"unknown {cfg.algo} settings: {sorted(unknown)}; known: {sorted(known)}")
     values = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "seed": cfg.seed, **cfg.algo_config}
     if cfg.algo.startswith("ilql"):
         values["reward_placement"] = "sparse" if cfg.algo == "ilql-sparse" else "full"
-    known = set(cls.__dataclass_fields__)
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {cfg.algo} settings: {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**values)
+    acfg = cls(**values)
+    if decay_steps is not None and acfg.decay_steps <= 0:
+        acfg.decay_steps = decay_steps
+    return acfg
 
 
-def build_episodes(cfg: TrainConfig, tokenizer) -> tuple[list[dict], dict[str, int]]:
-    """Episodes as plain dicts (Ray Data rows), read from the store through Ray Data."""
-    from data_store.store import Store
-    from learner.episodes import episodes_from_samples, reference_episodes
-    from learner.filtered_bc import select
+def check_config(cfg: TrainConfig) -> None:
+    """Fail before any work, naming the setting, on a config no run could use."""
+    from learner.optim import check_schedule
 
-    store = Store(cfg.store)
-    placement = "sparse" if cfg.algo == "ilql-sparse" else "full"
-    if cfg.source == "reference":
-        rows = [r for r in store.dataset("problems").take_all() if r.get("reference_subquestions") is not None]
-        episodes, excluded = reference_episodes(rows, tokenizer, max_length=cfg.max_length, placement=placement), {}
-    elif cfg.source == "samples":
-        rows = store.dataset("samples").take_all()
-        if cfg.teacher_model:
-            rows = [r for r in rows if r["teacher_model"] == cfg.teacher_model]
-        episodes, excluded = episodes_from_samples(rows, tokenizer, placement=placement, max_length=cfg.max_length)
-    else:
+    if cfg.algo not in ALGOS:
+        raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {ALGOS}")
+    if cfg.source not in ("samples", "reference"):
         raise ValueError(f"source must be 'samples' or 'reference', not {cfg.source!r}")
+    acfg = algo_config(cfg)  # unknown overrides fail here
+    check_schedule(acfg, decay_steps_known=False)
     if cfg.algo == "filtered-bc":
-        episodes = select(episodes, algo_config(cfg))
-    if not episodes:
-        raise ValueError(f"no usable episodes in {cfg.store} (excluded: {excluded})")
-    return [asdict(ep) for ep in episodes], excluded
+        from learner.filtered_bc import check_config as check_filter
+
+        check_filter(acfg)
+    for name in ("num_workers", "batch_size", "grad_accum", "max_steps", "epochs", "checkpoint_every",
+                 "report_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.val_every < 0 or cfg.early_stopping_patience < 0:
+        raise ValueError("val_every and early_stopping_patience must be >= 0")
+    if cfg.early_stopping_patience and not cfg.val_fraction:
+        raise ValueError("early stopping needs a validation split: set val_fraction > 0")
+    if not cfg.early_stopping_metric.startswith(("losses/val_", "charts/val_")):
+        raise ValueError(f"early_stopping_metric must be a validation metric (losses/val_* or charts/val_*), "
+                         f"got {cfg.early_stopping_metric!r}")
 
 
 def latest_checkpoint_dir(result) -> str | None:
@@ -141,31 +164,33 @@ def _progress(metrics_path: Path, total: int, enabled: bool) -> Iterator[None]:
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train; returns a summary (steps, final metrics, paths). Re-running resumes the same run."""
-    import ray.data
+    """Train; returns a summary (steps, final metrics, data statistics, paths). Re-running resumes the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from learner.batches import steps_per_epoch
     from learner.checkpoint import strip_secrets
-    from learner.models import load_tokenizer
+    from learner.data import DATA_DIR, prepare_data
     from learner.train_loop import STATE_FILE, train_loop_per_worker
 
-    if cfg.algo not in ALGOS:
-        raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {ALGOS}")
-    algo_config(cfg)  # unknown overrides fail here, before any work
+    check_config(cfg)
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     init = cfg.init
     if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")  # a previous `subq train --out DIR` was given as --init
-    tokenizer = load_tokenizer(init)
-    episodes, excluded = build_episodes(cfg, tokenizer)
+    if os.path.isdir(init):
+        init = str(Path(init).resolve())  # workers may start in another directory
+    selection = algo_config(cfg) if cfg.algo == "filtered-bc" else None
+    manifest = prepare_data(cfg, init, out, selection)
+    stats = manifest["stats"]
+    per_epoch = steps_per_epoch(stats["episodes"], cfg.batch_size, cfg.num_workers, cfg.grad_accum)
+    planned = min(cfg.max_steps, cfg.epochs * per_epoch)
     resolved = {**asdict(cfg), "init": init, "out": str(out)}
     (out / "train_config.json").write_text(json.dumps(strip_secrets(resolved), indent=2, default=str))
-    dataset = ray.data.from_items(episodes)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": resolved, "n_episodes": len(episodes)},
+        train_loop_config={"train": resolved, "data_dir": str(out / DATA_DIR), "planned_steps": planned},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name="run",
@@ -173,9 +198,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
     )
-    with _progress(out / "metrics.jsonl", cfg.max_steps, cfg.progress):
+    with _progress(out / "metrics.jsonl", planned, cfg.progress):
         result = trainer.fit()
     final = latest_checkpoint_dir(result)
     if final is None:
@@ -186,6 +210,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     # final/ is for loading and serving; the optimizer state stays with Ray's checkpoints (for resume)
     shutil.copytree(final, target, ignore=shutil.ignore_patterns(STATE_FILE))
     meta = json.loads((target / "subq_checkpoint.json").read_text())
-    return {"out": str(out), "final": str(target), "step": meta["step"], "episodes": len(episodes),
-            "excluded": excluded, "metrics": {k: v for k, v in (result.metrics or {}).items()
-                                              if isinstance(v, int | float)}}
+    return {"out": str(out), "final": str(target), "step": meta["step"], "episodes": stats["episodes"],
+            "val_episodes": stats["val_episodes"], "excluded": stats["excluded"], "data": stats,
+            "planned_steps": planned, "early_stopping": meta["extra"].get("early_stopping"),
+            "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}}

@@ -1,8 +1,19 @@
-"""What each Ray Train worker runs: load, (resume,) train with accumulation, report, checkpoint.
+"""What each Ray Train worker runs: load (or resume), train with accumulation, validate, report, checkpoint.
 
-Resume is exact in step count and data position: a checkpoint carries the optimizer and
-scheduler state, the step, the epoch and how many micro-batches of that epoch were consumed;
-a restarted worker skips those micro-batches of its (order-preserving) shard.
+- Data: each epoch visits the training episodes in a shuffled order fixed by (seed, epoch); a global
+  micro-batch is the next ``batch_size x world`` episodes, split between the ranks
+  (``learner/batches.py``).
+- Accumulation: an optimizer step takes ``grad_accum`` micro-batches, each loss divided by the group's
+  size; the epoch's last step takes the micro-batches that are left, so no gradient ever crosses an
+  epoch boundary. DDP all-reduces only on the group's last backward (``no_sync`` on the others).
+- Reports (every ``report_every`` steps; each is a Ray Train call, so never per step): the window's
+  metrics averaged over the ranks with one small all-reduce; rank 0 appends them to ``metrics.jsonl``.
+- Validation every ``val_every`` steps and at the end, on held-out problems: ``*/val_*`` metrics,
+  token-weighted over all validation episodes; optional early stopping on one of them.
+- Checkpoints every ``checkpoint_every`` steps and at the end; resume is exact (``learner/train_state.py``).
+
+``WorkerLoop`` holds it all and also runs in a plain process (world 1, no Ray), which is how the tests
+check accumulation, resume and early stopping in seconds; ``train_loop_per_worker`` wires it to Ray Train.
 """
 
 from __future__ import annotations
@@ -13,14 +24,31 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from learner.batches import EpisodeTable, epoch_order, micro_batches
+from learner.episodes import collate
+from learner.train import TrainConfig, algo_config
+from learner.train_state import (
+    adapter_state,
+    all_gather,
+    all_reduce_sum,
+    check_optimizer_fits,
+    load_adapter_state,
+    no_sync,
+    rng_state,
+    set_rng_state,
+)
 
 STATE_FILE = "training_state.pt"
+Report = Callable[[dict[str, Any], str | None], None]  # (metrics, checkpoint directory or None)
 
 
 def _seed(seed: int) -> None:
@@ -29,42 +57,225 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _episodes(batch: dict[str, Any]):
-    from learner.episodes import Episode
+def _load(cfg: TrainConfig, acfg, device: torch.device, resume_dir: Path | None, state: dict | None):
+    """Model, tokenizer and (ILQL) heads: from ``cfg.init``, or from the checkpoint being resumed.
 
-    n = len(batch["input_ids"])
-    fields = Episode.__dataclass_fields__
-    return [Episode(**{k: _plain(batch[k][i]) for k in fields if k in batch}) for i in range(n)]
+    A LoRA run resumes from its base model (``cfg.init``) plus the adapters saved in its training
+    state, so the optimizer's moments meet the adapters they were computed for.
+    """
+    from safetensors.torch import load_file
 
-
-def _plain(x: Any) -> Any:
-    return x.tolist() if isinstance(x, np.ndarray) else x
-
-
-def _load(spec: str, cfg: dict, algo_cfg, device: torch.device):
-    """Model, tokenizer and (for ILQL) heads, from a checkpoint dir or any model spec."""
-    from learner.checkpoint import is_checkpoint, load_checkpoint
+    from learner.checkpoint import HEADS_FILE, is_checkpoint, load_checkpoint
     from learner.ilql import ILQLHeads
     from learner.models import load_model_and_tokenizer
 
+    lora = cfg.lora_r > 0
+    if resume_dir is not None and lora and (state or {}).get("adapter") is None:
+        raise RuntimeError(f"{resume_dir} is a LoRA checkpoint without its adapters (only merged weights, as "
+                           "written before adapters were kept): it cannot be resumed exactly; use a new --out")
+    source = cfg.init if resume_dir is None or lora else str(resume_dir)
     heads_state = None
-    if is_checkpoint(spec):
-        loaded = load_checkpoint(spec, device=str(device))
+    if is_checkpoint(source):
+        loaded = load_checkpoint(source, device=str(device))
         model, tokenizer, heads_state = loaded.model, loaded.tokenizer, loaded.heads_state
     else:
-        model, tokenizer = load_model_and_tokenizer(spec, device=str(device))
-    if cfg["lora_r"] > 0:
+        model, tokenizer = load_model_and_tokenizer(source, device=str(device))
+    if resume_dir is not None and lora:
+        heads_file = resume_dir / HEADS_FILE
+        heads_state = load_file(str(heads_file), device=str(device)) if heads_file.is_file() else None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"],
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+        if resume_dir is not None:
+            load_adapter_state(model, state["adapter"])
     model.train()
     heads = None
-    if cfg["algo"].startswith("ilql"):
-        heads = ILQLHeads.for_model(model, two_q=algo_cfg.two_q, hidden_mult=algo_cfg.head_hidden_mult).to(device)
+    if cfg.algo.startswith("ilql"):
+        heads = ILQLHeads.for_model(model, two_q=acfg.two_q, hidden_mult=acfg.head_hidden_mult,
+                                    q_rank=acfg.q_head_rank).to(device)
         if heads_state is not None:
             heads.load_state_dict(heads_state)
     return model, tokenizer, heads
+
+
+class WorkerLoop:
+    """One worker's training run (see the module docstring); ``run()`` trains until the end."""
+
+    def __init__(self, cfg: TrainConfig, data: EpisodeTable, *, planned_steps: int, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None, resume_dir: Path | None = None,
+                 prepare: Callable[[nn.Module], nn.Module] = lambda m: m, report: Report | None = None) -> None:
+        from learner.bc import BC
+        from learner.ilql import ILQL
+
+        self.cfg, self.data, self.rank, self.world = cfg, data, rank, world
+        self.device = device or torch.device("cpu")
+        self.report_fn = report or (lambda metrics, checkpoint: None)
+        self.acfg = algo_config(cfg, decay_steps=planned_steps)
+        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False) if resume_dir else None
+        if state is not None and "position" not in state:
+            raise RuntimeError(f"{resume_dir} was written by an older subq (no data position): it cannot be "
+                               "resumed exactly; use a new --out")
+        if state is not None and state["fingerprint"] != data.fingerprint:
+            raise RuntimeError(f"{resume_dir} was trained on other data than {data.dir} holds; use a new --out")
+        _seed(cfg.seed)  # the same heads on every rank and for every number of workers
+        model, self.tokenizer, heads = _load(cfg, self.acfg, self.device, resume_dir, state)
+        _seed(cfg.seed + rank)  # dropout and sampling differ between ranks
+        self.model, self.heads = model, heads  # unwrapped, for saving
+        self.algo = ILQL(prepare(model), prepare(heads), self.acfg) if heads is not None else BC(prepare(model),
+                                                                                                  self.acfg)
+        self.ddp_modules = [self.algo.model] + ([self.algo.heads] if heads is not None else [])
+        self.step, self.epoch, self.position = 0, 0, 0  # position: episodes of this epoch's order trained on
+        self.early: dict[str, Any] = {"best": None, "best_step": None, "bad": 0, "stopped": False}
+        if state is not None:
+            self.algo.optimizer.load_state_dict(state["optimizer"])
+            check_optimizer_fits(self.algo.optimizer)
+            self.algo.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.algo.step, self.early = state["step"], state["early_stopping"]
+            if rank < len(state["rng"]):  # a resume on more workers: the new ranks keep their fresh seeds
+                set_rng_state(state["rng"][rank])
+        self.last_saved = self.step
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and cfg.bf16
+                         else nullcontext())
+        self.window: dict[str, list[float]] = {}
+        self.tokens, self.t0 = 0, time.perf_counter()
+        self.wandb = None
+
+    # ------------------------------------------------------------------------------------ training
+
+    def _batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return collate(self.data.episodes(rows), self.tokenizer.pad_token_id)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.window.setdefault(k, []).append(v)
+
+    def run(self) -> None:
+        cfg, n = self.cfg, len(self.data.train_rows)
+        done = self.step >= cfg.max_steps or self.early["stopped"]
+        while not done and self.epoch < cfg.epochs:
+            plan = list(micro_batches(epoch_order(n, cfg.seed, self.epoch), self.position, cfg.batch_size,
+                                      self.rank, self.world))
+            for g in range(0, len(plan), cfg.grad_accum):
+                group = plan[g: g + cfg.grad_accum]
+                for i, (idx, consumed) in enumerate(group):
+                    batch = self._batch(self.data.train_rows[idx])
+                    # gradients stay local until the group's last micro-batch
+                    with no_sync(*self.ddp_modules) if i < len(group) - 1 else nullcontext():
+                        with self.autocast:
+                            loss, metrics = self.algo.loss(batch)
+                        (loss / len(group)).backward()
+                    self.tokens += int(batch["attention_mask"].sum())
+                    self._log(metrics)
+                    self.position += consumed
+                self._log(self.algo.optimizer_step())
+                self.step += 1
+                last = self.epoch == cfg.epochs - 1 and g + cfg.grad_accum >= len(plan)
+                val = {}
+                if len(self.data.val_rows) and ((cfg.val_every and self.step % cfg.val_every == 0)
+                                                or last or self.step >= cfg.max_steps):
+                    val = self.validate()
+                done = self.step >= cfg.max_steps or self.early["stopped"] or last
+                if done or val or self.step % cfg.report_every == 0 or self.step % cfg.checkpoint_every == 0:
+                    self.report(val, final=done)
+                if done:
+                    break
+            if not done:
+                self.epoch, self.position = self.epoch + 1, 0
+        if self.last_saved != self.step or self.step == 0:  # e.g. no step left to take: still a final checkpoint
+            self.report({}, final=True)
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    # ---------------------------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """``*/val_*`` metrics over every validation episode (this rank's share, then summed over ranks),
+        weighted by action tokens; updates the early-stopping record."""
+        rows = np.array_split(self.data.val_rows, self.world)[self.rank]
+        sums: dict[str, float] = {}
+        mine = 0.0  # this rank's action tokens
+        for i in range(0, len(rows), self.cfg.batch_size):
+            with self.autocast:
+                metrics = self.algo.evaluate(self._batch(rows[i: i + self.cfg.batch_size]))
+            w = metrics.pop("charts/val_action_tokens")
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * w
+            mine += w
+        totals: dict[str, float] = {}
+        weight = 0.0
+        for part, part_weight in all_gather((sums, mine)):  # a rank without validation rows sends nothing
+            weight += part_weight
+            for k, v in part.items():
+                totals[k] = totals.get(k, 0.0) + v
+        val = {k: v / max(weight, 1e-9) for k, v in totals.items()}
+        name = self.cfg.early_stopping_metric
+        if name not in val:
+            raise ValueError(f"early_stopping_metric {name!r} is not a validation metric; these are: {sorted(val)}")
+        if self.early["best"] is None or val[name] < self.early["best"]:
+            self.early.update(best=val[name], best_step=self.step, bad=0)
+        else:
+            self.early["bad"] += 1
+            if self.cfg.early_stopping_patience and self.early["bad"] >= self.cfg.early_stopping_patience:
+                self.early["stopped"] = True
+        return val
+
+    # ------------------------------------------------------------------------- reports, checkpoints
+
+    def report(self, val: dict[str, float], *, final: bool) -> None:
+        cfg = self.cfg
+        keys = sorted(self.window)
+        sums = all_reduce_sum([float(np.mean(self.window[k])) for k in keys] + [float(self.tokens)], self.device)
+        metrics = {k: v / self.world for k, v in zip(keys, sums, strict=False)}
+        metrics.update(val)
+        metrics.update({"step": self.step, "epoch": self.epoch,
+                        "charts/tokens_per_s": sums[-1] / max(1e-9, time.perf_counter() - self.t0)})
+        checkpoint = final or self.step % cfg.checkpoint_every == 0
+        rngs = all_gather(rng_state()) if checkpoint else []  # a collective: every rank, same steps
+        if self.rank == 0:
+            self._write_metrics(metrics)
+        # report() uploads the checkpoint before it returns, so the staging copy goes right after it
+        with tempfile.TemporaryDirectory(prefix="subq-ckpt-") as tmp:
+            path = None
+            if checkpoint:
+                if self.rank == 0:
+                    path = self._save(Path(tmp) / "ckpt", rngs)
+                self.last_saved = self.step
+            self.report_fn(metrics, path)
+        self.window, self.tokens, self.t0 = {}, 0, time.perf_counter()
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        with (Path(self.cfg.out) / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.cfg.wandb_project and self.wandb is None:
+            import wandb
+
+            from learner.checkpoint import strip_secrets
+
+            self.wandb = wandb.init(project=self.cfg.wandb_project, config=strip_secrets(dataclasses.asdict(self.cfg)),
+                                    dir=self.cfg.out, mode=os.environ.get("WANDB_MODE", "offline"))
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=self.step)
+
+    def _save(self, path: Path, rngs: list[dict]) -> str:
+        from learner.checkpoint import save_checkpoint
+
+        extra = {"algo_config": dataclasses.asdict(self.acfg), "data": self.data.manifest["stats"],
+                 "data_fingerprint": self.data.fingerprint, "early_stopping": dict(self.early)}
+        if self.heads is not None:
+            extra["heads"] = self.heads.heads_config()
+        save_checkpoint(path, self.model, self.tokenizer, algo=self.cfg.algo, config=dataclasses.asdict(self.cfg),
+                        heads=self.heads, step=self.step, extra=extra)
+        torch.save({"step": self.step, "epoch": self.epoch, "position": self.position, "world": self.world,
+                    "optimizer": self.algo.optimizer.state_dict(), "scheduler": self.algo.scheduler.state_dict(),
+                    "rng": rngs, "fingerprint": self.data.fingerprint, "early_stopping": dict(self.early),
+                    "adapter": adapter_state(self.model)}, path / STATE_FILE)
+        return str(path)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -72,117 +283,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from learner.bc import BC
-    from learner.checkpoint import save_checkpoint
-    from learner.episodes import collate
-    from learner.ilql import ILQL
-    from learner.train import TrainConfig, algo_config
-
-    cfg_dict = config["train"]
-    cfg = TrainConfig(**cfg_dict)
-    acfg = algo_config(cfg)
+    cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
 
+    def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
+        ray.train.report(metrics, checkpoint=None if checkpoint is None else Checkpoint.from_directory(checkpoint))
+
+    args = {"planned_steps": config["planned_steps"], "rank": rank, "world": world, "device": device,
+            "prepare": lambda m: None if m is None else ray.train.torch.prepare_model(m), "report": report}
+    data = EpisodeTable(config["data_dir"])
     resume = ray.train.get_checkpoint()
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
-    if resume is not None:
-        with resume.as_directory() as d:
-            model, tokenizer, heads = _load(d, cfg_dict, acfg, device)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    if resume is None:
+        loop = WorkerLoop(cfg, data, **args)
     else:
-        model, tokenizer, heads = _load(cfg.init, cfg_dict, acfg, device)
-    model = ray.train.torch.prepare_model(model)
-    if heads is not None:
-        heads = ray.train.torch.prepare_model(heads)
-    algo = ILQL(model, heads, acfg) if heads is not None else BC(model, acfg)
-    if resume is not None:
-        algo.optimizer.load_state_dict(state["optimizer"])
-        algo.scheduler.load_state_dict(state["scheduler"])
-        algo.step = state["step"]
-        torch.set_rng_state(state["torch_rng"][rank] if rank < len(state["torch_rng"]) else torch.get_rng_state())
-
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16
-                else nullcontext())
-    shard = ray.train.get_dataset_shard("train")
-    metrics_path = Path(cfg.out) / "metrics.jsonl"
-    wandb_run = None
-    if rank == 0 and cfg.wandb_project:
-        import wandb
-
-        from learner.checkpoint import strip_secrets
-
-        wandb_run = wandb.init(project=cfg.wandb_project, config=strip_secrets(cfg_dict), dir=cfg.out,
-                               mode=os.environ.get("WANDB_MODE", "offline"))
-
-    step, epoch, skip = state["step"], state["epoch"], state["micro_in_epoch"]
-    window: dict[str, list[float]] = {}
-    tokens, t0 = 0, time.perf_counter()
-    last_saved = step
-
-    def report(final: bool = False) -> None:
-        nonlocal window, tokens, t0, last_saved
-        metrics = {k: float(np.mean(v)) for k, v in window.items()}
-        metrics.update({"step": step, "epoch": epoch,
-                        "charts/tokens_per_s": tokens * world / max(1e-9, time.perf_counter() - t0)})
-        if rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if wandb_run is not None:
-                wandb_run.log(metrics, step=step)
-        # report() uploads the checkpoint to the run's storage before it returns (SYNC mode), so the
-        # staging copy is removed right after: a checkpoint of the embedded model is 1.6 GB.
-        with tempfile.TemporaryDirectory(prefix="subq-ckpt-") as tmp:
-            checkpoint = None
-            if final or step % cfg.checkpoint_every == 0:
-                if rank == 0:
-                    save_checkpoint(Path(tmp) / "ckpt", model, tokenizer, algo=cfg.algo, config=cfg_dict,
-                                    heads=heads.module if hasattr(heads, "module") else heads, step=step,
-                                    extra={"algo_config": dataclasses.asdict(acfg)})
-                    torch.save({"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                                "optimizer": algo.optimizer.state_dict(),
-                                "scheduler": algo.scheduler.state_dict(),
-                                "torch_rng": [torch.get_rng_state()]}, Path(tmp) / "ckpt" / STATE_FILE)
-                    checkpoint = Checkpoint.from_directory(str(Path(tmp) / "ckpt"))
-                last_saved = step
-            ray.train.report(metrics, checkpoint=checkpoint)
-        window, tokens, t0 = {}, 0, time.perf_counter()
-
-    micro_in_epoch = 0
-    done = step >= cfg.max_steps
-    while not done and epoch < cfg.epochs:
-        micro_in_epoch = 0
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=False):
-            micro_in_epoch += 1
-            if micro_in_epoch <= skip:  # resumed: this micro-batch was trained on before the checkpoint
-                continue
-            tensors = collate(_episodes(batch), tokenizer.pad_token_id)
-            with autocast:
-                loss, metrics = algo.loss(tensors)
-            (loss / cfg.grad_accum).backward()
-            tokens += int(tensors["attention_mask"].sum())
-            for k, v in metrics.items():
-                window.setdefault(k, []).append(v)
-            if micro_in_epoch % cfg.grad_accum:
-                continue
-            for k, v in algo.optimizer_step().items():
-                window.setdefault(k, []).append(v)
-            step += 1
-            if step >= cfg.max_steps:
-                report(final=True)
-                done = True
-                break
-            if step % cfg.report_every == 0 or step % cfg.checkpoint_every == 0:
-                report()
-        skip = 0
-        if not done:
-            epoch += 1
-            micro_in_epoch = 0
-    if not done and (last_saved != step or step == 0):  # epochs ran out before max_steps
-        report(final=True)
-    if wandb_run is not None:
-        wandb_run.finish()
+        with resume.as_directory() as d:  # everything is loaded before the directory may go away
+            loop = WorkerLoop(cfg, data, resume_dir=Path(d), **args)
+    loop.run()

@@ -104,6 +104,21 @@ def parse_subquestions(text: str, max_subquestions: int | None = None) -> Parsed
     return ParsedSubquestions(subquestions, None)
 
 
+def cap_subquestions(subquestions: list[str], max_subquestions: int | None) -> list[str]:
+    """At most ``max_subquestions`` of a plan: the first N - 1 and the last one.
+
+    Where a *student's* output is capped (evaluation, paper 2's "at most 3"), the last sub-question
+    is the one that asks what the problem asks (the teacher prompt says so, and the training targets
+    end with it), so cutting the tail would drop the one step the solver needs most; the middle
+    steps are the ones a solver can best do without. We cap rather than tell the student the limit
+    in its prompt: the student was trained on uncapped plans with a fixed prompt, so an instruction
+    it never saw in training would be ignored at best. ``None`` or a number < 1 keeps everything.
+    """
+    if max_subquestions is None or max_subquestions < 1 or len(subquestions) <= max_subquestions:
+        return list(subquestions)
+    return [*subquestions[: max_subquestions - 1], subquestions[-1]]
+
+
 def _numbered_items(lines: list[str], pattern: re.Pattern[str]) -> list[str]:
     items: list[str] = []
     last_num = 0

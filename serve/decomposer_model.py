@@ -25,7 +25,7 @@ from learner.episodes import encode_prompt
 from learner.guided_decoding import generate_guided
 from learner.ilql import ILQLConfig, ILQLHeads
 from learner.models import load_model_and_tokenizer
-from protocol.parse import parse_subquestions
+from protocol.parse import cap_subquestions, parse_subquestions
 from protocol.prompts import PROMPT_VERSION, SUBQ_END, decompose_messages, parse_student_output
 from serve.generation import context_length, eos_token_ids
 
@@ -163,7 +163,7 @@ class Decoder:
     def subquestions(self, text: str, max_subquestions: int | None = None) -> list[str]:
         """The sub-questions in a decoded continuation (parsers never raise)."""
         found = parse_student_output(text) if self.student else parse_subquestions(text).subquestions
-        return found[:max_subquestions] if max_subquestions else found
+        return cap_subquestions(found, max_subquestions)  # the first N - 1 and the last one
 
     def decode(self, jobs: list[Job], *, use_cache: bool = True) -> BatchOutput:
         """Decode all jobs together; greedy rows give what they would give alone (up to float rounding)."""

@@ -212,7 +212,7 @@ def cmd_llm_server(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from learner.train import ALGOS
+    from learner.train import ALGOS, TrainConfig
 
     p = sub.add_parser("train", help="fit the student decomposer (BC, filtered BC, ILQL) on Ray Train")
     p.add_argument("--algo", choices=ALGOS, default="bc")
@@ -234,6 +234,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--report-every", type=int, default=10)
     p.add_argument("--lora-r", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="share of the problems held out for validation (0: none)")
+    p.add_argument("--val-every", type=int, default=TrainConfig.val_every, help="steps between validations")
+    p.add_argument("--early-stopping-patience", type=int, default=TrainConfig.early_stopping_patience,
+                   help="stop after this many validations without a new best (0: off)")
+    p.add_argument("--early-stopping-metric", default=TrainConfig.early_stopping_metric)
     p.add_argument("--wandb-project")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm setting, e.g. --set lr=1e-5 --set fraction=0.3 --set beta=2 (JSON values)")
@@ -264,6 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         bf16=not args.no_bf16, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_steps=args.max_steps, epochs=args.epochs, max_length=args.max_length, seed=args.seed,
         checkpoint_every=args.checkpoint_every, report_every=args.report_every, lora_r=args.lora_r,
+        gradient_checkpointing=args.gradient_checkpointing, val_fraction=args.val_fraction,
+        val_every=args.val_every, early_stopping_patience=args.early_stopping_patience,
+        early_stopping_metric=args.early_stopping_metric,
         wandb_project=args.wandb_project, algo_config=_parse_sets(args.set),
     )
     init_ray(args.ray_address)

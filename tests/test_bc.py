@@ -21,9 +21,10 @@ TOY = [  # short, distinct problems: the prompt's first bytes decide which targe
 ]
 
 
-def _ep(correct: float, usefulness: list[float], key: str) -> Episode:
+def _ep(correct: float, usefulness: list[float], key: str, problem: str = "p") -> Episode:
     return Episode(input_ids=[1, 2], action_mask=[0, 1], rewards=[0.0, correct], dones=[0, 1],
-                   subq_end_positions=[1], correct=correct, usefulness=usefulness, sample_key=key)
+                   subq_end_positions=[1], correct=correct, usefulness=usefulness, sample_key=key,
+                   problem_id=problem)
 
 
 # --------------------------------------------------------------------------------------- filtered BC
@@ -42,29 +43,50 @@ def _keys(episodes: list[Episode]) -> list[str]:
     return [ep.sample_key for ep in episodes]
 
 
+def test_default_is_paper_1s_rule_every_correct_decomposition():
+    cfg = FilteredBCConfig()
+    assert (cfg.correct_only, cfg.fraction) == (True, 1.0)
+    assert _keys(select(POOL, cfg)) == ["b", "c", "e"]  # all correct ones, however many there are
+    mostly_wrong = [_ep(0.0, [1.0], str(i)) for i in range(9)] + [_ep(1.0, [0.0], "ok")]
+    assert _keys(select(mostly_wrong, cfg)) == ["ok"]  # never trains on an incorrect one
+
+
 @pytest.mark.parametrize(
     ("kind", "fraction", "expected"),
     [
-        ("both", 0.5, ["c", "e", "a"]),  # top 3 by both: c 1.75, e 1.5, then a/b tie at 1.0 -> a
+        ("both", 0.5, ["c", "e", "a"]),  # top 3 by both: c 1.75, e 1.5, then a/b tie at 1.0 -> key a
         ("usefulness", 0.5, ["a", "c", "e"]),
         ("correctness", 0.5, ["b", "c", "e"]),
-        ("correctness", 1 / 3, ["b", "c"]),  # ties at 1.0: the first two in input order
+        ("correctness", 1 / 3, ["b", "c"]),  # ties at 1.0: the two smallest keys
         ("both", 0.01, ["c"]),  # at least one
         ("usefulness", 1.0, ["a", "b", "c", "d", "e", "f"]),
     ],
 )
 def test_select_keeps_the_top_fraction_by_return(kind, fraction, expected):
-    kept = select(POOL, FilteredBCConfig(fraction=fraction, return_kind=kind))
+    cfg = FilteredBCConfig(fraction=fraction, return_kind=kind, correct_only=False, rank_within="global")
+    kept = select(POOL, cfg)
     assert sorted(_keys(kept)) == sorted(expected)
     assert _keys(kept) == [k for k in _keys(POOL) if k in expected]  # original order
     assert len(kept) == max(1, round(fraction * len(POOL)))
 
 
-def test_select_tie_breaking_is_deterministic():
+def test_select_ranks_within_each_problem():
+    # problem x: all correct; problem y: none correct. A global top half keeps only x's.
+    pool = [_ep(1.0, [u], f"x{u}", "x") for u in (0.1, 0.2, 0.3, 0.4)] + \
+        [_ep(0.0, [u], f"y{u}", "y") for u in (0.1, 0.2, 0.3, 0.4)]
+    per_problem = FilteredBCConfig(fraction=0.5, correct_only=False)
+    assert per_problem.rank_within == "problem"
+    assert _keys(select(pool, per_problem)) == ["x0.3", "x0.4", "y0.3", "y0.4"]
+    glob = FilteredBCConfig(fraction=0.5, correct_only=False, rank_within="global")
+    assert _keys(select(pool, glob)) == ["x0.1", "x0.2", "x0.3", "x0.4"]
+
+
+def test_select_tie_breaking_is_by_key_not_input_order():
     ties = [_ep(1.0, [0.5], str(i)) for i in range(10)]
-    cfg = FilteredBCConfig(fraction=0.3, return_kind="both")
-    assert _keys(select(ties, cfg)) == ["0", "1", "2"]
-    assert _keys(select(ties[::-1], cfg)) == ["9", "8", "7"]  # by input order, not by key
+    for within in ("problem", "global"):
+        cfg = FilteredBCConfig(fraction=0.3, return_kind="both", rank_within=within)
+        assert _keys(select(ties, cfg)) == ["0", "1", "2"]
+        assert _keys(select(ties[::-1], cfg)) == ["2", "1", "0"]  # the same set, in input order
 
 
 def test_select_correct_only_screens_before_the_fraction():
@@ -77,10 +99,12 @@ def test_select_correct_only_screens_before_the_fraction():
 
 
 def test_select_rejects_bad_config():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="fraction"):
         select(POOL, FilteredBCConfig(fraction=0.0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="return_kind"):
         select(POOL, FilteredBCConfig(return_kind="reward"))
+    with pytest.raises(ValueError, match="rank_within"):
+        select(POOL, FilteredBCConfig(rank_within="batch"))
 
 
 # ------------------------------------------------------------------------------------------------ BC
@@ -171,3 +195,24 @@ def test_filtered_bc_is_bc_on_the_selection(tiny):
     assert chosen == [eps[0], eps[2]]
     metrics = fbc.train_step(collate(chosen, tok.pad_token_id))
     assert metrics["charts/action_tokens"] == sum(sum(ep.action_mask) for ep in chosen)
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_floor(tiny):
+    from learner.optim import lr_factor
+
+    cos = BCConfig(warmup_steps=2, lr_decay="cosine", decay_steps=12, min_lr_ratio=0.1)
+    assert [lr_factor(s, cos) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, cos) == pytest.approx(1.0) and lr_factor(7, cos) == pytest.approx(0.55)  # half way
+    assert lr_factor(12, cos) == pytest.approx(0.1) and lr_factor(50, cos) == pytest.approx(0.1)
+    lin = dataclasses.replace(cos, lr_decay="linear", min_lr_ratio=0.0)
+    assert [round(lr_factor(s, lin), 6) for s in (2, 7, 12)] == [1.0, 0.5, 0.0]
+    assert lr_factor(1000, BCConfig()) == 1.0  # the default: constant after warmup
+    model, tok = tiny
+    bc = BC(model, dataclasses.replace(lin, lr=1e-3))
+    ep = build_episode(tok, *TOY[0], usefulness=None, correct=1.0, placement="sparse")
+    lrs = [bc.train_step(collate([ep], tok.pad_token_id))["charts/lr"] for _ in range(8)]
+    assert lrs == pytest.approx([1e-3 * lr_factor(s, lin) for s in range(8)])
+    with pytest.raises(ValueError, match="decay_steps"):
+        BC(model, BCConfig(lr_decay="cosine"))
+    with pytest.raises(ValueError, match="lr_decay"):
+        BC(model, BCConfig(lr_decay="step"))

@@ -77,6 +77,10 @@ def test_dataclass_config_secrets_stripped(tiny, tmp_path):
     assert json.loads(text)["config"] == {"lr": 1e-4}
     assert "sk-live" not in text and "hf_abc" not in text
     assert strip_secrets({"Key": 1, "ok": (1, {"passwordHash": 2})}) == {"ok": [1, {}]}
+    named = {"openai_api_key": 1, "hf_token": 2, "token_env": 3, "client-secret": 4, "apiKey": 5, "tokenizer": 6,
+             "max_target_tokens": 7, "p99_target_tokens": 8, "max_new_tokens": 9, "keyboard": 10}
+    assert strip_secrets(named) == {"tokenizer": 6, "max_target_tokens": 7, "p99_target_tokens": 8,
+                                    "max_new_tokens": 9, "keyboard": 10}
 
 
 def test_heads_are_saved_and_loaded(tiny, tmp_path):

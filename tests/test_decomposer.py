@@ -379,7 +379,8 @@ def test_mixed_rows_decode_together_as_they_would_alone(ckpt_decoder):
     assert together.decoded[4].text == "Q1" and together.decoded[4].finish_reason == "stop"
     assert together.decoded[2].generated_tokens <= 3
     assert together.forward_passes == max(a.forward_passes for a in alone) < sum(a.forward_passes for a in alone)
-    assert d.subquestions("Q1: a?\nb?\n<end>junk", 1) == ["a?"]
+    assert d.subquestions("Q1: a?\nb?\n<end>junk", 1) == ["b?"]  # a cap keeps the last sub-question
+    assert d.subquestions("Q1: a?\nb?\nc?\nd?\n<end>", 3) == ["a?", "b?", "d?"]
 
 
 def test_generate_guided_per_row_settings_match_scalar_calls(ckpt_decoder):

@@ -18,6 +18,7 @@ from learner.episodes import (
     encode_prompt,
     episode_return,
     episodes_from_samples,
+    fit_context,
     reference_episodes,
 )
 from learner.models import ModelError, build_byte_tokenizer, load_tokenizer
@@ -76,15 +77,25 @@ def test_single_subquestion_reward_is_not_on_the_last_token(tok):
     assert [(i, r) for i, r in enumerate(ep.rewards) if r] == [(31, 0.5), (37, 1.0)]
 
 
-def test_truncation_cuts_context_from_the_left_never_actions(tok):
+def test_truncation_cuts_the_middle_of_the_problem_and_keeps_the_header(tok):
+    problem = "Ann has 3 red cats and 4 blue dogs in a big old house. How many pets does Ann have?"
+    full = encode_prompt(tok, problem)
     n_actions = N - N_CTX  # 12
-    ep = build_episode(tok, PROBLEM, SUBQS, usefulness=[0.0, 0.0], correct=1.0, max_length=n_actions + 5)
-    assert len(ep.input_ids) == n_actions + 5
-    assert tok.decode(ep.input_ids[:5]) == "ons:\n"  # the end of "Sub-questions:\n"
-    assert ep.action_mask == [0] * 5 + [1] * n_actions
-    assert ep.subq_end_positions == [END_AB - 24, END_C - 24]
-    assert build_episode(tok, PROBLEM, SUBQS, usefulness=[0, 0], correct=1, max_length=n_actions + 1) is not None
-    # the first action needs a state to come from: at least one context token
+    ep = build_episode(tok, problem, SUBQS, usefulness=[0.0, 0.0], correct=1.0, max_length=n_actions + 60)
+    assert len(ep.input_ids) <= n_actions + 60 < len(full) + n_actions
+    context = tok.decode(ep.input_ids[: len(ep.input_ids) - n_actions])
+    # the header serving always sends, the problem's start and its question stay; its middle goes
+    assert context.startswith("Problem: Ann has") and context.endswith("does Ann have?\nSub-questions:\n")
+    assert " ... " in context and "blue dogs" not in context
+    assert ep.cut_words == len(problem.split()) - len(context.split()) + 3  # "Problem:", "...", "Sub-questions:"
+    assert ep.input_ids[: len(ep.input_ids) - n_actions] == fit_context(tok, problem, 60)[0]
+    assert tok.decode(ep.input_ids[-n_actions:]) == "Ab?\nC?\n<end>"  # actions are never cut
+    assert ep.subq_end_positions[0] == len(ep.input_ids) - n_actions + 2
+    # a prompt that fits is encode_prompt's, untouched
+    assert fit_context(tok, problem, len(full)) == (full, 0)
+    # not even "Problem: ...\nSub-questions:\n" (28 bytes) fits: dropped
+    assert build_episode(tok, problem, SUBQS, usefulness=[0, 0], correct=1, max_length=n_actions + 28) is not None
+    assert build_episode(tok, problem, SUBQS, usefulness=[0, 0], correct=1, max_length=n_actions + 27) is None
     assert build_episode(tok, PROBLEM, SUBQS, usefulness=[0, 0], correct=1, max_length=n_actions) is None
 
 
@@ -113,6 +124,7 @@ def test_exclusion_reasons_are_counted(tok):
         _row(correct=None, sample_key="nocorrect"),
     ]
     episodes, excluded = episodes_from_samples(rows, tok, placement="full", max_length=512)
+    assert [ep.cut_words for ep in episodes] == [0, 1, 0]  # the 600-byte word went, the header stayed
     assert excluded == {"parse_error": 1, "api_error": 2, "no_subquestions": 2, "no_usefulness": 3, "too_long": 1}
     assert len(episodes) == 3
     assert [ep.correct for ep in episodes] == [1.0, 1.0, 0.0]

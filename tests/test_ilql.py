@@ -329,3 +329,62 @@ def test_empty_batch_and_evaluate() -> None:
     loss, metrics = algo.loss(batch)
     loss.backward()
     assert loss.item() == 0.0 and metrics["charts/action_tokens"] == 0
+
+
+# ------------------------------------------------------- heads: size options, init, target warm-up
+
+
+@pytest.mark.parametrize(("mult", "rank"), [(0, 0), (1, 0), (0, 4), (2, 4)])
+def test_heads_rebuild_from_their_state_dict_alone(mult: int, rank: int) -> None:
+    heads = ILQLHeads(8, 40, two_q=rank == 0, hidden_mult=mult, q_rank=rank)
+    rebuilt = ILQLHeads.from_state_dict(heads.state_dict())
+    assert rebuilt.heads_config() == heads.heads_config()
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), rebuilt.state_dict().values(),
+                                                 strict=True))
+    with pytest.raises(ValueError, match="not an ILQL heads"):
+        ILQLHeads.from_state_dict({"lm_head.weight": torch.zeros(2, 2)})
+
+
+def test_low_rank_q_heads_are_small_at_a_large_vocabulary() -> None:
+    full = ILQLHeads(64, 128_000, hidden_mult=1)
+    low = ILQLHeads(64, 128_000, hidden_mult=1, q_rank=16)
+    size = lambda m: sum(p.numel() for p in m.q1_head.parameters())  # noqa: E731
+    assert size(full) == 64 * 64 + 64 + 64 * 128_000 + 128_000
+    assert size(low) == 64 * 64 + 64 + 64 * 16 + 16 * 128_000 + 128_000  # ~4x fewer: 64 -> 16 wide
+    h = torch.randn(3, 64)
+    assert low.q1_head(h).shape == (3, 128_000) and low.decode_values(h)[0].shape == (3, 128_000)
+
+
+def test_untrained_heads_barely_move_decoding_scores() -> None:
+    """Near-zero output layers: Q and V of fresh heads are ~0.01, not the ~0.3 of a default init."""
+    from learner.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("tiny-random:llama?hidden=32&heads=2")
+    heads = ILQLHeads.for_model(model)
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([list(b"Problem: 3 apples")]), output_hidden_states=True)
+        h = hidden.hidden_states[-1][0]
+        q, v = heads.decode_values(h)
+    spread = float((q - v[:, None]).std())
+    assert 0 < spread < 0.05
+    assert not torch.equal(heads.q1_head(h), heads.q2_head(h))  # two heads that can learn apart
+
+
+def test_target_warmup_keeps_the_running_mean_of_the_online_heads() -> None:
+    model = PrefixModel(max_len=2)
+    heads = ILQLHeads(model.n_codes, VOCAB, hidden_mult=0)
+    algo = ILQL(model, heads, ILQLConfig(lr=0.05, target_update_rate=0.005))
+    batch = episodes_batch(horizon=1, reward_fn=lambda prefix, a: float(a))
+    history = [_params(heads.q1_head)]
+    rates = []
+    for _ in range(5):
+        rates.append(algo.target_rate())
+        algo.train_step(batch)
+        history.append(_params(heads.q1_head))
+    assert rates == pytest.approx([1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
+    mean = [torch.stack(ps).mean(0) for ps in zip(*history, strict=True)]
+    assert all(torch.allclose(t, m, atol=1e-6) for t, m in zip(_params(heads.target_q1), mean, strict=True))
+    late = ILQL(model, heads, ILQLConfig(target_update_rate=0.005))
+    late.step = 500
+    assert late.target_rate() == 0.005  # the constant rate once 1 / (step + 2) falls below it
+    assert ILQL(model, heads, ILQLConfig(target_update_rate=0.005, target_warmup=False)).target_rate() == 0.005

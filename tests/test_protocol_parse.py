@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from protocol.parse import (
     ParsedFeedback,
+    cap_subquestions,
     parse_answers,
     parse_feedback,
     parse_subquestions,
@@ -250,3 +251,12 @@ def test_usefulness_is_the_share_of_yes(vote_lists: list[list[bool | None]]) -> 
     for i, share in enumerate(shares):
         cast = [vs[i] for vs in vote_lists if vs[i] is not None]
         assert share == (sum(cast) / len(cast) if cast else None)
+
+
+def test_cap_subquestions_keeps_the_last_one() -> None:
+    plan = ["a?", "b?", "c?", "d?"]
+    assert cap_subquestions(plan, 3) == ["a?", "b?", "d?"]  # first N - 1, then the one the problem asks
+    assert cap_subquestions(plan, 1) == ["d?"]
+    assert cap_subquestions(plan, 4) == plan and cap_subquestions(plan, 9) == plan
+    assert cap_subquestions(plan, None) == plan and cap_subquestions(plan, 0) == plan
+    assert cap_subquestions([], 2) == []

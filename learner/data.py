@@ -1,0 +1,232 @@
+"""The driver's data step: store rows -> an episode table on disk, the training / validation split,
+filtered BC's selection and the statistics a checkpoint records.
+
+Tokenisation runs on Ray Data (``map_batches`` over the store's Parquet files) and the episodes stream
+straight into ``OUT/data/episodes/*.parquet``: the driver never holds them. It then reads only a few
+small columns (key, problem, correctness, usefulness, lengths) to decide which rows train and which
+validate; the workers read the token columns by row position (``learner/batches.py``).
+
+- Canonical order: episodes sorted by sample key, so the split, the selection and every epoch's
+  shuffle depend on the data alone, never on the order Ray Data wrote the files in.
+- Validation: ``round(val_fraction x problems)`` whole problems (all their decompositions), those with
+  the smallest SHA-256 of their id: the same problems for every seed and every algorithm, and never a
+  problem on both sides. Paper 1 held out 1% of the training problems.
+- Filtered BC selects (``learner/filtered_bc.select``) within each split.
+- A resumed run reuses the data its first attempt built (its manifest records how), even if the
+  store has grown since; changed settings with a checkpoint in ``OUT`` are an error, not a silent mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from learner.batches import INDEX, MANIFEST
+from learner.checkpoint import is_checkpoint
+from learner.filtered_bc import FilteredBCConfig, select
+
+if TYPE_CHECKING:
+    from learner.train import TrainConfig
+
+DATA_DIR = "data"  # under OUT
+EPISODE_SCHEMA = pa.schema([
+    ("sample_key", pa.string()), ("problem_id", pa.string()), ("excluded", pa.string()),
+    ("input_ids", pa.list_(pa.int32())), ("action_mask", pa.list_(pa.int8())), ("rewards", pa.list_(pa.float32())),
+    ("dones", pa.list_(pa.int8())), ("subq_end_positions", pa.list_(pa.int32())), ("correct", pa.float32()),
+    ("usefulness", pa.list_(pa.float32())), ("cut_words", pa.int32()), ("n_actions", pa.int32()),
+    ("n_tokens", pa.int32()), ("token_hash", pa.string()),
+])
+RULE_FIELDS = ("correct_only", "fraction", "return_kind", "rank_within")  # what of FilteredBCConfig selects
+_META = ["sample_key", "problem_id", "excluded", "correct", "usefulness", "cut_words", "n_actions", "n_tokens",
+         "token_hash"]
+
+
+@dataclasses.dataclass
+class Record:
+    """One row of the table as selection and splitting see it (``filtered_bc.Rankable``)."""
+
+    row: int  # position in the table (files in manifest order, rows in file order)
+    sample_key: str | None
+    problem_id: str | None
+    correct: float
+    usefulness: list[float]
+    n_actions: int
+    n_tokens: int
+    cut_words: int
+    token_hash: str
+
+
+# ------------------------------------------------------------------------ Ray Data: rows -> episodes
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(spec: str):
+    from learner.models import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max_length: int,
+                 teacher_model: str | None) -> pa.Table:
+    """A ``map_batches`` function: store rows (pandas) -> one row per episode, or per excluded sample."""
+    from learner.episodes import episode_from_reference, episode_from_sample
+
+    tokenizer = _tokenizer(tokenizer_spec)
+    out = []
+    for row in batch.to_dict("records"):
+        if source == "reference":
+            refs = row.get("reference_subquestions")
+            if refs is None or (isinstance(refs, float) and math.isnan(refs)):
+                continue  # a problem without a human decomposition is not a sample
+            ep, reason = episode_from_reference(row, tokenizer, placement=placement, max_length=max_length)
+        else:
+            if teacher_model and row.get("teacher_model") != teacher_model:
+                continue
+            ep, reason = episode_from_sample(row, tokenizer, placement=placement, max_length=max_length)
+        if ep is None:
+            key = _text(row.get("sample_key")) or f"reference:{_text(row.get('problem_id'))}"
+            out.append({"sample_key": key, "problem_id": _text(row.get("problem_id")), "excluded": reason})
+            continue
+        ids = np.asarray(ep.input_ids, dtype=np.int32)
+        out.append({**{k: getattr(ep, k) for k in ("sample_key", "problem_id", "input_ids", "action_mask", "rewards",
+                                                   "dones", "subq_end_positions", "correct", "usefulness",
+                                                   "cut_words")},
+                    "excluded": None, "n_actions": int(sum(ep.action_mask)), "n_tokens": len(ids),
+                    "token_hash": hashlib.sha1(ids.tobytes()).hexdigest()[:16]})
+    return pa.Table.from_pylist(out, schema=EPISODE_SCHEMA)
+
+
+def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path) -> None:
+    """Tokenise the store's rows on Ray Data, streaming them into ``target/*.parquet``."""
+    from data_store.store import Store
+
+    table = "problems" if cfg.source == "reference" else "samples"
+    dataset = Store(cfg.store).dataset(table)
+    dataset.map_batches(
+        episode_rows, batch_format="pandas", batch_size=256, num_cpus=0.5,
+        fn_kwargs={"tokenizer_spec": tokenizer_spec, "source": cfg.source, "max_length": cfg.max_length,
+                   "placement": "sparse" if cfg.algo == "ilql-sparse" else "full",
+                   "teacher_model": cfg.teacher_model},
+    ).write_parquet(str(target))
+
+
+# ------------------------------------------------------------------- driver: split, select, describe
+
+
+def read_records(data_dir: Path, files: list[str]) -> tuple[list[Record], Counter[str]]:
+    """The small columns of every row (valid episodes) and the exclusion counts."""
+    records, excluded, row = [], Counter(), 0
+    for name in files:
+        cols = pq.read_table(data_dir / name, columns=_META).to_pydict()
+        for i in range(len(cols["sample_key"])):
+            if cols["excluded"][i] is not None:
+                excluded[cols["excluded"][i]] += 1
+            else:
+                records.append(Record(row + i, **{k: cols[k][i] for k in _META if k != "excluded"}))
+        row += len(cols["sample_key"])
+    return records, excluded
+
+
+def split_problems(records: list[Record], val_fraction: float) -> tuple[list[Record], list[Record]]:
+    """(train, val) in canonical order: val holds round(val_fraction x problems) whole problems."""
+    records = sorted(records, key=lambda r: (r.sample_key or "", r.token_hash))
+    problem = lambda r: r.problem_id or r.sample_key or r.token_hash  # noqa: E731
+    problems = sorted({problem(r) for r in records}, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    val = set(problems[: round(val_fraction * len(problems))])
+    return [r for r in records if problem(r) not in val], [r for r in records if problem(r) in val]
+
+
+def data_stats(train: list[Record], val: list[Record], excluded: Counter[str], selected_out: int) -> dict[str, Any]:
+    """What a checkpoint records about its data; the decomposer's decoding limits derive from it."""
+    targets = np.array([r.n_actions for r in train] or [0])
+    return {
+        "episodes": len(train), "val_episodes": len(val),
+        "max_target_tokens": int(targets.max()),  # the longest sub-question list + end marker trained on
+        "p99_target_tokens": int(np.percentile(targets, 99, method="higher")),
+        "p50_target_tokens": int(np.percentile(targets, 50, method="higher")),
+        "max_episode_tokens": max((r.n_tokens for r in train), default=0),
+        "truncated_contexts": sum(r.cut_words > 0 for r in train + val),  # problems cut in their middle
+        "excluded": dict(sorted(excluded.items())),  # samples that gave no episode, by reason
+        "filtered_out": selected_out,  # filtered BC: episodes its rule did not keep
+    }
+
+
+def build_settings(cfg: TrainConfig, tokenizer_spec: str, selection: FilteredBCConfig | None) -> dict[str, Any]:
+    """Everything that decides the episode table; a resume must find the same."""
+    rule = None if selection is None else {k: getattr(selection, k) for k in RULE_FIELDS}
+    return {"store": cfg.store, "source": cfg.source, "teacher_model": cfg.teacher_model,
+            "tokenizer": tokenizer_spec, "max_length": cfg.max_length, "val_fraction": cfg.val_fraction,
+            "placement": "sparse" if cfg.algo == "ilql-sparse" else "full", "selection": rule}
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints under ``OUT/ray``: Ray Train resumes this run from the latest one."""
+    return [p for p in (out / "ray").glob("*/checkpoint_*") if is_checkpoint(p)]
+
+
+def has_checkpoint(out: Path) -> bool:
+    return bool(_checkpoints(out))
+
+
+def _checkpoint_fingerprints(out: Path) -> set[str | None]:
+    return {json.loads((p / "subq_checkpoint.json").read_text()).get("extra", {}).get("data_fingerprint")
+            for p in _checkpoints(out)}
+
+
+def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path,
+                 selection: FilteredBCConfig | None = None) -> dict[str, Any]:
+    """``OUT/data`` for this run (built, or reused by a resume); returns its manifest. ``selection``:
+    filtered BC's config, whose rule picks the training (and validation) episodes."""
+    data_dir = out / DATA_DIR
+    build = build_settings(cfg, tokenizer_spec, selection)
+    if (data_dir / MANIFEST).is_file() and has_checkpoint(out):
+        manifest = json.loads((data_dir / MANIFEST).read_text())
+        if manifest["build"] != build:
+            changed = sorted(k for k in build if manifest["build"].get(k) != build[k])
+            raise ValueError(f"{out} holds a checkpoint trained on data built with other settings ({changed}: "
+                             f"{[manifest['build'].get(k) for k in changed]} then, {[build[k] for k in changed]} "
+                             f"now); resume with the old settings, or use a new --out (or delete {out / 'ray'})")
+        return manifest
+    shutil.rmtree(data_dir, ignore_errors=True)
+    write_episodes(cfg, tokenizer_spec, data_dir / "episodes")
+    files = sorted(f"episodes/{p.name}" for p in (data_dir / "episodes").glob("*.parquet"))
+    records, excluded = read_records(data_dir, files)
+    train, val = split_problems(records, cfg.val_fraction)
+    selected_out = 0
+    if selection is not None:
+        kept_train, kept_val = select(train, selection), select(val, selection)
+        selected_out = len(train) + len(val) - len(kept_train) - len(kept_val)
+        train, val = kept_train, kept_val
+    if not train:
+        raise ValueError(f"no usable training episodes in {cfg.store} ({cfg.source}): excluded "
+                         f"{dict(excluded)}, {len(val)} in validation, {selected_out} not kept by filtered BC")
+    keys = json.dumps([[r.sample_key, r.token_hash] for r in train]) + json.dumps([r.sample_key for r in val])
+    manifest = {"build": build, "files": files, "stats": data_stats(train, val, excluded, selected_out),
+                "fingerprint": hashlib.sha256((json.dumps(build, sort_keys=True) + keys).encode()).hexdigest()}
+    if has_checkpoint(out) and manifest["fingerprint"] not in _checkpoint_fingerprints(out):
+        raise ValueError(f"{out / DATA_DIR} was missing and the data built now differs from what the checkpoints "
+                         f"in {out / 'ray'} were trained on (the store changed, or they predate data fingerprints); use a new "
+                         f"--out, or delete "
+                         f"{out / 'ray'} to start over")
+    np.savez(data_dir / INDEX, train=np.array([r.row for r in train], dtype=np.int64),
+             val=np.array([r.row for r in val], dtype=np.int64))
+    tmp = data_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, data_dir / MANIFEST)  # last: a manifest means a complete data directory
+    return manifest
