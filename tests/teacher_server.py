@@ -136,6 +136,7 @@ class AccountFaults:
     reject_params: tuple[str, ...] = ()  # "max_tokens" and/or "temperature": refused with a 400
     requests_per_minute: float | None = None  # token bucket of one second of requests
     outage_until: float = 0.0  # monotonic time the current outage ends (set at run time)
+    content_faults: bool = True  # False: the FaultPlan is switched off (e.g. for a re-run)
 
     def __post_init__(self) -> None:
         bad = set(self.reject_params) - {"max_tokens", "temperature"}
@@ -247,6 +248,7 @@ class _Stats:
             self.prompt_tokens = self.completion_tokens = 0
             self.in_flight = self.peak_in_flight = 0
             self.in_flight_keys: Counter[str] = Counter()  # content keys being worked on now
+            self.first_ok_at = self.last_ok_at = None  # wall times of the first and last HTTP 200
             if attempts:
                 self.attempts.clear()
 
@@ -263,6 +265,8 @@ class _Stats:
                 "in_flight": self.in_flight,
                 "peak_in_flight": self.peak_in_flight,
                 "in_flight_keys": sorted(k for k, v in self.in_flight_keys.items() if v > 0),
+                "first_ok_at": self.first_ok_at,
+                "last_ok_at": self.last_ok_at,
             }
 
 
@@ -336,6 +340,8 @@ def create_app(
         with st.lock:
             st.by_outcome[outcome] += 1
             if billed and key is not None:
+                st.first_ok_at = st.first_ok_at or time.time()
+                st.last_ok_at = time.time()
                 st.billed_by_content[key] += 1
                 st.prompt_tokens += p_tok
                 st.completion_tokens += c_tok
@@ -409,7 +415,7 @@ def create_app(
     @app.post("/faults")
     async def set_faults(request: Request) -> dict[str, Any]:
         """Switch account faults now: {"outage_s": N, "outage_status": 503, "quota_after_billed": K|null,
-        "reject_params": [...], "requests_per_minute": R|null}."""
+        "reject_params": [...], "requests_per_minute": R|null, "content_faults": bool}."""
         change = await request.json()
         if "outage_s" in change:
             acct.outage_status = int(change.get("outage_status", acct.outage_status))
@@ -419,6 +425,8 @@ def create_app(
                 setattr(acct, name, change[name])
         if "reject_params" in change:
             acct.reject_params = tuple(change["reject_params"])
+        if "content_faults" in change:
+            acct.content_faults = bool(change["content_faults"])
         return {"outage_left_s": max(0.0, acct.outage_until - time.monotonic()),
                 "quota_after_billed": acct.quota_after_billed, "reject_params": list(acct.reject_params)}
 
@@ -469,7 +477,7 @@ def create_app(
             finish("follow_up")
             return _error(500, "The follow-up request failed (injected after a reply with too few choices).",
                           "server_error")
-        fault = plan.fires(key, attempt)
+        fault = plan.fires(key, attempt) if acct.content_faults else None
         if fault == "429":
             finish("429")
             return _error(429, "Rate limit reached for requests (injected).", "requests", "rate_limit_exceeded",
