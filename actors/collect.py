@@ -90,6 +90,7 @@ class CollectReport:
     not_ok: dict[str, int] = field(default_factory=dict)  # status -> rows of the requested problems
     not_ok_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # status -> reason -> rows
     stopped: str | None = None  # "budget" or "outage": the run stopped before the end
+    last_failure: str | None = None  # the teacher's last failure (what an outage looked like)
     spent_usd: float = 0.0  # this run, as the budget counted it (worst case where unknown)
     store_spent_usd: float = 0.0  # the store's ledger after this run
 
@@ -274,6 +275,7 @@ def _summarise(report: CollectReport, store: Store, wanted: set[str], governor: 
     report.not_ok_reasons = not_ok_summary(rows)
     report.spent_usd = governor["spent_usd"]
     report.store_spent_usd = store.spent_usd()
+    report.last_failure = governor["last_failure"]
     refusals = governor["refusals"]
     if refusals.get(REFUSED_OUTAGE):
         report.stopped = REFUSED_OUTAGE

@@ -48,6 +48,7 @@ class Governor:
         self.spent_usd = 0.0  # this run's settled spend (worst cases where the cost is unknown)
         self.calls = 0
         self.successes = 0  # healthy answers: a failure that outlives one is the call's, not an outage
+        self.last_failure: str | None = None  # what the endpoint last failed with (for the stop message)
 
     def admit(self, est_tokens: int = 0, worst_usd: float = 0.0) -> Admission:
         if self.fatal is not None:
@@ -63,7 +64,7 @@ class Governor:
         self.calls += 1
         return Admission(wait_s=self.limiter.reserve(est_tokens).wait_s if self.limiter else 0.0)
 
-    def settle(self, worst_usd: float, charged_usd: float, healthy: bool) -> tuple[bool, int]:
+    def settle(self, worst_usd: float, charged_usd: float, healthy: bool, error: str | None = None) -> tuple[bool, int]:
         """Release the reservation, count the spend and tell the breaker. Returns (the pool is in
         an outage, successes so far): a caller holds a failure against its own attempts unless
         the pool is in an outage and no call has succeeded since its first failure."""
@@ -74,6 +75,7 @@ class Governor:
             self.successes += 1
             self.breaker.success()
             return False, self.successes
+        self.last_failure = error
         return self.breaker.failure(), self.successes
 
     def stop(self, message: str) -> None:
@@ -88,6 +90,7 @@ class Governor:
     def snapshot(self) -> dict[str, Any]:
         return {"spent_usd": self.spent_usd, "calls": self.calls, "refusals": dict(self.refusals),
                 "fatal": self.fatal, "breaker_opened": self.breaker.opened, "breaker_state": self.breaker.state,
+                "last_failure": self.last_failure,
                 "budget_left_usd": None if self.budget is None else self.budget.left()}
 
 
@@ -103,10 +106,11 @@ class GovernorClient:
             return await self.g.admit.remote(est_tokens, worst_usd)
         return self.g.admit(est_tokens, worst_usd)
 
-    async def settle(self, worst_usd: float, charged_usd: float, healthy: bool) -> tuple[bool, int]:
+    async def settle(self, worst_usd: float, charged_usd: float, healthy: bool,
+                     error: str | None = None) -> tuple[bool, int]:
         if self.remote:
-            return await self.g.settle.remote(worst_usd, charged_usd, healthy)
-        return self.g.settle(worst_usd, charged_usd, healthy)
+            return await self.g.settle.remote(worst_usd, charged_usd, healthy, error)
+        return self.g.settle(worst_usd, charged_usd, healthy, error)
 
     def settle_nowait(self, worst_usd: float, charged_usd: float) -> None:
         """A success (or a cancelled call): nothing to wait for (the actor applies calls in order)."""

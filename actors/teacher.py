@@ -110,6 +110,14 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, RetryableError | asyncio.TimeoutError)
 
 
+def _unhealthy(exc: BaseException) -> bool:
+    """A failure that counts towards the breaker: the endpoint is failing or overloaded. A 429 that
+    says when to come back (Retry-After) is a rate limit doing its job, not an outage."""
+    if isinstance(exc, openai.RateLimitError) and _retry_after_s(exc) is not None:
+        return False
+    return _transient(exc)
+
+
 def _maybe_billed(exc: BaseException) -> bool:
     """No response, but the API may have done (and billed) the work: a timeout, a dropped line."""
     return isinstance(exc, openai.APIConnectionError | asyncio.TimeoutError)
@@ -236,7 +244,8 @@ class TeacherClient:
                 except Exception as e:
                     charged = worst if _maybe_billed(e) else 0.0
                     result.charged_usd += charged
-                    outage, successes = await self.governor.settle(worst, charged, healthy=not _transient(e))
+                    outage, successes = await self.governor.settle(worst, charged, not _unhealthy(e),
+                                                                   self._error(e)[:200])
                     reason = _fatal_reason(e)
                     if reason is not None:
                         message = self._fatal_message(e, reason)

@@ -178,11 +178,14 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
             # 2. a run killed mid-way, 3. its resume
             proc = subprocess.Popen(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            target = Store(store).count("samples") + n_problems
+            after_budget = Store(store).count("samples")
+            target = after_budget + n_problems
             while Store(store).count("samples") < target and proc.poll() is None:
                 time.sleep(0.2)
+            killed_mid_run = proc.poll() is None
             kill_tree(proc)
             in_flight_at_kill = set(srv.stats()["in_flight_keys"])
+            at_kill = Store(store).count("samples")
             resume = subprocess.run(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, capture_output=True,
                                     text=True)
             failed_before = _retryable(store)
@@ -199,8 +202,11 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
         twice = {k for k, n in st["billed_by_content"].items() if n > 1}
         on_purpose = {k for k in twice if STORM.kind_for(k) in REPAID_ON_PURPOSE}
         outcomes = {k: v for k, v in st["by_outcome"].items() if v}
-        print(f"[storm] {n_problems} problems x 3 x 3, latency {args.latency * 1000:.0f} ms; exit codes "
-              f"budget run {first.returncode}, resume {resume.returncode}, re-run {rerun.returncode}")
+        print(f"[storm] {n_problems} problems x 3 x 3 = {expected} samples, latency {args.latency * 1000:.0f} ms")
+        print(f"  samples stored: {after_budget} after the budget run (exit {first.returncode}), {at_kill} at the "
+              f"kill ({'mid-run' if killed_mid_run else 'it had ended: no kill'}, {len(in_flight_at_kill)} calls in "
+              f"flight), after the resume (exit {resume.returncode}) {failed_before} left to retry, after the "
+              f"re-run (exit {rerun.returncode}) {len(current)}")
         print(f"  {st['requests']} requests over 4 runs: {outcomes}")
         print(f"  rows lost {expected - len(current)}, duplicate keys {sum(n - 1 for n in pairs.values())}, "
               f"calls paid twice {len(twice - on_purpose - in_flight_at_kill)} (+{len(twice & in_flight_at_kill)} "
@@ -208,8 +214,9 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
               f"budget overshoot ${overshoot:.4f} (budget ${args.budget}), "
               f"rows left failed after one re-run {_retryable_rows(current)} (before it: {failed_before})")
         print(f"  final status {dict(Counter(r['status'] for r in current))}; attempts stored {len(rows)}")
-        if first.returncode != 1 or rerun.returncode not in (0,):
-            print("  budget run said: " + first.stdout.strip().splitlines()[-1] if first.stdout.strip() else first.stderr[-500:])
+        for name, run in (("budget run", first), ("resume", resume), ("re-run", rerun)):
+            out = run.stdout.strip().splitlines()
+            print(f"  {name} said: {out[-1] if out else run.stderr.strip()[-300:]}")
     finally:
         srv.close()
         if price_file is not None:
@@ -237,15 +244,18 @@ def realistic(args: argparse.Namespace, spec: str, questions: list[str]) -> None
         with tempfile.TemporaryDirectory() as store:
             report = run_collect(_cfg(srv.base_url, store, spec, args, requests_per_minute=rpm, timeout_s=10.0))
         st = srv.stats()
-        ok = st["by_outcome"]["ok"]
-        rate = (ok - 1) / (st["last_ok_at"] - st["first_ok_at"])
+        times = st["ok_times"]
+        rate = (len(times) - 1) / (times[-1] - times[0])  # first answer to last, ramp-up and tail included
+        lo, hi = len(times) // 10, len(times) - len(times) // 10  # the middle 80% of the answers
+        steady = (hi - 1 - lo) / (times[hi - 1] - times[lo])
         limited = st["by_outcome"]["rate_limited"]
         limit = rpm / 60
         print(f"[realistic] 1.5 s per call, a limit of {rpm:.0f} requests/min ({limit:.1f}/s) enforced by the server")
         print(f"  (a) plain asyncio, 10 in flight: {plain:6.2f} calls/s = {plain / limit:.2f} of the limit "
               f"({plain_429} answered 429)")
         print(f"  (b) subq collect, --requests-per-minute {rpm:.0f}: {rate:6.2f} calls/s = {rate / limit:.2f} of the "
-              f"limit, {limited} of {st['requests']} requests answered 429 ({100 * limited / st['requests']:.2f}%), "
+              f"limit from the first answer to the last ({steady / limit:.2f} over the middle 80% of the answers), "
+              f"{limited} of {st['requests']} requests answered 429 ({100 * limited / st['requests']:.2f}%), "
               f"{report.samples_total} samples; (b)/(a) = {rate / plain:.2f}")
     finally:
         srv.close()

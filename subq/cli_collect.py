@@ -140,8 +140,8 @@ def format_collect_report(report, store: str, cfg) -> str:
         lines.append(f"stopped: the budget is spent (${cfg.budget_usd} "
                      f"{'this run' if cfg.budget_per_run else 'for this store'}); raise --budget-usd to go on")
     elif report.stopped == "outage":
-        lines.append(f"stopped: the teacher failed for longer than --patience ({cfg.patience_s:.0f} s); "
-                     "stored work is kept: run the same command again later")
+        lines.append(f"stopped: the teacher failed for longer than --patience ({cfg.patience_s:.0f} s), last with "
+                     f"{report.last_failure}; stored work is kept: run the same command again later")
     ok = report.samples_total - sum(report.not_ok.values())
     last = f"{report.samples_total}/{report.samples_expected} samples stored: {ok} ok"
     if report.not_ok:

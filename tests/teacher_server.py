@@ -248,7 +248,7 @@ class _Stats:
             self.prompt_tokens = self.completion_tokens = 0
             self.in_flight = self.peak_in_flight = 0
             self.in_flight_keys: Counter[str] = Counter()  # content keys being worked on now
-            self.first_ok_at = self.last_ok_at = None  # wall times of the first and last HTTP 200
+            self.ok_times: list[float] = []  # wall time of every billed HTTP 200, in order
             if attempts:
                 self.attempts.clear()
 
@@ -265,8 +265,7 @@ class _Stats:
                 "in_flight": self.in_flight,
                 "peak_in_flight": self.peak_in_flight,
                 "in_flight_keys": sorted(k for k, v in self.in_flight_keys.items() if v > 0),
-                "first_ok_at": self.first_ok_at,
-                "last_ok_at": self.last_ok_at,
+                "ok_times": list(self.ok_times),
             }
 
 
@@ -340,8 +339,7 @@ def create_app(
         with st.lock:
             st.by_outcome[outcome] += 1
             if billed and key is not None:
-                st.first_ok_at = st.first_ok_at or time.time()
-                st.last_ok_at = time.time()
+                st.ok_times.append(time.time())
                 st.billed_by_content[key] += 1
                 st.prompt_tokens += p_tok
                 st.completion_tokens += c_tok

@@ -10,7 +10,7 @@ from actors.teacher import redact
 
 
 def test_requests_per_minute_spaces_reservations_after_the_burst():
-    lim = RateLimiter(requests_per_minute=600, burst_s=0.0)  # one request per 100 ms
+    lim = RateLimiter(requests_per_minute=600, burst_s=0.0, headroom=1.0)  # one request per 100 ms
     waits = [lim.reserve().wait_s for _ in range(5)]
     # back-to-back reservations are pushed 0.1 s apart on the limiter's clock
     assert waits[0] == 0.0
@@ -18,14 +18,14 @@ def test_requests_per_minute_spaces_reservations_after_the_burst():
 
 
 def test_burst_allows_a_second_of_capacity_without_waiting():
-    lim = RateLimiter(requests_per_minute=600, burst_s=1.0)
+    lim = RateLimiter(requests_per_minute=600, burst_s=1.0, headroom=1.0)
     waits = [lim.reserve().wait_s for _ in range(12)]
     assert all(w == 0 for w in waits[:10])
     assert waits[-1] == pytest.approx(0.1, abs=0.02)
 
 
 def test_tokens_per_minute_limits_big_requests():
-    lim = RateLimiter(tokens_per_minute=6000, burst_s=0.0)  # 100 tokens/s
+    lim = RateLimiter(tokens_per_minute=6000, burst_s=0.0, headroom=1.0)  # 100 tokens/s
     assert lim.reserve(est_tokens=200).wait_s == 0.0
     assert lim.reserve(est_tokens=100).wait_s == pytest.approx(2.0, abs=0.05)
 
@@ -82,3 +82,9 @@ def test_price_file_with_a_cached_rate_and_a_bad_entry(tmp_path):
     bad.write_text('{"prices": {"m": 3}}')
     with pytest.raises(ValueError, match="must be"):
         PriceTable.from_json(str(bad))
+
+
+def test_requests_are_scheduled_with_headroom_below_the_limit():
+    lim = RateLimiter(requests_per_minute=600, burst_s=0.0)  # 95% of 10/s
+    waits = [lim.reserve().wait_s for _ in range(20)]
+    assert waits[-1] == pytest.approx(19 / 9.5, abs=0.01)
