@@ -1,33 +1,41 @@
 """Collection on Ray: decompose -> answer -> feedback as one streaming Ray Data pipeline.
 
-Each stage is ``map_batches`` with a callable class over its own autoscaling actor pool, and
-the three run concurrently; every actor runs many teacher calls at once (async UDF, several
-batches in flight per actor). Each stage's actors append every finished batch to the store as
-one durable part file: ``journal_decompose`` and ``journal_answer`` for the intermediate stages,
-``samples`` for the last. Resume is therefore exact: a stage only gets the keys that its output table does
-not hold yet, so a re-run after a kill finishes the work without duplicates and never re-sends
-a call whose result was stored.
+Each stage is ``map_batches`` with a callable class (``actors.stage_worker``) over its own
+autoscaling actor pool, and the three run concurrently; every actor runs many teacher calls at
+once (async UDF, several batches in flight per actor) and stores each finished call at once:
+``journal_decompose`` and ``journal_answer`` for the intermediate stages, ``samples`` for the
+last, and the ``calls`` ledger. Resume is therefore exact: the plan (``actors.collect_plan``)
+sends each key to the stage where it stopped, so a re-run after a kill finishes the work without
+duplicates and never re-sends a call whose result was stored. Rows that failed in a retryable
+way get a new attempt unless ``retry_failed`` is off.
+
+One run writes a store at a time (the store's lock). One governor actor is shared by the whole
+pool: rate limits, the $ budget (cumulative over the store's ledger unless ``budget_per_run``),
+the circuit breaker and the stop after a fatal account error.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
+import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from actors.breaker import BreakerConfig
+from actors.collect_plan import plan_keys as _plan_keys
+from actors.collect_plan import plan_work
+from actors.governor import REFUSED_BUDGET, REFUSED_OUTAGE, Governor, GovernorConfig
 from actors.prices import PriceTable
-from actors.rate_limit import RateLimiter
-from actors.stages import StageSettings, answer, decompose, feedback
-from actors.teacher import TeacherClient, TeacherConfig
+from actors.stage_worker import STAGE_OUTPUT, StageWorker
+from actors.stages import StageSettings
+from actors.teacher import TeacherConfig, TeacherFatalError
 from data_store.datasets import load_problems
-from data_store.schema import SAMPLES_SCHEMA, STATUS_OK, sample_key, to_table
+from data_store.schema import RETRYABLE_STATUSES, STATUS_OK, STATUS_SKIPPED
 from data_store.store import Store
-from protocol.prompts import PROMPT_VERSION
-
-STAGE_OUTPUT = {"decompose": "journal_decompose", "answer": "journal_answer", "feedback": "samples"}
+from data_store.store_stats import not_ok_summary
 
 
 @dataclass
@@ -44,7 +52,10 @@ class CollectConfig:
     max_tokens: int = 256  # per completion
     requests_per_minute: float | None = None  # shared by the whole actor pool
     tokens_per_minute: float | None = None
-    budget_usd: float | None = None  # stop starting new calls once this much is spent
+    budget_usd: float | None = None  # a cap on spend; calls are reserved at their worst case first
+    budget_per_run: bool = False  # False: the store's recorded spend counts against the budget
+    retry_failed: bool = True  # re-run rows stored as api_error / partial / truncated (new attempt)
+    patience_s: float = 600.0  # an outage longer than this stops the run (nothing stored as failed)
     prices: PriceTable = field(default_factory=PriceTable)
     min_actors: int = 1  # the actor pool autoscales between these
     max_actors: int = 4
@@ -52,8 +63,9 @@ class CollectConfig:
     # Custom Ray resources each actor requests, e.g. {"collect_node": 0.01} to pin collection
     # actors to nodes that advertise that resource (cluster/ puts it on the CPU worker group).
     actor_resources: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 8  # rows per batch = rows per durable part file
+    batch_size: int = 8  # rows per Ray Data batch (calls are stored one by one as they finish)
     batches_in_flight_per_actor: int = 8  # concurrent batches per actor (x batch_size calls)
+    compact_after: bool = True  # merge the run's small part files when it ends
     progress: bool = True  # a tqdm bar per stage on the driver
 
 
@@ -61,8 +73,8 @@ class CollectConfig:
 class StageReport:
     todo: int = 0  # rows this run sent to the stage
     written: int = 0  # rows stored
-    failed: int = 0  # stored with a parse or API error in this stage
-    budget_stopped: int = 0  # left undone because the budget ran out
+    failed: int = 0  # stored with an error in this stage
+    budget_stopped: int = 0  # left undone (budget spent, or the run stopped)
     cost_usd: float = 0.0
     cost_unknown: bool = False
     wall_s: float = 0.0  # wall time of the whole collection (the stages run concurrently)
@@ -74,6 +86,13 @@ class CollectReport:
     stages: dict[str, StageReport] = field(default_factory=dict)
     samples_total: int = 0  # rows in `samples` for the requested problems after this run
     samples_expected: int = 0
+    retried: int = 0  # failed rows this run made a new attempt for
+    not_ok: dict[str, int] = field(default_factory=dict)  # status -> rows of the requested problems
+    not_ok_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # status -> reason -> rows
+    stopped: str | None = None  # "budget" or "outage": the run stopped before the end
+    last_failure: str | None = None  # the teacher's last failure (what an outage looked like)
+    spent_usd: float = 0.0  # this run, as the budget counted it (worst case where unknown)
+    store_spent_usd: float = 0.0  # the store's ledger after this run
 
     @property
     def cost_usd(self) -> float | None:
@@ -85,58 +104,13 @@ class CollectReport:
     def complete(self) -> bool:
         return self.samples_total == self.samples_expected
 
+    @property
+    def retryable(self) -> int:
+        """Rows a re-run would retry."""
+        return sum(n for s, n in self.not_ok.items() if s in RETRYABLE_STATUSES)
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "cost_usd": self.cost_usd, "complete": self.complete}
-
-
-class StageWorker:
-    """Ray Data callable class: one stage over a batch of rows, all its calls concurrent.
-
-    The worker stores its own output (one durable part file per batch) before handing the rows
-    to the next stage, so a stage's paid work survives a crash of anything downstream. A batch
-    Ray retries (its actor died after storing) is answered from the store, not re-paid.
-    """
-
-    def __init__(self, stage: str, teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
-                 limiter: Any, store_root: str):
-        self.stage, self.teacher_cfg, self.settings = stage, teacher, settings
-        self.prices, self.limiter = prices, limiter
-        self.store = Store(store_root)
-        self.table = STAGE_OUTPUT[stage]
-        self._client: TeacherClient | None = None
-
-    def _stored(self, rows: list[dict]) -> tuple[list[dict], pa.Table | None]:
-        """Split a batch into rows still to do and the stored results of the others."""
-        done = self.store.keys(self.table, fresh=True)
-        if self.stage == "decompose":
-            todo, have = [], []
-            for item in rows:
-                keys = dict(zip(item["sample_indices"], item["sample_keys"], strict=True))
-                have += [k for k in keys.values() if k in done]
-                missing = [i for i, k in keys.items() if k not in done]
-                if missing:
-                    todo.append({**item, "sample_indices": missing})
-        else:
-            todo = [r for r in rows if r["sample_key"] not in done]
-            have = [r["sample_key"] for r in rows if r["sample_key"] in done]
-        return todo, (self.store.filter_keys(self.table, have) if have else None)
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        if self._client is None:  # created inside the actor's event loop
-            self._client = TeacherClient(self.teacher_cfg, self.prices, self.limiter)
-        todo, stored = self._stored(batch.to_pylist())
-        fn = {"decompose": decompose, "answer": answer, "feedback": feedback}[self.stage]
-        outs = await asyncio.gather(*(fn(self._client, row, self.settings) for row in todo))
-        rows: list[dict] = []
-        for out in outs:
-            if isinstance(out, list):
-                rows.extend(out)
-            elif out is not None:  # None: the budget stopped this row; a later run does it
-                rows.append(out)
-        table = to_table(rows, SAMPLES_SCHEMA)
-        if rows:
-            self.store.append(self.table, table)
-        return table if stored is None else pa.concat_tables([stored.cast(SAMPLES_SCHEMA), table])
+        return {**asdict(self), "cost_usd": self.cost_usd, "complete": self.complete, "retryable": self.retryable}
 
 
 def batched_dataset(rows: list[dict] | pa.Table, batch_size: int):
@@ -154,8 +128,8 @@ def batched_dataset(rows: list[dict] | pa.Table, batch_size: int):
     return ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size))
 
 
-def run_pipeline(stages: list[str], inputs: list[dict] | pa.Table, cfg: CollectConfig,
-                 settings: StageSettings, limiter: Any, expected: int, bar: Any) -> None:
+def run_pipeline(stages: list[str], inputs: list[dict], cfg: CollectConfig, settings: StageSettings,
+                 governor: Any, bar: Any) -> None:
     """One streaming Ray Data pipeline over ``stages``: every stage has its own actor pool and
     all stages run at once (a batch is answered while the next one is still being decomposed)."""
     from ray.data import ActorPoolStrategy, DataContext
@@ -164,15 +138,15 @@ def run_pipeline(stages: list[str], inputs: list[dict] | pa.Table, cfg: CollectC
     ds = batched_dataset(inputs, cfg.batch_size)
     if ds is None:
         return
-    n_blocks = -(-(inputs.num_rows if isinstance(inputs, pa.Table) else len(inputs)) // cfg.batch_size)
+    n_blocks = -(-len(inputs) // cfg.batch_size)
     DataContext.get_current().enable_progress_bars = False  # our bar says more (failed, $)
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
     for stage in stages:
         ds = ds.map_batches(
             StageWorker,
             fn_constructor_kwargs=dict(stage=stage, teacher=cfg.teacher, settings=settings,
-                                       prices=cfg.prices, limiter=limiter, store_root=cfg.store),
-            batch_size=None,  # one block = one batch = one part file
+                                       prices=cfg.prices, governor=governor, store_root=cfg.store),
+            batch_size=None,  # one block = one batch
             batch_format="pyarrow",
             compute=ActorPoolStrategy(
                 min_size=cfg.min_actors,
@@ -208,33 +182,45 @@ class _Progress:
         self.bar.close()
 
 
-def _stage_report(store: Store, stage: str, new_keys: set[str], todo: int, wall_s: float) -> StageReport:
-    rows = store.filter_keys(STAGE_OUTPUT[stage], new_keys)
-    report = StageReport(todo=todo, written=rows.num_rows, wall_s=wall_s)
-    statuses = rows.column(f"{stage}_status").to_pylist()
-    report.failed = sum(s not in (STATUS_OK, "skipped") for s in statuses)
-    for c, n in zip(rows.column(f"{stage}_cost_usd").to_pylist(), rows.column(f"{stage}_calls").to_pylist(),
-                    strict=True):
-        report.cost_unknown |= bool(n) and c is None
-        report.cost_usd += c or 0.0
+def _stage_report(store: Store, stage: str, wanted: set[str], run_id: str, todo: int, wall_s: float) -> StageReport:
+    rows = [r for r in store.filter_keys(STAGE_OUTPUT[stage], wanted).to_pylist() if r["run_id"] == run_id]
+    report = StageReport(todo=todo, written=len(rows), wall_s=wall_s)
+    report.failed = sum(r[f"{stage}_status"] not in (STATUS_OK, STATUS_SKIPPED) for r in rows)
+    for r in rows:
+        report.cost_unknown |= bool(r[f"{stage}_calls"]) and r[f"{stage}_cost_usd"] is None
+        report.cost_usd += r[f"{stage}_cost_usd"] or 0.0
     report.budget_stopped = max(0, todo - report.written)
     return report
 
 
+def stage_settings(cfg: CollectConfig, run_id: str = "") -> StageSettings:
+    assert cfg.teacher is not None
+    return StageSettings(
+        teacher_model=cfg.teacher.model, price_table_version=cfg.prices.version,
+        samples_per_problem=cfg.samples_per_problem, feedback_samples=cfg.feedback_samples,
+        max_subquestions=cfg.max_subquestions, decompose_temperature=cfg.decompose_temperature,
+        answer_temperature=cfg.answer_temperature, feedback_temperature=cfg.feedback_temperature,
+        max_tokens=cfg.max_tokens, run_id=run_id,
+    )
+
+
 def plan_keys(problems: list[dict], cfg: CollectConfig) -> dict[str, list[str]]:
     """problem_id -> the sample keys this collection should produce for it."""
-    model, version = cfg.teacher.model, PROMPT_VERSION
-    return {
-        p["problem_id"]: [sample_key(p["problem_id"], model, version, i) for i in range(cfg.samples_per_problem)]
-        for p in problems
-    }
+    return _plan_keys(problems, stage_settings(cfg), cfg.samples_per_problem)
+
+
+def collect_todo(cfg: CollectConfig, problems: list[dict]) -> int:
+    """Samples a run of ``cfg`` would work on: missing, unfinished, or to retry (no writes)."""
+    plan = plan_work(Store(cfg.store), problems, stage_settings(cfg), cfg.samples_per_problem, cfg.retry_failed)
+    return plan.todo["feedback"]
 
 
 def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> CollectReport:
     """Collect (or finish collecting) ``cfg.samples_per_problem`` samples for every problem.
 
     Ray must be initialised and the teacher endpoint reachable (see ``actors.teacher.check_endpoint``).
-    Work left by an interrupted run enters the pipeline at the stage where it stopped.
+    Work left by an interrupted run enters the pipeline at the stage where it stopped. Raises
+    ``TeacherFatalError`` (quota, billing, key) and ``data_store.lock.StoreLocked``.
     """
     import ray
 
@@ -246,51 +232,52 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
         )
     problems = problems if problems is not None else load_problems(cfg.problems)
     store = Store(cfg.store)
-    store.append("problems", problems)
-    settings = StageSettings(
-        teacher_model=cfg.teacher.model, price_table_version=cfg.prices.version,
-        samples_per_problem=cfg.samples_per_problem, feedback_samples=cfg.feedback_samples,
-        max_subquestions=cfg.max_subquestions, decompose_temperature=cfg.decompose_temperature,
-        answer_temperature=cfg.answer_temperature, feedback_temperature=cfg.feedback_temperature,
-        max_tokens=cfg.max_tokens,
-    )
-    keys = plan_keys(problems, cfg)
-    wanted = {k for ks in keys.values() for k in ks}
-    before = {t: store.keys(t) & wanted for t in STAGE_OUTPUT.values()}
-    in_samples, in_answer, in_decompose = before["samples"], before["journal_answer"], before["journal_decompose"]
-    # entry points: answered rows need feedback only; decomposed rows need answer + feedback;
-    # sample indices with nothing stored start at decompose (one call per problem, n = missing)
-    feedback_only = store.filter_keys("journal_answer", in_answer - in_samples)
-    from_answer = store.filter_keys("journal_decompose", in_decompose - in_answer - in_samples)
-    work = []
-    for p in problems:
-        missing = [(i, k) for i, k in enumerate(keys[p["problem_id"]]) if k not in in_samples | in_answer | in_decompose]
-        if missing:
-            work.append({"problem_id": p["problem_id"], "question": p["question"], "gold_value": p["answer_value"],
-                         "sample_indices": [i for i, _ in missing], "sample_keys": [k for _, k in missing]})
-    n_new = sum(len(w["sample_indices"]) for w in work)
-    todo = {"decompose": n_new, "answer": n_new + from_answer.num_rows,
-            "feedback": n_new + from_answer.num_rows + feedback_only.num_rows}
-    report = CollectReport(problems=len(problems), samples_expected=len(wanted))
-    limiter = None  # without limits every call would pay two actor round trips for nothing
-    if cfg.requests_per_minute or cfg.tokens_per_minute or cfg.budget_usd is not None:
-        limiter = ray.remote(num_cpus=0)(RateLimiter).remote(
-            cfg.requests_per_minute, cfg.tokens_per_minute, cfg.budget_usd
-        )
-    progress = _Progress(todo["feedback"], cfg.progress)
-    start = time.perf_counter()
-    try:
-        for stages, inputs in ((["feedback"], feedback_only), (["answer", "feedback"], from_answer),
-                               (["decompose", "answer", "feedback"], work)):
-            run_pipeline(stages, inputs, cfg, settings, limiter, todo["feedback"], progress)
-    finally:
-        progress.close()
-        if limiter is not None:
-            ray.kill(limiter)
-    wall = time.perf_counter() - start
-    store.refresh()
-    for stage, table in STAGE_OUTPUT.items():
-        new = (store.keys(table) & wanted) - before[table]
-        report.stages[stage] = _stage_report(store, stage, new, todo[stage], wall)
-    report.samples_total = len(wanted & store.keys("samples"))
+    with store.lock("subq collect"):
+        store.append("problems", problems)
+        settings = stage_settings(cfg, run_id=uuid.uuid4().hex[:12])
+        plan = plan_work(store, problems, settings, cfg.samples_per_problem, cfg.retry_failed)
+        todo = plan.todo
+        report = CollectReport(problems=len(problems), samples_expected=len(plan.wanted), retried=plan.retried)
+        governor = ray.remote(num_cpus=0)(Governor).remote(GovernorConfig(
+            requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
+            budget_usd=cfg.budget_usd, spent_before_usd=0.0 if cfg.budget_per_run else store.spent_usd(),
+            breaker=BreakerConfig(patience_s=cfg.patience_s)))
+        progress = _Progress(todo["feedback"], cfg.progress)
+        start = time.perf_counter()
+        try:
+            for stages, inputs in ((["feedback"], plan.feedback), (["answer", "feedback"], plan.answer),
+                                   (["decompose", "answer", "feedback"], plan.decompose)):
+                run_pipeline(stages, inputs, cfg, settings, governor, progress)
+        except Exception:
+            fatal = ray.get(governor.snapshot.remote())["fatal"]
+            if fatal:  # the actor's exception, without Ray's wrapping and traceback
+                raise TeacherFatalError(fatal) from None
+            raise
+        finally:
+            progress.close()
+            snapshot = ray.get(governor.snapshot.remote())
+            ray.kill(governor)
+        wall = time.perf_counter() - start
+        if cfg.compact_after:
+            for table in (*STAGE_OUTPUT.values(), "calls"):
+                store.compact(table)
+        store.refresh()
+        for stage in STAGE_OUTPUT:
+            report.stages[stage] = _stage_report(store, stage, plan.wanted, settings.run_id, todo[stage], wall)
+        _summarise(report, store, plan.wanted, snapshot)
     return report
+
+
+def _summarise(report: CollectReport, store: Store, wanted: set[str], governor: dict[str, Any]) -> None:
+    rows = store.filter_keys("samples", wanted).to_pylist()
+    report.samples_total = len(rows)
+    report.not_ok = dict(Counter(r["status"] for r in rows if r["status"] != STATUS_OK))
+    report.not_ok_reasons = not_ok_summary(rows)
+    report.spent_usd = governor["spent_usd"]
+    report.store_spent_usd = store.spent_usd()
+    report.last_failure = governor["last_failure"]
+    refusals = governor["refusals"]
+    if refusals.get(REFUSED_OUTAGE):
+        report.stopped = REFUSED_OUTAGE
+    elif refusals.get(REFUSED_BUDGET):
+        report.stopped = REFUSED_BUDGET

@@ -5,15 +5,21 @@ decompose: one call per problem asks for ``n`` decompositions at once (the promp
 answer:    the teacher answers its own sub-questions, ending with "Final answer: <number>";
            ``correct`` compares that number with the gold answer.
 feedback:  one call with ``n = feedback_samples`` judgements; usefulness_i = share of "Yes".
+           Fewer judgements than asked (and asking for the rest failed) is ``partial``, not ok.
 
-A call's tokens, latency and $ are split evenly over the rows it produced. A row whose earlier
-stage failed is passed through with this stage ``skipped`` (no call). A call refused because the
-$ budget is spent yields *no* row, so a later run does that work.
+Each function returns the rows it produced and the calls it made (for the store's ledger). A
+call's tokens, latency and $ are split evenly over the rows it produced. A row whose earlier
+stage failed is passed through with this stage ``skipped`` (no call). A call the governor
+refused (budget spent, outage past the patience, a fatal account error) yields *no* row, so a
+later run does that work. Output cut at the token limit (finish_reason "length") is
+``truncated``: for feedback only when the cut judgement lacks a verdict (its cap is tight on
+purpose, and verdicts written before the cut are complete).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,15 +30,20 @@ from data_store.schema import (
     STATUS_API_ERROR,
     STATUS_OK,
     STATUS_PARSE_ERROR,
+    STATUS_PARTIAL,
     STATUS_SKIPPED,
+    STATUS_TRUNCATED,
     empty_row,
     sample_key,
+    settings_fingerprint,
 )
 from protocol.answers import numbers_match
 from protocol.parse import parse_answers, parse_feedback, parse_subquestions, usefulness
 from protocol.prompts import PROMPT_VERSION, answer_messages, decompose_messages, feedback_messages
 
 Row = dict[str, Any]
+Output = tuple[list[Row], list[CallResult]]  # rows produced, calls made
+LENGTH = "length"  # the finish_reason of output cut at the token limit
 
 
 @dataclass
@@ -47,6 +58,20 @@ class StageSettings:
     feedback_temperature: float = 0.7  # k judgements need diversity
     max_tokens: int = 256
     prompt_version: str = PROMPT_VERSION
+    run_id: str = ""  # the collection run (stored with every attempt it writes)
+
+    def output_settings(self) -> dict[str, Any]:
+        """Everything that changes a sample's content: its fingerprint is part of the key, so
+        other settings make other samples. Not in it: samples_per_problem (more samples of the
+        same settings extend a collection), prices, run ids, concurrency."""
+        fields = asdict(self)
+        for name in ("price_table_version", "samples_per_problem", "run_id"):
+            fields.pop(name)
+        return fields
+
+    @property
+    def fingerprint(self) -> str:
+        return settings_fingerprint(self.output_settings())
 
 
 def _now() -> datetime:
@@ -56,8 +81,8 @@ def _now() -> datetime:
 def _account(row: Row, stage: str, call: CallResult, share: int = 1) -> None:
     """Add this row's share of a call's usage (calls are split evenly over their rows).
 
-    Only successful calls are billed; the stage's $ is null as soon as one billed call has an
-    unknown price.
+    Only successful calls are billed here (the ledger also counts failed calls that may have
+    been); the stage's $ is null as soon as one billed call has an unknown price or no usage.
     """
     if not row.get(f"{stage}_calls"):
         row[f"{stage}_cost_usd"] = 0.0
@@ -76,7 +101,7 @@ def finalize(row: Row) -> Row:
     cost: float | None = 0.0
     for stage in STAGES:
         s = row.get(f"{stage}_status")
-        if s in (STATUS_PARSE_ERROR, STATUS_API_ERROR) and status == STATUS_OK:
+        if s not in (None, STATUS_OK, STATUS_SKIPPED) and status == STATUS_OK:
             status = s
         if row.get(f"{stage}_calls"):
             c = row.get(f"{stage}_cost_usd")
@@ -88,35 +113,45 @@ def finalize(row: Row) -> Row:
 
 
 async def _chat_n(client: TeacherClient, messages: list[dict], n: int, temperature: float, max_tokens: int):
-    """Up to ``n`` choices; endpoints that ignore ``n`` get asked again for the rest."""
+    """Up to ``n`` choices; endpoints that return fewer get asked again for the rest."""
     calls: list[CallResult] = []
     texts: list[str] = []
+    reasons: list[str | None] = []
     while len(texts) < n:
         call = await client.chat(messages, n=n - len(texts), temperature=temperature, max_tokens=max_tokens)
         calls.append(call)
         if not call.ok or not call.texts:
             break
-        texts.extend(call.texts[: n - len(texts)])
-    return texts, calls
+        take = n - len(texts)
+        texts.extend(call.texts[:take])
+        reasons.extend((call.finish_reasons or [None] * len(call.texts))[:take])
+    return texts, reasons, calls
 
 
-async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> list[Row]:
-    """``item``: problem_id, question, gold_value, sample_indices (the ones still missing)."""
+async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> Output:
+    """``item``: problem_id, question, gold_value, sample_indices (the ones still missing), and
+    per index its sample key and attempt (``sample_keys``, ``attempts``)."""
     indices: list[int] = list(item["sample_indices"])
+    attempts: list[int] = list(item.get("attempts") or [0] * len(indices))
     messages = decompose_messages(item["question"], s.max_subquestions)
-    texts, calls = await _chat_n(client, messages, len(indices), s.decompose_temperature, s.max_tokens)
+    texts, reasons, calls = await _chat_n(client, messages, len(indices), s.decompose_temperature, s.max_tokens)
     last = calls[-1]
-    if last.budget_stopped:
+    if last.refused:
         indices = indices[: len(texts)]  # the rest stays unpaid and undone
+    fingerprint, settings = s.fingerprint, json.dumps(s.output_settings(), sort_keys=True)
     rows = []
     for j, idx in enumerate(indices):
         row = empty_row(SAMPLES_SCHEMA)
         row.update(
-            sample_key=sample_key(item["problem_id"], s.teacher_model, s.prompt_version, idx),
+            sample_key=sample_key(item["problem_id"], s.teacher_model, s.prompt_version, idx, fingerprint),
             problem_id=item["problem_id"],
             teacher_model=s.teacher_model,
             prompt_version=s.prompt_version,
             sample_index=idx,
+            attempt=attempts[j],
+            fingerprint=fingerprint,
+            settings=settings,
+            run_id=s.run_id,
             source="collect",
             question=item["question"],
             gold_value=item.get("gold_value"),
@@ -126,9 +161,14 @@ async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> list[
         if j < len(texts):
             parsed = parse_subquestions(texts[j], s.max_subquestions)
             row["decompose_raw"] = texts[j]
+            row["decompose_finish_reason"] = reasons[j]
             row["subquestions"] = parsed.subquestions or None
-            row["decompose_status"] = STATUS_OK if parsed.error is None else STATUS_PARSE_ERROR
-            row["decompose_error"] = parsed.error
+            if reasons[j] == LENGTH:
+                row["decompose_status"] = STATUS_TRUNCATED
+                row["decompose_error"] = f"cut at the token limit ({s.max_tokens})"
+            else:
+                row["decompose_status"] = STATUS_OK if parsed.error is None else STATUS_PARSE_ERROR
+                row["decompose_error"] = parsed.error
         else:
             row["decompose_status"] = STATUS_API_ERROR
             row["decompose_error"] = last.error
@@ -142,61 +182,71 @@ async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> list[
         for row in owners:
             _account(row, "decompose", call, share=len(owners))
         produced += len(call.texts) if call.ok else 0
-    return [finalize(r) for r in rows]
+    return [finalize(r) for r in rows], calls
 
 
-async def answer(client: TeacherClient, row: Row, s: StageSettings) -> Row | None:
+async def answer(client: TeacherClient, row: Row, s: StageSettings) -> Output:
     if row.get("decompose_status") != STATUS_OK:
         row["answer_status"] = STATUS_SKIPPED
-        return finalize(row)
+        return [finalize(row)], []
     call = await client.chat(
         answer_messages(row["question"], list(row["subquestions"])),
         temperature=s.answer_temperature,
         max_tokens=s.max_tokens,
     )
-    if call.budget_stopped:
-        return None
+    if call.refused:
+        return [], [call]
     _account(row, "answer", call)
     if not call.ok:
         row.update(answer_status=STATUS_API_ERROR, answer_error=call.error)
-        return finalize(row)
+        return [finalize(row)], [call]
     parsed = parse_answers(call.texts[0], len(row["subquestions"]))
+    reason = call.finish_reasons[0] if call.finish_reasons else None
     row.update(
         answer_raw=call.texts[0],
+        answer_finish_reason=reason,
         subanswers=parsed.subanswers or None,
         final_answer=parsed.final_answer,
         final_value=parsed.final_value,
         answer_status=STATUS_OK if parsed.error is None else STATUS_PARSE_ERROR,
         answer_error=parsed.error,
     )
+    if reason == LENGTH:
+        row.update(answer_status=STATUS_TRUNCATED, answer_error=f"cut at the token limit ({s.max_tokens})")
     if parsed.final_value is not None and row.get("gold_value") is not None:
         row["correct"] = numbers_match(parsed.final_value, row["gold_value"])
-    return finalize(row)
+    return [finalize(row)], [call]
 
 
-async def feedback(client: TeacherClient, row: Row, s: StageSettings) -> Row | None:
+async def feedback(client: TeacherClient, row: Row, s: StageSettings) -> Output:
     if row.get("answer_status") != STATUS_OK:
         row["feedback_status"] = STATUS_SKIPPED
-        return finalize(row)
+        return [finalize(row)], []
     subqs = list(row["subquestions"])
     messages = feedback_messages(row["question"], subqs, list(row["subanswers"] or []))
     # a verdict is ~4 tokens per sub-question: a tight cap keeps a rambling teacher cheap
     max_tokens = min(s.max_tokens, 24 + 8 * len(subqs))
-    texts, calls = await _chat_n(client, messages, s.feedback_samples, s.feedback_temperature, max_tokens)
-    if calls[-1].budget_stopped and not texts:
-        return None
+    texts, reasons, calls = await _chat_n(client, messages, s.feedback_samples, s.feedback_temperature, max_tokens)
+    if calls[-1].refused and not texts:
+        return [], calls
     for call in calls:
         _account(row, "feedback", call)
     if not texts:
         row.update(feedback_status=STATUS_API_ERROR, feedback_error=calls[-1].error)
-        return finalize(row)
+        return [finalize(row)], calls
     parsed = [parse_feedback(t, len(subqs)) for t in texts]
     row["feedback_raw"] = texts
+    row["feedback_finish_reason"] = LENGTH if LENGTH in reasons else reasons[0]
     row["usefulness"] = usefulness(parsed, len(subqs))
     errors = [p.error for p in parsed if p.error]
     if len(texts) < s.feedback_samples:
-        errors.append(f"only {len(texts)} of {s.feedback_samples} judgements: {calls[-1].error}")
-    complete = all(u is not None for u in row["usefulness"])
-    row["feedback_status"] = STATUS_OK if complete else STATUS_PARSE_ERROR
+        status = STATUS_PARTIAL
+        errors.insert(0, f"only {len(texts)} of {s.feedback_samples} judgements: {calls[-1].error}")
+    elif any(p.error and r == LENGTH for p, r in zip(parsed, reasons, strict=True)):
+        status = STATUS_TRUNCATED
+        errors.insert(0, f"a judgement was cut at the token limit ({max_tokens})")
+    else:
+        status = STATUS_OK if all(u is not None for u in row["usefulness"]) else STATUS_PARSE_ERROR
+    row["feedback_status"] = status
     row["feedback_error"] = "; ".join(errors) if errors else None
-    return finalize(row)
+    return [finalize(row)], calls

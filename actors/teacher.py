@@ -1,10 +1,22 @@
 """The teacher client: one OpenAI-compatible chat call with retries, usage, latency and $.
 
-The ``openai`` client's own retries are off (``max_retries=0``): tenacity owns the policy so
-that every attempt is counted and a 429's ``Retry-After`` is honoured exactly. Retried: 429,
-5xx, timeouts, connection errors. Not retried: other 4xx (a bad request stays bad) — recorded
-as an API error. The API key is read from the environment by name, and every error message is
-scrubbed of it before it is returned (errors end up in the store and in logs).
+The ``openai`` client's own retries are off (``max_retries=0``): the loop in :meth:`TeacherClient.chat`
+owns the policy, so every attempt is counted, a 429's ``Retry-After`` is honoured exactly, and
+every attempt passes the run's shared :class:`~actors.governor.Governor` (rate limits, the $
+budget, the circuit breaker). Outcomes of an attempt:
+
+- success: priced from its usage (cached input included); no usage -> the price is unknown;
+- 429 / 5xx / timeouts / connection errors: retried with exponential backoff and full jitter, at
+  most ``max_attempts`` times -- but attempts that fail while the whole pool is in an outage (the
+  breaker is open) are not held against the call: it waits with the pool, up to the patience;
+- a 400 naming a parameter the model refuses (``max_tokens``, ``temperature``): learned for the
+  model (``actors.model_params``) and re-sent at once;
+- exhausted quota, billing and authentication errors (401, 402, 403, 429 ``insufficient_quota``):
+  :class:`TeacherFatalError`, after telling the governor to refuse every further call of the run;
+- any other 4xx: not retried (a bad request stays bad), returned as the call's error.
+
+The API key is read from the environment by name, and every error message is scrubbed of it
+before it is returned (errors end up in the store and in logs).
 """
 
 from __future__ import annotations
@@ -18,13 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import openai
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from actors.governor import REFUSED_BUDGET, Governor, GovernorClient
+from actors.model_params import learn_from, request_params, style_for
 from actors.prices import PriceTable
 
 # Base URLs that never need a key (our local servers); anything else gets the env key.
 NO_KEY_PLACEHOLDER = "no-key"
 _KEYLIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
+# Error codes that mean the account, not the request, is the problem: stop the run.
+_FATAL_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active",
+                          "account_deactivated", "invalid_api_key"})
 
 
 @dataclass
@@ -33,7 +49,7 @@ class TeacherConfig:
     model: str  # model name sent to the endpoint (and looked up in the price table)
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key (never the key)
     timeout_s: float = 60.0  # per attempt
-    max_attempts: int = 6  # attempts per call, first one included
+    max_attempts: int = 6  # attempts per call, first one included (outage attempts not counted)
     backoff_initial_s: float = 0.5  # exponential backoff with full jitter: initial * 2^k, capped
     backoff_max_s: float = 30.0
     retry_after_max_s: float = 120.0  # a server asking for longer than this is capped
@@ -43,18 +59,30 @@ class TeacherConfig:
 @dataclass
 class CallResult:
     texts: list[str] = field(default_factory=list)  # one per choice
+    finish_reasons: list[str | None] = field(default_factory=list)  # one per choice: "stop", "length", ...
     ok: bool = False
     error: str | None = None
     tokens_in: int = 0
     tokens_out: int = 0
+    cached_tokens: int = 0  # of tokens_in, served from the prompt cache
+    usage_known: bool = True  # False: the response had no usage, so its cost is unknown
     latency_s: float = 0.0  # wall time of the whole call, retries and waits included
     attempts: int = 0
-    cost_usd: float | None = None
-    budget_stopped: bool = False  # the $ budget was spent before this call could start
+    cost_usd: float | None = None  # the successful response's cost; None = unknown
+    charged_usd: float = 0.0  # what the budget counted over all attempts (worst case where unknown)
+    refused: str | None = None  # governor.REFUSED_*: nothing was sent, the work is left undone
+    budget_stopped: bool = False  # refused because the $ budget was spent (kept for callers)
 
 
 class RetryableError(Exception):
     pass
+
+
+class TeacherFatalError(RuntimeError):
+    """The account cannot be used (exhausted quota, billing, authentication): stop the whole run.
+
+    The message says what happened and what to do; it never contains the key.
+    """
 
 
 def api_key_from_env(env_name: str, base_url: str) -> str:
@@ -74,12 +102,37 @@ def redact(text: str, secrets: list[str]) -> str:
     return _KEYLIKE.sub("[redacted]", text)
 
 
-def _retryable(exc: BaseException) -> bool:
+def _transient(exc: BaseException) -> bool:
     if isinstance(exc, openai.RateLimitError | openai.APITimeoutError | openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code >= 500 or exc.status_code in (408, 409, 429)
     return isinstance(exc, RetryableError | asyncio.TimeoutError)
+
+
+def _unhealthy(exc: BaseException) -> bool:
+    """A failure that counts towards the breaker: the endpoint is failing or overloaded. A 429 that
+    says when to come back (Retry-After) is a rate limit doing its job, not an outage."""
+    if isinstance(exc, openai.RateLimitError) and _retry_after_s(exc) is not None:
+        return False
+    return _transient(exc)
+
+
+def _maybe_billed(exc: BaseException) -> bool:
+    """No response, but the API may have done (and billed) the work: a timeout, a dropped line."""
+    return isinstance(exc, openai.APIConnectionError | asyncio.TimeoutError)
+
+
+def _fatal_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, openai.AuthenticationError):
+        return "rejected the API key"
+    if isinstance(exc, openai.PermissionDeniedError):
+        return "refused this account access"
+    if isinstance(exc, openai.APIStatusError):
+        code = str(exc.code or "") or str(getattr(exc, "type", "") or "")
+        if exc.status_code == 402 or code in _FATAL_CODES or getattr(exc, "type", None) in _FATAL_CODES:
+            return "reports the account's quota or billing exhausted"
+    return None
 
 
 def _retry_after_s(exc: BaseException | None) -> float | None:
@@ -99,34 +152,41 @@ def _retry_after_s(exc: BaseException | None) -> float | None:
         return None
 
 
-class TeacherClient:
-    """Async chat calls against one endpoint; safe to share across concurrent coroutines."""
+def max_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """A bound on the prompt's tokens without a tokenizer: no BPE token is shorter than half a
+    UTF-8 byte pair on average text, plus the chat format's few tokens per message."""
+    return sum(len(m["content"].encode()) // 2 + 8 for m in messages) + 8
 
-    def __init__(self, cfg: TeacherConfig, prices: PriceTable | None = None, limiter: Any = None):
+
+class TeacherClient:
+    """Async chat calls against one endpoint; safe to share across concurrent coroutines.
+
+    ``governor``: the run's shared Governor (a Ray actor handle) or None for a private one
+    (breaker only). ``limiter`` is the old name of the same argument.
+    """
+
+    def __init__(self, cfg: TeacherConfig, prices: PriceTable | None = None, limiter: Any = None,
+                 governor: Any = None):
         self.cfg = cfg
         self.prices = prices or PriceTable()
-        self.limiter = limiter  # a Ray actor handle of RateLimiter, or None
+        self.governor = GovernorClient(governor or limiter or Governor())
         self._key = api_key_from_env(cfg.api_key_env, cfg.base_url)
         self._client = openai.AsyncOpenAI(
             base_url=cfg.base_url, api_key=self._key, max_retries=0, timeout=cfg.timeout_s
         )
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
+        self._first_call = asyncio.Lock()
+        self._params_settled = False
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def _backoff_s(self, exc: BaseException, failures: int) -> float:
         asked = _retry_after_s(exc)
         if asked is not None:
             return min(asked, self.cfg.retry_after_max_s)
-        cap = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** (state.attempt_number - 1))
+        cap = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** (failures - 1))
         return random.uniform(0, cap)
 
-    async def _reserve(self, est_tokens: int) -> bool:
-        if self.limiter is None:
-            return True
-        res = await self.limiter.reserve.remote(est_tokens)
-        if res.wait_s > 0:
-            await asyncio.sleep(res.wait_s)
-        return res.allowed
+    def _error(self, exc: BaseException) -> str:
+        return redact(f"{type(exc).__name__}: {exc}", [self._key])[:2000]
 
     async def chat(
         self,
@@ -136,46 +196,110 @@ class TeacherClient:
         temperature: float = 0.7,
         max_tokens: int = 256,
     ) -> CallResult:
+        """One chat completion with ``n`` choices. Ordinary failures come back as a CallResult
+        with ``ok=False``; a refused call (budget, outage) with ``refused`` set and nothing sent;
+        an account error raises :class:`TeacherFatalError`.
+
+        The first call of a client goes alone: if the model refuses a parameter, that one call
+        learns it, instead of every call already in flight paying a 400 to learn the same thing.
+        """
+        if not self._params_settled:
+            async with self._first_call:
+                if not self._params_settled:
+                    try:
+                        return await self._chat(messages, n, temperature, max_tokens)
+                    finally:
+                        self._params_settled = True
+        return await self._chat(messages, n, temperature, max_tokens)
+
+    async def _chat(self, messages: list[dict[str, str]], n: int, temperature: float, max_tokens: int) -> CallResult:
         result = CallResult()
-        est_tokens = sum(len(m["content"]) for m in messages) // 4 + n * max_tokens
+        est_tokens = sum(len(m["content"]) for m in messages) // 4 + n * max_tokens  # for tokens/min
+        worst = self.prices.worst_case(self.cfg.model, max_prompt_tokens(messages), n * max_tokens) or 0.0
+        failures = 0
+        first_failure_at: int | None = None  # the pool's success count at this call's first failure
+        start = time.monotonic()
         async with self._sem:
-            if not await self._reserve(est_tokens):
-                result.budget_stopped = True
-                result.error = "budget exhausted before this call"
-                return result
-            start = time.monotonic()
-            try:
-                async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(self.cfg.max_attempts),
-                    wait=self._wait,
-                    retry=retry_if_exception(_retryable),
-                    reraise=True,
-                ):
-                    with attempt:
-                        result.attempts += 1
-                        response = await self._client.chat.completions.create(
-                            model=self.cfg.model,
-                            messages=messages,
-                            n=n,
-                            temperature=temperature,
-                            max_tokens=max_tokens,
-                        )
-                        if not response.choices:
-                            raise RetryableError("the endpoint returned no choices")
-            except Exception as e:  # noqa: BLE001 - every failure becomes a recorded api_error
-                result.error = redact(f"{type(e).__name__}: {e}", [self._key])[:2000]
-                result.latency_s = time.monotonic() - start
-                return result
-            result.latency_s = time.monotonic() - start
-            result.ok = True
-            result.texts = [(c.message.content or "") for c in response.choices]
-            usage = response.usage
-            result.tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
-            result.tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
-            result.cost_usd = self.prices.cost(self.cfg.model, result.tokens_in, result.tokens_out)
-            if self.limiter is not None:
-                self.limiter.record.remote(result.tokens_in + result.tokens_out, result.cost_usd)
-            return result
+            while True:
+                admission = await self.governor.admit(est_tokens, worst)
+                if admission.refused:
+                    result.refused = admission.refused
+                    result.budget_stopped = admission.refused == REFUSED_BUDGET
+                    result.error = f"not sent: refused ({admission.refused})"
+                    break
+                if admission.wait_s > 0:
+                    await asyncio.sleep(admission.wait_s)
+                if admission.again:
+                    continue
+                params = request_params(style_for(self.cfg.base_url, self.cfg.model), n, temperature, max_tokens)
+                result.attempts += 1
+                try:
+                    response = await self._client.chat.completions.create(
+                        model=self.cfg.model, messages=messages, **params)
+                    if not response.choices:
+                        raise RetryableError("the endpoint returned no choices")
+                except asyncio.CancelledError:  # the caller gave up: the API may still bill it
+                    self.governor.settle_nowait(worst, worst)
+                    raise
+                except Exception as e:
+                    charged = worst if _maybe_billed(e) else 0.0
+                    result.charged_usd += charged
+                    outage, successes = await self.governor.settle(worst, charged, not _unhealthy(e),
+                                                                   self._error(e)[:200])
+                    reason = _fatal_reason(e)
+                    if reason is not None:
+                        message = self._fatal_message(e, reason)
+                        await self.governor.stop(message)
+                        raise TeacherFatalError(message) from None
+                    if learn_from(e, self.cfg.base_url, self.cfg.model, params):
+                        continue  # re-sent at once with the parameters the model takes
+                    result.error = self._error(e)
+                    if not _transient(e):
+                        break
+                    if first_failure_at is None:
+                        first_failure_at = successes
+                    # a pool-wide outage with no success since this call first failed is not
+                    # the call's fault; a request that fails while others succeed is
+                    failures += 0 if outage and successes == first_failure_at else 1
+                    if failures >= self.cfg.max_attempts:
+                        break
+                    await asyncio.sleep(self._backoff_s(e, max(failures, 1)))
+                    continue
+                self._read_response(response, result)
+                charged = result.cost_usd if result.cost_usd is not None else worst
+                result.charged_usd += charged
+                self.governor.settle_nowait(worst, charged)
+                break
+        result.latency_s = time.monotonic() - start
+        return result
+
+    def _read_response(self, response: Any, result: CallResult) -> None:
+        result.ok, result.error = True, None
+        result.texts = [(c.message.content or "") for c in response.choices]
+        result.finish_reasons = [c.finish_reason for c in response.choices]
+        usage = response.usage
+        if usage is None:  # billed all the same, but by how much is unknown
+            result.usage_known, result.tokens_in, result.tokens_out = False, 0, 0
+            result.cost_usd = None
+            return
+        result.tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
+        result.tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
+        details = getattr(usage, "prompt_tokens_details", None)
+        result.cached_tokens = int(getattr(details, "cached_tokens", 0) or 0) if details else 0
+        result.cost_usd = self.prices.cost(self.cfg.model, result.tokens_in, result.tokens_out, result.cached_tokens)
+
+    def _fatal_message(self, exc: BaseException, reason: str) -> str:
+        status = getattr(exc, "status_code", "?")
+        code = getattr(exc, "code", None) or getattr(exc, "type", None) or ""
+        detail = redact(str(getattr(exc, "message", exc)), [self._key])[:300]
+        if "key" in reason:
+            advice = f"check the key in ${self.cfg.api_key_env}"
+        else:
+            advice = (f"add credit or raise the usage limit of the account behind ${self.cfg.api_key_env}, "
+                      "or use another key")
+        return (f"the teacher at {self.cfg.base_url} {reason} (HTTP {status} {code}: {detail}); the run "
+                f"stopped at once and stored nothing as failed: {advice}, then run the same command again "
+                "to resume")
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -6,12 +6,17 @@ Two public tables (DESIGN §2):
 
 Collection also keeps one *journal* table per intermediate stage (``journal_decompose``,
 ``journal_answer``) holding partial ``samples`` rows: a stage's result is stored the moment its
-batch finishes, so a resumed run never pays the teacher twice for it.
+call finishes, so a resumed run never pays the teacher twice for it; and ``calls``, a ledger of
+every teacher call that was (or may have been) billed, which is what a store's spend is.
+
+Samples and journals are *versioned*: a retried row is a new ``attempt`` of the same key. Reads
+see the latest attempt of each key; the earlier ones stay in the table as its history.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +28,11 @@ STATUS_OK = "ok"
 STATUS_PARSE_ERROR = "parse_error"
 STATUS_API_ERROR = "api_error"
 STATUS_SKIPPED = "skipped"
-STATUSES = (STATUS_OK, STATUS_PARSE_ERROR, STATUS_API_ERROR, STATUS_SKIPPED)
+STATUS_TRUNCATED = "truncated"  # the output was cut at the token limit (finish_reason "length")
+STATUS_PARTIAL = "partial"  # fewer judgements than asked, and asking for the rest failed
+STATUSES = (STATUS_OK, STATUS_PARSE_ERROR, STATUS_API_ERROR, STATUS_TRUNCATED, STATUS_PARTIAL, STATUS_SKIPPED)
+# Failures a re-run retries by default; a parse error is the teacher's real answer and is kept.
+RETRYABLE_STATUSES = (STATUS_API_ERROR, STATUS_TRUNCATED, STATUS_PARTIAL)
 
 # Answer types of benchmark problems (evaluation scores each differently).
 ANSWER_TYPES = ("number", "choice", "yesno", "text")
@@ -34,10 +43,21 @@ def problem_id(dataset: str, split: str, index: int) -> str:
     return hashlib.sha1(f"{dataset}/{split}/{index}".encode()).hexdigest()[:16]
 
 
-def sample_key(problem_id: str, teacher_model: str, prompt_version: str, sample_index: int) -> str:
-    """Stable unique key of one teacher decomposition."""
+def sample_key(problem_id: str, teacher_model: str, prompt_version: str, sample_index: int,
+               fingerprint: str | None = None) -> str:
+    """Stable unique key of one teacher decomposition. ``fingerprint`` (of the settings that
+    change a sample's output, see :func:`settings_fingerprint`) makes other settings other keys;
+    imported samples have none."""
     raw = f"{problem_id}|{teacher_model}|{prompt_version}|{sample_index}"
+    if fingerprint:
+        raw += f"|{fingerprint}"
     return hashlib.sha1(raw.encode()).hexdigest()[:20]
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able dict of settings (key order does not matter)."""
+    canon = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(canon.encode()).hexdigest()[:12]
 
 
 PROBLEMS_SCHEMA = pa.schema(
@@ -68,6 +88,7 @@ def _stage_fields(stage: str) -> list[pa.Field]:
         pa.field(f"{stage}_latency_s", pa.float64()),
         pa.field(f"{stage}_cost_usd", pa.float64()),  # null when the model's price is unknown
         pa.field(f"{stage}_calls", pa.int64()),  # HTTP attempts made, retries included
+        pa.field(f"{stage}_finish_reason", pa.string()),  # "stop", "length" (cut: truncated), ...
     ]
 
 
@@ -78,6 +99,10 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("teacher_model", pa.string(), nullable=False),
         pa.field("prompt_version", pa.string(), nullable=False),
         pa.field("sample_index", pa.int64(), nullable=False),
+        pa.field("attempt", pa.int64()),  # 0, 1, ...: a retry is a new attempt (null in old stores = 0)
+        pa.field("fingerprint", pa.string()),  # hash of the settings that shaped this sample (in the key)
+        pa.field("settings", pa.string()),  # those settings as JSON, for inspection
+        pa.field("run_id", pa.string()),  # the collection run that wrote this attempt
         pa.field("source", pa.string(), nullable=False),  # "collect" or "import:<format>"
         pa.field("question", pa.string(), nullable=False),
         pa.field("gold_value", pa.float64()),
@@ -96,18 +121,44 @@ SAMPLES_SCHEMA = pa.schema(
     ]
 )
 
+# One row per teacher call that was, or may have been, billed (a timeout may be billed too).
+CALLS_SCHEMA = pa.schema(
+    [
+        pa.field("call_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string()),
+        pa.field("stage", pa.string()),  # decompose | answer | feedback
+        pa.field("problem_id", pa.string()),
+        pa.field("sample_keys", pa.list_(pa.string())),  # the rows this call was made for
+        pa.field("attempt", pa.int64()),  # the rows' attempt
+        pa.field("teacher_model", pa.string()),
+        pa.field("http_attempts", pa.int64()),
+        pa.field("ok", pa.bool_()),
+        pa.field("tokens_in", pa.int64()),
+        pa.field("tokens_out", pa.int64()),
+        pa.field("cached_tokens", pa.int64()),
+        pa.field("cost_usd", pa.float64()),  # the response's priced usage; null = unknown
+        pa.field("charged_usd", pa.float64()),  # what the budget counts: cost, or the worst case if unknown
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "problems": PROBLEMS_SCHEMA,
     "samples": SAMPLES_SCHEMA,
     "journal_decompose": SAMPLES_SCHEMA,
     "journal_answer": SAMPLES_SCHEMA,
+    "calls": CALLS_SCHEMA,
 }
 KEYS: dict[str, str] = {
     "problems": "problem_id",
     "samples": "sample_key",
     "journal_decompose": "sample_key",
     "journal_answer": "sample_key",
+    "calls": "call_id",
 }
+# Tables whose keys have attempts: the highest attempt of a key is its current row.
+ATTEMPT_COLUMN = "attempt"
+VERSIONED = frozenset({"samples", "journal_decompose", "journal_answer"})
 
 
 def empty_row(schema: pa.Schema) -> dict[str, Any]:

@@ -22,133 +22,6 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line."""
 
 
-def _json_object(text: str) -> dict:
-    """argparse type: a JSON object of numbers (Ray resources)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
-        raise argparse.ArgumentTypeError('expected a JSON object of numbers, e.g. {"collect_node": 0.01}')
-    return value
-
-
-def _add_collect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("collect", help="query a teacher for decompositions, answers and feedback")
-    p.add_argument("--problems", default="gsm8k:train[:8]", help="dataset spec, e.g. gsm8k:train[:100]")
-    p.add_argument("--store", default=".subq/store", help="store root: a path or a pyarrow URI (s3://...)")
-    p.add_argument("--teacher-base-url", help="OpenAI-compatible base URL; omitted: serve the embedded model locally")
-    p.add_argument("--teacher-model", help="model name at the endpoint (default: the embedded model)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the env var holding the API key")
-    p.add_argument("--samples-per-problem", type=int, default=3)
-    p.add_argument("--feedback-samples", type=int, default=3)
-    p.add_argument("--max-subquestions", type=int)
-    p.add_argument("--temperature", type=float, default=0.7, help="decomposition and feedback temperature")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--requests-per-minute", type=float)
-    p.add_argument("--tokens-per-minute", type=float)
-    p.add_argument("--budget-usd", type=float, help="stop starting new calls once this much is spent")
-    p.add_argument("--price-table", help='JSON {"version": ..., "prices": {"model": [usd_in_per_1M, usd_out_per_1M]}}')
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt")
-    p.add_argument("--max-attempts", type=int, default=6)
-    p.add_argument("--min-actors", type=int, default=1)
-    p.add_argument("--max-actors", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--actor-num-cpus", type=float, default=0.25, help="CPUs each collection actor reserves")
-    p.add_argument("--actor-resources", type=_json_object, default={}, metavar="JSON",
-                   help='custom Ray resources per actor, e.g. \'{"collect_node": 0.01}\' to pin actors to such nodes')
-    p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model served when no base URL is given")
-    p.add_argument("--local-port", type=int, default=8011)
-    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_collect)
-
-
-def cmd_collect(args: argparse.Namespace) -> int:
-    from actors.collect import CollectConfig, run_collect
-    from actors.prices import PriceTable
-    from actors.teacher import TeacherConfig, check_endpoint
-    from data_store.datasets import load_problems
-    from subq.local_teacher import local_teacher
-    from subq.runtime import init_ray
-
-    for name in ("samples_per_problem", "feedback_samples", "max_attempts", "batch_size", "min_actors"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_actors < args.min_actors:
-        raise UserError("--max-actors must be >= --min-actors")
-    problems = load_problems(args.problems)  # a bad spec fails here, before anything is written
-    prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
-    init_ray(args.ray_address)
-    with local_teacher(args.teacher_base_url, args.local_model, args.local_port) as (base_url, served):
-        model = args.teacher_model or served
-        if model is None:
-            raise UserError("--teacher-model is required with --teacher-base-url")
-        if served is not None:
-            prices = prices.with_price(model, 0.0, 0.0)  # our own local server costs nothing per token
-        teacher = TeacherConfig(base_url=base_url, model=model, api_key_env=args.api_key_env,
-                                timeout_s=args.timeout, max_attempts=args.max_attempts)
-        check_endpoint(teacher)
-        cfg = CollectConfig(
-            problems=args.problems, store=args.store, teacher=teacher,
-            samples_per_problem=args.samples_per_problem, feedback_samples=args.feedback_samples,
-            max_subquestions=args.max_subquestions, decompose_temperature=args.temperature,
-            feedback_temperature=args.temperature, max_tokens=args.max_tokens,
-            requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
-            budget_usd=args.budget_usd, prices=prices, min_actors=args.min_actors,
-            max_actors=args.max_actors, batch_size=args.batch_size, progress=not args.no_progress,
-            actor_num_cpus=args.actor_num_cpus, actor_resources=args.actor_resources,
-        )
-        report = run_collect(cfg, problems)
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-    else:
-        print(format_collect_report(report, args.store))
-    return 0
-
-
-def format_collect_report(report, store: str) -> str:
-    lines = [f"collected into {store}: {report.problems} problems, "
-             f"{report.samples_total}/{report.samples_expected} samples complete"]
-    lines.append(f"{'stage':<10}{'todo':>6}{'stored':>8}{'failed':>8}{'$':>10}")
-    for name, s in report.stages.items():
-        cost = "?" if s.cost_unknown else f"{s.cost_usd:.4f}"
-        lines.append(f"{name:<10}{s.todo:>6}{s.written:>8}{s.failed:>8}{cost:>10}")
-    total = report.cost_usd
-    lines.append(f"total $: {'unknown (model not in the price table)' if total is None else f'{total:.4f}'}")
-    if not report.complete:
-        lines.append("incomplete (budget reached or interrupted): run the same command again to resume")
-    return "\n".join(lines)
-
-
-def _add_store(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("store", help="inspect a store")
-    ssub = p.add_subparsers(dest="store_cmd", required=True)
-    s = ssub.add_parser("stats", help="counts per table, status, teacher, tokens and $")
-    s.add_argument("--store", default=".subq/store")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_store_stats)
-
-
-def cmd_store_stats(args: argparse.Namespace) -> int:
-    from data_store.store import Store
-
-    stats = Store(args.store).stats()
-    if args.json:
-        print(json.dumps(stats, indent=2))
-        return 0
-    print(f"store {stats['root']}")
-    for table, n in stats["tables"].items():
-        print(f"  {table:<18}{n:>8} rows")
-    for teacher, t in stats["teachers"].items():
-        status = ", ".join(f"{k}={v}" for k, v in sorted(t["status"].items()))
-        cost = f"${t['cost_usd']:.4f}" + (f" (+{t['cost_unknown']} unpriced)" if t["cost_unknown"] else "")
-        print(f"  teacher {teacher}: {t['samples']} samples ({status}), correct={t['correct']}, "
-              f"tokens in/out={t['tokens_in']}/{t['tokens_out']}, {cost}")
-    return 0
-
-
 def _add_import_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="import published decompositions (GSM8K-AI-SubQ) into a store")
     p.add_argument("path", help="a GSM8K-AI-SubQ file: raw (JSON Lines) or converted (JSON array)")
@@ -173,8 +46,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.path):
         raise UserError(f"no such file: {args.path}")
-    r = import_gsm8k_ai_subq(args.path, Store(args.store), fmt=args.format,
-                             teacher_model=args.teacher_model, split=args.split)
+    store = Store(args.store)
+    with store.lock("subq import"):
+        r = import_gsm8k_ai_subq(args.path, store, fmt=args.format, teacher_model=args.teacher_model,
+                                 split=args.split)
     print(f"imported {args.path}: problems +{r.problems_added}, samples +{r.samples_added} "
           f"({r.samples_skipped_existing} already stored, {r.parse_errors} parse errors)")
     return 0
@@ -285,9 +160,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from subq.cli_collect import add_collect, add_store
     from subq.cli_eval import add_eval, add_pipeline, add_rescore, add_serve
 
-    for add in (add_pipeline, _add_collect, _add_store, _add_import_export, _add_llm_server, _add_train, add_serve,
+    for add in (add_pipeline, add_collect, add_store, _add_import_export, _add_llm_server, _add_train, add_serve,
                 add_eval, add_rescore):
         add(sub)
     return parser

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.collect import CollectConfig, plan_keys, run_collect
+from actors.collect import CollectConfig, collect_todo, run_collect
 from actors.prices import PriceTable
 from actors.teacher import TeacherConfig, check_endpoint
 from data_store.datasets import load_problems
@@ -149,9 +149,7 @@ class Pipeline:
                               "space or set `out` (--out) to a larger disk")
 
     def _collect_todo(self, cc: CollectConfig) -> int:
-        problems = load_problems(cc.problems)
-        wanted = {k for ks in plan_keys(problems, cc).values() for k in ks}
-        return len(wanted - Store(cc.store).keys("samples"))
+        return collect_todo(cc, load_problems(cc.problems))
 
     def _labels(self) -> tuple[list[str], list[str]]:
         """(decomposer labels, solver labels): what names the record files, known before any server."""
@@ -194,7 +192,7 @@ class Pipeline:
                 return
             todo = self._collect_todo(cc)
             if todo == 0:
-                res.status, res.note = "skipped", "every sample is stored"
+                res.status, res.note = "skipped", "every sample is stored (none to retry)"
                 return
             with self._teacher_server() as (base_url, served):
                 teacher = dataclasses.replace(cc.teacher, base_url=base_url)

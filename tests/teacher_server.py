@@ -20,11 +20,22 @@ Separate process (benchmarks), from the repo root; prints ``READY <base_url>`` w
 
 Semantics, in short:
 - A request's *content* is (messages, n, temperature, top_p, seed); its key is a 16-hex hash.
-- Transient faults (429, 500, hang, disconnect) hit a faulted content on its first
-  ``fail_attempts`` arrivals (every arrival if ``first_attempt_only=False``), then it succeeds.
-  "malformed" (HTTP 200, unparseable text) and "400" hit that content on every arrival.
+- Transient faults hit a faulted content on its first ``fail_attempts`` arrivals (every arrival
+  if ``first_attempt_only=False``), then it succeeds. The kinds in ``FaultPlan.persistent``
+  (default: "malformed", "400", "no_usage") hit that content on every arrival.
 - 429 and 400 are answered at once; 500 and disconnect after the latency (the work was lost);
   hang sleeps ``hang_s`` and answers only if the client is still connected.
+- Reply-shaping kinds (billed, HTTP 200): "few_choices" answers 1 choice when n > 1, and any
+  follow-up with the same messages and a smaller n gets a 500 (the follow-up fails);
+  "no_usage" omits ``usage``; "truncated" cuts each text in half with finish_reason "length";
+  "slow" answers after an extra ``slow_s`` (a call that holds its batch).
+- Account-level faults (``AccountFaults``, also switchable at run time with ``POST /faults``):
+  429 ``insufficient_quota`` after ``quota_after_billed`` billed calls; an outage window of N
+  seconds (every request answered 503, or 429 without Retry-After); a 400 for parameters the
+  "model" refuses (``max_tokens`` -> use ``max_completion_tokens``; a ``temperature`` other
+  than 1), worded as OpenAI words them; a requests-per-minute limit (token bucket holding one
+  second of requests; 429 with Retry-After).
+- Completions are cut at ``max_completion_tokens`` / ``max_tokens`` (words), finish_reason "length".
 - ``billed`` counts HTTP 200 responses (malformed ones included: a teacher charges for them), also
   when the client died while the server worked (a real API bills those too). The exception is a
   hang whose client has gone: it models a stuck upstream that produced nothing, so it is not billed.
@@ -54,10 +65,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 STAGES = ("decompose", "answer", "feedback")
-FAULT_KINDS = ("429", "500", "hang", "malformed", "400", "disconnect")
-OUTCOMES = ("ok", *FAULT_KINDS, "invalid")  # invalid: rejected by the server itself (bad model/JSON/stage)
+FAULT_KINDS = ("429", "500", "hang", "malformed", "400", "disconnect", "few_choices", "no_usage", "truncated",
+               "slow")
+# invalid: rejected by the server itself (bad model/JSON/stage); follow_up: the 500 after few_choices;
+# quota, outage, unsupported, rate_limited: the account-level faults
+OUTCOMES = ("ok", *FAULT_KINDS, "invalid", "follow_up", "quota", "outage", "unsupported", "rate_limited")
 MALFORMED_TEXT = "I cannot help with that."
-TRANSIENT = frozenset({"429", "500", "hang", "disconnect"})
+QUOTA_MESSAGE = ("You exceeded your current quota, please check your plan and billing details. For more "
+                 "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes.")
 
 _Q_LINE = re.compile(r"^\s*Q(\d+)\s*[:.)]\s*(.*?)\s*$", re.MULTILINE)
 _AT_MOST = re.compile(r"at most (\d+) sub-questions", re.IGNORECASE)
@@ -86,6 +101,8 @@ class FaultPlan:
     fail_attempts: int = 1
     retry_after_s: float = 0.2  # Retry-After header of a 429 (fractional seconds allowed)
     hang_s: float = 30.0  # how long a hang sleeps before answering: longer than the client timeout
+    slow_s: float = 3.0  # extra seconds of a "slow" reply (shorter than the client timeout)
+    persistent: tuple[str, ...] = ("malformed", "400", "no_usage")  # kinds that hit every arrival
 
     def __post_init__(self) -> None:
         bad = set(self.kinds) - set(FAULT_KINDS)
@@ -103,9 +120,28 @@ class FaultPlan:
     def fires(self, key: str, attempt: int) -> str | None:
         """The fault for the `attempt`-th (0-based) arrival of this content, if any."""
         kind = self.kind_for(key)
-        if kind in TRANSIENT and self.first_attempt_only and attempt >= self.fail_attempts:
+        if kind not in self.persistent and self.first_attempt_only and attempt >= self.fail_attempts:
             return None
         return kind
+
+
+@dataclass
+class AccountFaults:
+    """Faults of the endpoint or account as a whole, not of one request content (mutable)."""
+
+    quota_after_billed: int | None = None  # once this many calls were billed: 429 insufficient_quota
+    outage_after_requests: int | None = None  # the outage starts with this request (1-based) ...
+    outage_s: float = 0.0  # ... and lasts this long
+    outage_status: int = 503  # 503, or 429 (a rate limit without Retry-After)
+    reject_params: tuple[str, ...] = ()  # "max_tokens" and/or "temperature": refused with a 400
+    requests_per_minute: float | None = None  # token bucket of one second of requests
+    outage_until: float = 0.0  # monotonic time the current outage ends (set at run time)
+    content_faults: bool = True  # False: the FaultPlan is switched off (e.g. for a re-run)
+
+    def __post_init__(self) -> None:
+        bad = set(self.reject_params) - {"max_tokens", "temperature"}
+        if bad:
+            raise ValueError(f"reject_params must be max_tokens and/or temperature, got {sorted(bad)}")
 
 
 # --- stage detection and deterministic replies ---------------------------------------------
@@ -211,6 +247,8 @@ class _Stats:
             self.billed_by_content: Counter[str] = Counter()
             self.prompt_tokens = self.completion_tokens = 0
             self.in_flight = self.peak_in_flight = 0
+            self.in_flight_keys: Counter[str] = Counter()  # content keys being worked on now
+            self.ok_times: list[float] = []  # wall time of every billed HTTP 200, in order
             if attempts:
                 self.attempts.clear()
 
@@ -226,6 +264,8 @@ class _Stats:
                 "completion_tokens": self.completion_tokens,
                 "in_flight": self.in_flight,
                 "peak_in_flight": self.peak_in_flight,
+                "in_flight_keys": sorted(k for k, v in self.in_flight_keys.items() if v > 0),
+                "ok_times": list(self.ok_times),
             }
 
 
@@ -263,12 +303,17 @@ def create_app(
     latency_per_token_s: float = 0.0,
     max_concurrency: int | None = None,
     stats: _Stats | None = None,
+    account: AccountFaults | None = None,
 ) -> FastAPI:
     plan = faults or FaultPlan()
+    acct = account or AccountFaults()
     st = stats or _Stats()
     slots: list[asyncio.Semaphore] = []  # created lazily inside the server's event loop
+    short_replies: dict[str, int] = {}  # messages hash -> n of a few_choices reply (follow-ups fail)
+    bucket = {"tokens": 0.0, "at": time.monotonic()}  # requests-per-minute token bucket
     app = FastAPI(title="subq test teacher", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.stats = st
+    app.state.account = acct
 
     def gold(problem: str) -> float:
         if answer_fn is None:
@@ -294,6 +339,7 @@ def create_app(
         with st.lock:
             st.by_outcome[outcome] += 1
             if billed and key is not None:
+                st.ok_times.append(time.time())
                 st.billed_by_content[key] += 1
                 st.prompt_tokens += p_tok
                 st.completion_tokens += c_tok
@@ -306,6 +352,50 @@ def create_app(
             if await request.is_disconnected():
                 return True
         return False
+
+    def account_fault(body: dict[str, Any], request_no: int) -> JSONResponse | None:
+        """The account-level answer to this request, if it gets one (checked before any work)."""
+        now = time.monotonic()
+        if acct.outage_after_requests is not None and request_no == acct.outage_after_requests:
+            acct.outage_until = now + acct.outage_s
+        if now < acct.outage_until:
+            finish("outage")
+            if acct.outage_status == 429:  # a rate limit with no hint of when it ends
+                return _error(429, "Rate limit reached (injected outage).", "requests", "rate_limit_exceeded")
+            return _error(acct.outage_status, "The server is overloaded or not ready yet (injected outage).",
+                          "server_error")
+        if acct.quota_after_billed is not None:
+            with st.lock:
+                billed = sum(st.billed_by_content.values())
+            if billed >= acct.quota_after_billed:
+                finish("quota")
+                return _error(429, QUOTA_MESSAGE, "insufficient_quota", "insufficient_quota")
+        if "max_tokens" in acct.reject_params and body.get("max_tokens") is not None:
+            finish("unsupported")
+            return JSONResponse({"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                           "Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}},
+                status_code=400)
+        temperature = body.get("temperature")
+        if "temperature" in acct.reject_params and temperature is not None and temperature != 1:
+            finish("unsupported")
+            return JSONResponse({"error": {
+                "message": f"Unsupported value: 'temperature' does not support {temperature} with this model. "
+                           "Only the default (1) value is supported.",
+                "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}},
+                status_code=400)
+        if acct.requests_per_minute:
+            rate = acct.requests_per_minute / 60.0
+            bucket["tokens"] = min(rate, bucket["tokens"] + (now - bucket["at"]) * rate)
+            bucket["at"] = now
+            if bucket["tokens"] < 1.0:
+                finish("rate_limited")
+                wait = (1.0 - bucket["tokens"]) / rate
+                return _error(429, "Rate limit reached for requests per minute (injected).", "requests",
+                              "rate_limit_exceeded", headers={"Retry-After": f"{wait:.3f}"})
+            bucket["tokens"] -= 1.0
+        return None
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -320,19 +410,38 @@ def create_app(
         st.reset(attempts=attempts)
         return st.snapshot()
 
+    @app.post("/faults")
+    async def set_faults(request: Request) -> dict[str, Any]:
+        """Switch account faults now: {"outage_s": N, "outage_status": 503, "quota_after_billed": K|null,
+        "reject_params": [...], "requests_per_minute": R|null, "content_faults": bool}."""
+        change = await request.json()
+        if "outage_s" in change:
+            acct.outage_status = int(change.get("outage_status", acct.outage_status))
+            acct.outage_until = time.monotonic() + float(change["outage_s"])
+        for name in ("quota_after_billed", "requests_per_minute"):
+            if name in change:
+                setattr(acct, name, change[name])
+        if "reject_params" in change:
+            acct.reject_params = tuple(change["reject_params"])
+        if "content_faults" in change:
+            acct.content_faults = bool(change["content_faults"])
+        return {"outage_left_s": max(0.0, acct.outage_until - time.monotonic()),
+                "quota_after_billed": acct.quota_after_billed, "reject_params": list(acct.reject_params)}
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Response:
         with st.lock:
             st.requests += 1
+            request_no = st.requests
             st.in_flight += 1
             st.peak_in_flight = max(st.peak_in_flight, st.in_flight)
         try:
-            return await _chat(request)
+            return await _chat(request, request_no)
         finally:
             with st.lock:
                 st.in_flight -= 1
 
-    async def _chat(request: Request) -> Response:
+    async def _chat(request: Request, request_no: int) -> Response:
         try:
             body = await request.json()
         except ValueError:
@@ -353,12 +462,20 @@ def create_app(
             finish("invalid")
             return _error(400, "Unsupported request: unknown stage (system prompt), stream, or bad n.",
                           "invalid_request_error")
+        refused = account_fault(body, request_no)
+        if refused is not None:
+            return refused
 
         key = content_key(body)
+        messages_key = content_key({"messages": body["messages"]})
         with st.lock:
             attempt = st.attempts[key]
             st.attempts[key] += 1
-        fault = plan.fires(key, attempt)
+        if n < short_replies.get(messages_key, 0):
+            finish("follow_up")
+            return _error(500, "The follow-up request failed (injected after a reply with too few choices).",
+                          "server_error")
+        fault = plan.fires(key, attempt) if acct.content_faults else None
         if fault == "429":
             finish("429")
             return _error(429, "Rate limit reached for requests (injected).", "requests", "rate_limit_exceeded",
@@ -367,19 +484,33 @@ def create_app(
             finish("400")
             return _error(400, "Invalid request (injected, permanent for this content).", "invalid_request_error")
 
+        if fault == "few_choices" and n > 1:
+            short_replies[messages_key] = n
+            n = 1
         texts = [MALFORMED_TEXT if fault == "malformed" else reply(stage, body, i) for i in range(n)]
+        reasons = ["stop"] * n
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        for i, t in enumerate(texts):
+            words = list(re.finditer(r"\S+", t))
+            cut = max(1, len(words) // 2) if fault == "truncated" else limit
+            if cut is not None and len(words) > cut:
+                texts[i], reasons[i] = t[: words[cut - 1].end()], "length"
         c_tok = sum(len(t.split()) for t in texts)
-        delay = latency_s + latency_per_token_s * c_tok
+        delay = latency_s + latency_per_token_s * c_tok + (plan.slow_s if fault == "slow" else 0.0)
         if max_concurrency is not None and not slots:
             slots.append(asyncio.Semaphore(max_concurrency))
         if slots:
             await slots[0].acquire()
+        with st.lock:
+            st.in_flight_keys[key] += 1
         try:
             if fault == "hang" and await sleep_unless_gone(request, plan.hang_s):
                 finish("hang")  # the client gave up: nothing sent, nothing billed
                 return Response(status_code=499)
             await asyncio.sleep(delay)
         finally:
+            with st.lock:
+                st.in_flight_keys[key] -= 1
             if slots:
                 slots[0].release()
         if fault == "500":
@@ -391,7 +522,7 @@ def create_app(
 
         p_tok = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
         finish(fault or "ok", key, billed=True, p_tok=p_tok, c_tok=c_tok)
-        return JSONResponse({
+        response: dict[str, Any] = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -399,11 +530,13 @@ def create_app(
             "system_fingerprint": "fp_subq_test",
             "choices": [
                 {"index": i, "message": {"role": "assistant", "content": t, "refusal": None},
-                 "logprobs": None, "finish_reason": "stop"}
-                for i, t in enumerate(texts)
+                 "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
             ],
-            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
-        })
+        }
+        if fault != "no_usage":
+            response["usage"] = {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}
+        return JSONResponse(response)
 
     return app
 
@@ -441,12 +574,14 @@ class TeacherServer:
         max_concurrency: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        account: AccountFaults | None = None,
     ) -> None:
         self.model = model
         self.faults = faults or FaultPlan()
+        self.account = account or AccountFaults()
         self._stats = _Stats()
         self.app = create_app(model, latency_s, self.faults, answer_fn, latency_per_token_s,
-                              max_concurrency, self._stats)
+                              max_concurrency, self._stats, self.account)
         self._sock = _listen(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
         self._server = uvicorn.Server(_uvicorn_config(self.app))
@@ -476,6 +611,11 @@ class TeacherServer:
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot()
 
+    def start_outage(self, seconds: float, status: int = 503) -> None:
+        """Every request gets ``status`` for the next ``seconds`` (503, or 429 without Retry-After)."""
+        self.account.outage_status = status
+        self.account.outage_until = time.monotonic() + seconds
+
     def reset_stats(self, attempts: bool = False) -> None:
         """Zero the counters; ``attempts=True`` also forgets which contents already failed."""
         self._stats.reset(attempts=attempts)
@@ -496,22 +636,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-per-token", type=float, default=0.0, help="extra seconds per completion word")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--fault-rate", type=float, default=0.0)
-    p.add_argument("--fault-kinds", default=",".join(FAULT_KINDS))
+    p.add_argument("--fault-kinds", default=",".join(FaultPlan.kinds), help=f"from {','.join(FAULT_KINDS)}")
+    p.add_argument("--persistent-kinds", default=",".join(FaultPlan.persistent),
+                   help="fault kinds that hit every arrival of their content")
     p.add_argument("--fault-seed", type=int, default=0)
     p.add_argument("--fail-attempts", type=int, default=1)
     p.add_argument("--persistent-faults", action="store_true", help="transient faults hit every attempt")
     p.add_argument("--retry-after", type=float, default=0.2)
     p.add_argument("--hang", type=float, default=30.0)
+    p.add_argument("--slow", type=float, default=3.0, help="extra seconds of a 'slow' reply")
+    p.add_argument("--quota-after", type=int, help="429 insufficient_quota after this many billed calls")
+    p.add_argument("--outage-after", type=int, help="an outage starts with this request (1-based)")
+    p.add_argument("--outage-s", type=float, default=0.0, help="outage length in seconds")
+    p.add_argument("--outage-status", type=int, default=503, help="503, or 429 without Retry-After")
+    p.add_argument("--reject-params", default="", help="max_tokens,temperature: answered with a 400")
+    p.add_argument("--requests-per-minute", type=float, help="a rate limit answered with 429 + Retry-After")
     p.add_argument("--answers", help="JSON file {problem: gold number} for correct final answers")
     a = p.parse_args(argv)
     plan = FaultPlan(rate=a.fault_rate, kinds=tuple(k for k in a.fault_kinds.split(",") if k), seed=a.fault_seed,
                      first_attempt_only=not a.persistent_faults, fail_attempts=a.fail_attempts,
-                     retry_after_s=a.retry_after, hang_s=a.hang)
+                     retry_after_s=a.retry_after, hang_s=a.hang, slow_s=a.slow,
+                     persistent=tuple(k for k in a.persistent_kinds.split(",") if k))
+    account = AccountFaults(quota_after_billed=a.quota_after, outage_after_requests=a.outage_after,
+                            outage_s=a.outage_s, outage_status=a.outage_status,
+                            reject_params=tuple(k for k in a.reject_params.split(",") if k),
+                            requests_per_minute=a.requests_per_minute)
     answers = None
     if a.answers:
         with open(a.answers) as f:
             answers = {str(k): float(v) for k, v in json.load(f).items()}
-    app = create_app(a.model, a.latency, plan, answers, a.latency_per_token, a.max_concurrency)
+    app = create_app(a.model, a.latency, plan, answers, a.latency_per_token, a.max_concurrency, account=account)
     sock = _listen(a.host, a.port)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(_uvicorn_config(app))

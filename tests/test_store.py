@@ -186,3 +186,108 @@ def test_dataset_reads_through_ray(tmp_path, ray_session):
     rows = ds.take_all()
     assert sorted(r["sample_key"] for r in rows) == sorted(store.keys("samples"))
     assert all(list(r["usefulness"]) == pytest.approx([1.0, 2 / 3]) for r in rows)
+
+
+# --- attempts, compaction, the writer lock (issue 9) ----------------------------------------
+
+
+def _attempt(i: int, attempt: int, status: str) -> dict:
+    return {**_sample(i, status=status), "attempt": attempt, "decompose_error": f"try {attempt}"}
+
+
+def test_a_retry_supersedes_the_failed_attempt_and_the_history_stays(tmp_path, ray_session):
+    store = Store(str(tmp_path))
+    store.append("samples", [_attempt(0, 0, "api_error"), _attempt(1, 0, "ok")])
+    assert store.append("samples", [_attempt(0, 1, "ok")]).written == 1
+    assert store.append("samples", [_attempt(0, 0, "ok"), _attempt(0, 1, "ok")]).written == 0  # not newer
+    fresh = Store(str(tmp_path))
+    current = {r["sample_key"]: r for r in fresh.read_rows("samples")}
+    assert len(current) == 2 and fresh.count("samples") == 2
+    key0 = _sample(0)["sample_key"]
+    assert (current[key0]["attempt"], current[key0]["status"]) == (1, "ok")
+    history = [r for r in fresh.read_rows("samples", history=True) if r["sample_key"] == key0]
+    assert sorted((r["attempt"], r["status"]) for r in history) == [(0, "api_error"), (1, "ok")]
+    assert fresh.filter_keys("samples", [key0]).column("attempt").to_pylist() == [1]
+    assert fresh.attempts("samples") == {key0: 1, _sample(1)["sample_key"]: 0}
+    rows = fresh.dataset("samples", columns=["sample_key", "status"]).take_all()  # Ray Data sees the same
+    assert sorted((r["sample_key"], r["status"]) for r in rows) == sorted((k, "ok") for k in current)
+    assert fresh.dataset("samples", history=True).count() == 3
+
+
+def test_part_files_from_before_attempts_read_as_attempt_0(tmp_path):
+    old = to_table([_sample(0)], SAMPLES_SCHEMA).drop_columns(["attempt", "fingerprint", "settings", "run_id"])
+    (tmp_path / "samples").mkdir()
+    pq.write_table(old, tmp_path / "samples" / "part-00000000000000000001-old00000.parquet")
+    store = Store(str(tmp_path))
+    assert store.attempts("samples") == {_sample(0)["sample_key"]: 0}
+    assert store.append("samples", [_attempt(0, 1, "ok")]).written == 1
+    assert store.read_rows("samples")[0]["attempt"] == 1
+
+
+def test_compaction_merges_parts_keeps_every_attempt_and_survives_a_crash(tmp_path):
+    store = Store(str(tmp_path))
+    for i in range(10):
+        store.append("samples", [_attempt(i, 0, "api_error")])
+    store.append("samples", [_attempt(i, 1, "ok") for i in range(5)])
+    before = sorted(map(str, store.read_rows("samples", history=True)))
+    current = sorted(map(str, store.read_rows("samples")))
+    assert store.compact("samples") == (11, 1)
+    fresh = Store(str(tmp_path))
+    assert sorted(map(str, fresh.read_rows("samples", history=True))) == before
+    assert sorted(map(str, fresh.read_rows("samples"))) == current
+    # a compaction killed after writing its merged file but before deleting the parts: copies
+    (merged,) = fresh.part_files("samples")
+    copy = tmp_path / "samples" / "part-99999999999999999999-copy0000.parquet"
+    copy.write_bytes((tmp_path / "samples" / merged.rsplit("/", 1)[-1]).read_bytes())
+    crashed = Store(str(tmp_path))
+    assert sorted(map(str, crashed.read_rows("samples"))) == current  # still one row per key
+    assert crashed.count("samples") == 10
+    assert crashed.compact("samples") == (2, 1)
+    assert sorted(map(str, Store(str(tmp_path)).read_rows("samples", history=True))) == before
+
+
+def test_spent_usd_is_the_ledger(tmp_path):
+    store = Store(str(tmp_path))
+    assert store.spent_usd() == 0.0
+    store.append("calls", [{"call_id": "a", "charged_usd": 0.25}, {"call_id": "b", "charged_usd": 0.5}])
+    store.append("calls", [{"call_id": "c", "charged_usd": None}])
+    assert Store(str(tmp_path)).spent_usd() == pytest.approx(0.75)
+
+
+def test_one_writer_at_a_time_with_stale_locks_taken_over(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from data_store.lock import LOCK_NAME, StoreLocked
+
+    store = Store(str(tmp_path))
+    with store.lock("first"), pytest.raises(StoreLocked, match=rf"being written by pid {os.getpid()} on .*'first'"):
+        Store(str(tmp_path)).lock("second").acquire()
+    assert not (tmp_path / LOCK_NAME).exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"token": "x", "pid": int(dead.stdout), "host": socket.gethostname(), "command": "killed",
+             "started_at": 0.0, "heartbeat_at": 9e18}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(stale))
+    with store.lock("after a crash"):  # the holder's pid is gone on this host: taken over
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["command"] == "after a crash"
+    far = {**stale, "pid": 1, "host": "another-machine", "heartbeat_at": 0.0}  # silent for ages
+    (tmp_path / LOCK_NAME).write_text(json.dumps(far))
+    with store.lock("later"):
+        pass
+    alive = {**far, "heartbeat_at": 9e18}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(alive))
+    with pytest.raises(StoreLocked, match="another-machine"):
+        store.lock().acquire()
+
+
+def test_the_lock_works_on_object_stores():
+    from data_store.lock import StoreLocked
+
+    store = Store("mock:///bucket/locked")  # one in-memory filesystem per Store object
+    with store.lock("first"), pytest.raises(StoreLocked, match="being written by pid"):
+        store.lock("second").acquire()
+    with store.lock("third"):  # released
+        pass

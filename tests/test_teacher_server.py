@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.teacher_server import MALFORMED_TEXT, FaultPlan, TeacherServer, content_key
+from tests.teacher_server import MALFORMED_TEXT, AccountFaults, FaultPlan, TeacherServer, content_key
 
 MODEL = "test-teacher"
 PROBLEM = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
@@ -272,3 +273,102 @@ def test_subprocess_mode():
     finally:
         proc.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
         assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
+
+
+# --- the faults of a real API (issue 9) ------------------------------------------------------
+
+
+def test_few_choices_then_the_follow_up_fails_then_the_content_recovers():
+    with TeacherServer(faults=FaultPlan(rate=1.0, kinds=("few_choices",))) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        assert len(chat(client, decompose_messages(PROBLEM), n=3, temperature=0.7)) == 1
+        with pytest.raises(openai.InternalServerError):  # the follow-up for the 2 missing choices
+            chat(client, decompose_messages(PROBLEM), n=2, temperature=0.7)
+        assert len(chat(client, decompose_messages(PROBLEM), n=3, temperature=0.7)) == 3  # transient
+        st = srv.stats()
+        assert st["by_outcome"]["few_choices"] == 1 and st["by_outcome"]["follow_up"] == 1 and st["billed"] == 2
+
+
+def test_no_usage_truncated_and_max_tokens_cut():
+    with TeacherServer(faults=FaultPlan(rate=1.0, kinds=("no_usage",))) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=decompose_messages(PROBLEM))
+        assert r.usage is None and r.choices[0].finish_reason == "stop"
+        assert srv.stats()["billed"] == 1 and srv.stats()["completion_tokens"] > 0  # billed all the same
+    with TeacherServer(faults=FaultPlan(rate=1.0, kinds=("truncated",))) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=decompose_messages(PROBLEM))
+        full = client.chat.completions.create(model=MODEL, messages=decompose_messages(PROBLEM))
+        assert r.choices[0].finish_reason == "length" and full.choices[0].finish_reason == "stop"
+        assert full.choices[0].message.content.startswith(r.choices[0].message.content)
+    with TeacherServer() as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        for param in ("max_tokens", "max_completion_tokens"):
+            r = client.chat.completions.create(model=MODEL, messages=decompose_messages(PROBLEM), **{param: 3})
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_slow_reply_holds_and_in_flight_keys_name_it():
+    with TeacherServer(faults=FaultPlan(rate=1.0, kinds=("slow",), slow_s=1.0)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        start = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(chat, client, decompose_messages(PROBLEM))
+            wait_for(lambda: srv.stats()["in_flight_keys"] == [content_key({"messages": decompose_messages(PROBLEM)})])
+            assert fut.result()
+        assert time.monotonic() - start >= 1.0 and srv.stats()["in_flight_keys"] == []
+
+
+def test_quota_is_exhausted_after_k_billed_calls():
+    with TeacherServer(account=AccountFaults(quota_after_billed=2)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        for i in range(2):
+            chat(client, decompose_messages(f"{PROBLEM} {i}"))
+        with pytest.raises(openai.RateLimitError) as e:
+            chat(client, decompose_messages(PROBLEM))
+        assert e.value.code == "insufficient_quota" and "retry-after" not in e.value.response.headers
+        assert srv.stats()["by_outcome"]["quota"] == 1 and srv.stats()["billed"] == 2
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_outage_window(status):
+    with TeacherServer(account=AccountFaults(outage_after_requests=2, outage_s=0.5, outage_status=status)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        chat(client, decompose_messages(PROBLEM))
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(client, decompose_messages(PROBLEM))
+        assert e.value.status_code == status and "retry-after" not in e.value.response.headers
+        time.sleep(0.6)
+        assert chat(client, decompose_messages(PROBLEM))
+        srv.start_outage(0.3)
+        with pytest.raises(openai.InternalServerError):
+            chat(client, decompose_messages(PROBLEM))
+        assert srv.stats()["by_outcome"]["outage"] == 2
+
+
+def test_unsupported_parameters_are_refused_as_openai_words_it():
+    with TeacherServer(account=AccountFaults(reject_params=("max_tokens", "temperature"))) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, decompose_messages(PROBLEM), max_tokens=50)
+        assert e.value.param == "max_tokens" and "max_completion_tokens" in e.value.message
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, decompose_messages(PROBLEM), temperature=0.7)
+        assert e.value.param == "temperature" and e.value.code == "unsupported_value"
+        assert chat(client, decompose_messages(PROBLEM), max_completion_tokens=50, temperature=1)
+        assert srv.stats()["by_outcome"]["unsupported"] == 2
+
+
+def test_requests_per_minute_limit_answers_429_with_retry_after():
+    with TeacherServer(account=AccountFaults(requests_per_minute=300)) as srv:  # 5/s, a bucket of 5
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        time.sleep(1.1)  # the bucket fills
+        ok = limited = 0
+        for i in range(8):
+            try:
+                chat(client, decompose_messages(f"{PROBLEM} {i}"))
+                ok += 1
+            except openai.RateLimitError as e:
+                limited += 1
+                assert 0 < float(e.response.headers["retry-after"]) <= 0.2
+        assert ok == 5 and limited == 3

@@ -1,0 +1,126 @@
+"""One governor per run, shared by every teacher call: rate limits, the $ budget, the circuit
+breaker, and the stop after a fatal account error.
+
+Collection wraps :class:`Governor` in one Ray actor that the whole pool shares (its methods never
+block: callers sleep locally for the delays it returns); a lone client (evaluation) gets a
+private in-process instance. :class:`GovernorClient` hides which of the two it talks to.
+Before each HTTP attempt a client calls ``admit``; after it, ``settle``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.breaker import GAVE_UP, WAIT, BreakerConfig, CircuitBreaker
+from actors.budget import Budget
+from actors.rate_limit import RateLimiter
+
+# Why a call was refused (nothing was sent; the work is left for a later run).
+REFUSED_BUDGET, REFUSED_OUTAGE, REFUSED_FATAL = "budget", "outage", "fatal"
+
+
+@dataclass
+class Admission:
+    wait_s: float = 0.0  # sleep this long first
+    again: bool = False  # after the sleep, ask again (the breaker is open)
+    refused: str | None = None  # REFUSED_*: send nothing
+
+
+@dataclass
+class GovernorConfig:
+    requests_per_minute: float | None = None  # shared by the whole pool
+    tokens_per_minute: float | None = None
+    budget_usd: float | None = None  # a cap: worst cases are reserved before sending
+    spent_before_usd: float = 0.0  # spend already in the store (a cumulative budget)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+class Governor:
+    def __init__(self, cfg: GovernorConfig | None = None):
+        cfg = cfg or GovernorConfig()
+        limited = cfg.requests_per_minute or cfg.tokens_per_minute
+        self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute) if limited else None
+        self.budget = Budget(cfg.budget_usd, cfg.spent_before_usd) if cfg.budget_usd is not None else None
+        self.breaker = CircuitBreaker(cfg.breaker)
+        self.fatal: str | None = None
+        self.refusals: dict[str, int] = {}
+        self.spent_usd = 0.0  # this run's settled spend (worst cases where the cost is unknown)
+        self.calls = 0
+        self.successes = 0  # healthy answers: a failure that outlives one is the call's, not an outage
+        self.last_failure: str | None = None  # what the endpoint last failed with (for the stop message)
+
+    def admit(self, est_tokens: int = 0, worst_usd: float = 0.0) -> Admission:
+        if self.fatal is not None:
+            return self._refuse(REFUSED_FATAL)
+        verdict, wait = self.breaker.check()
+        if verdict == GAVE_UP:
+            return self._refuse(REFUSED_OUTAGE)
+        if verdict == WAIT:
+            return Admission(wait_s=wait, again=True)
+        if self.budget is not None and not self.budget.reserve(worst_usd):
+            return self._refuse(REFUSED_BUDGET)
+        self.breaker.claim()
+        self.calls += 1
+        return Admission(wait_s=self.limiter.reserve(est_tokens).wait_s if self.limiter else 0.0)
+
+    def settle(self, worst_usd: float, charged_usd: float, healthy: bool, error: str | None = None) -> tuple[bool, int]:
+        """Release the reservation, count the spend and tell the breaker. Returns (the pool is in
+        an outage, successes so far): a caller holds a failure against its own attempts unless
+        the pool is in an outage and no call has succeeded since its first failure."""
+        if self.budget is not None:
+            self.budget.settle(worst_usd, charged_usd)
+        self.spent_usd += charged_usd
+        if healthy:
+            self.successes += 1
+            self.breaker.success()
+            return False, self.successes
+        self.last_failure = error
+        return self.breaker.failure(), self.successes
+
+    def stop(self, message: str) -> None:
+        """A fatal account error: refuse every further call of the run."""
+        if self.fatal is None:
+            self.fatal = message
+
+    def _refuse(self, reason: str) -> Admission:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        return Admission(refused=reason)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"spent_usd": self.spent_usd, "calls": self.calls, "refusals": dict(self.refusals),
+                "fatal": self.fatal, "breaker_opened": self.breaker.opened, "breaker_state": self.breaker.state,
+                "last_failure": self.last_failure,
+                "budget_left_usd": None if self.budget is None else self.budget.left()}
+
+
+class GovernorClient:
+    """Async access to a Governor, in-process or a Ray actor handle."""
+
+    def __init__(self, governor: Any):
+        self.g = governor
+        self.remote = hasattr(getattr(governor, "admit", None), "remote")
+
+    async def admit(self, est_tokens: int, worst_usd: float) -> Admission:
+        if self.remote:
+            return await self.g.admit.remote(est_tokens, worst_usd)
+        return self.g.admit(est_tokens, worst_usd)
+
+    async def settle(self, worst_usd: float, charged_usd: float, healthy: bool,
+                     error: str | None = None) -> tuple[bool, int]:
+        if self.remote:
+            return await self.g.settle.remote(worst_usd, charged_usd, healthy, error)
+        return self.g.settle(worst_usd, charged_usd, healthy, error)
+
+    def settle_nowait(self, worst_usd: float, charged_usd: float) -> None:
+        """A success (or a cancelled call): nothing to wait for (the actor applies calls in order)."""
+        if self.remote:
+            self.g.settle.remote(worst_usd, charged_usd, True)
+        else:
+            self.g.settle(worst_usd, charged_usd, True)
+
+    async def stop(self, message: str) -> None:
+        if self.remote:
+            await self.g.stop.remote(message)
+        else:
+            self.g.stop(message)

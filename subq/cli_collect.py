@@ -1,0 +1,224 @@
+"""``subq collect`` and ``subq store {stats,compact,history}``.
+
+Exit status of ``subq collect``: 0 when every requested sample is stored and none is left in a
+retryable failure (parse errors are the teacher's real answers and do not count); 1 when rows
+remain failed or missing (budget spent, outage past the patience, --no-retry-failed); 2 for a
+mistake in the input (one line, nothing written); 3 when the teacher refused the account
+(exhausted quota, billing, key): the run stopped at once and stored nothing as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EXIT_FAILED_ROWS, EXIT_ACCOUNT = 1, 3
+
+
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object of numbers (Ray resources)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        raise argparse.ArgumentTypeError('expected a JSON object of numbers, e.g. {"collect_node": 0.01}')
+    return value
+
+
+def add_collect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="query a teacher for decompositions, answers and feedback")
+    p.add_argument("--problems", default="gsm8k:train[:8]", help="dataset spec, e.g. gsm8k:train[:100]")
+    p.add_argument("--store", default=".subq/store", help="store root: a path or a pyarrow URI (s3://...)")
+    p.add_argument("--teacher-base-url", help="OpenAI-compatible base URL; omitted: serve the embedded model locally")
+    p.add_argument("--teacher-model", help="model name at the endpoint (default: the embedded model)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the env var holding the API key")
+    p.add_argument("--samples-per-problem", type=int, default=3)
+    p.add_argument("--feedback-samples", type=int, default=3)
+    p.add_argument("--max-subquestions", type=int)
+    p.add_argument("--temperature", type=float, default=0.7, help="decomposition and feedback temperature")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--requests-per-minute", type=float)
+    p.add_argument("--tokens-per-minute", type=float)
+    p.add_argument("--budget-usd", type=float,
+                   help="cap on $: the store's recorded spend counts; each call's worst case is reserved first")
+    p.add_argument("--budget-per-run", action="store_true", help="the budget counts this run's spend only")
+    p.add_argument("--no-retry-failed", action="store_true",
+                   help="leave rows stored as api_error / partial / truncated as they are")
+    p.add_argument("--patience", type=float, default=600.0,
+                   help="seconds an outage of the teacher is waited out before the run stops (resume later)")
+    p.add_argument("--price-table",
+                   help='JSON {"version": ..., "prices": {"model": [usd_in, usd_out(, usd_cached_in)] per 1M}}')
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt")
+    p.add_argument("--max-attempts", type=int, default=6)
+    p.add_argument("--min-actors", type=int, default=1)
+    p.add_argument("--max-actors", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--actor-num-cpus", type=float, default=0.25, help="CPUs each collection actor reserves")
+    p.add_argument("--actor-resources", type=_json_object, default={}, metavar="JSON",
+                   help='custom Ray resources per actor, e.g. \'{"collect_node": 0.01}\' to pin actors to such nodes')
+    p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model served when no base URL is given")
+    p.add_argument("--local-port", type=int, default=8011)
+    p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_collect)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from actors.collect import CollectConfig, run_collect
+    from actors.prices import PriceTable
+    from actors.teacher import TeacherConfig, TeacherFatalError, check_endpoint
+    from data_store.datasets import load_problems
+    from subq.cli import UserError
+    from subq.local_teacher import local_teacher
+    from subq.runtime import init_ray
+
+    for name in ("samples_per_problem", "feedback_samples", "max_attempts", "batch_size", "min_actors"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_actors < args.min_actors:
+        raise UserError("--max-actors must be >= --min-actors")
+    if args.patience <= 0 or (args.budget_usd is not None and args.budget_usd < 0):
+        raise UserError("--patience must be > 0 and --budget-usd >= 0")
+    problems = load_problems(args.problems)  # a bad spec fails here, before anything is written
+    try:
+        prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    init_ray(args.ray_address)
+    with local_teacher(args.teacher_base_url, args.local_model, args.local_port) as (base_url, served):
+        model = args.teacher_model or served
+        if model is None:
+            raise UserError("--teacher-model is required with --teacher-base-url")
+        if served is not None:
+            prices = prices.with_price(model, 0.0, 0.0)  # our own local server costs nothing per token
+        teacher = TeacherConfig(base_url=base_url, model=model, api_key_env=args.api_key_env,
+                                timeout_s=args.timeout, max_attempts=args.max_attempts)
+        check_endpoint(teacher)
+        cfg = CollectConfig(
+            problems=args.problems, store=args.store, teacher=teacher,
+            samples_per_problem=args.samples_per_problem, feedback_samples=args.feedback_samples,
+            max_subquestions=args.max_subquestions, decompose_temperature=args.temperature,
+            feedback_temperature=args.temperature, max_tokens=args.max_tokens,
+            requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
+            budget_usd=args.budget_usd, budget_per_run=args.budget_per_run, retry_failed=not args.no_retry_failed,
+            patience_s=args.patience, prices=prices, min_actors=args.min_actors,
+            max_actors=args.max_actors, batch_size=args.batch_size, progress=not args.no_progress,
+            actor_num_cpus=args.actor_num_cpus, actor_resources=args.actor_resources,
+        )
+        try:
+            report = run_collect(cfg, problems)
+        except TeacherFatalError as e:
+            print(f"subq: error: {e}", file=sys.stderr)
+            return EXIT_ACCOUNT
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_collect_report(report, args.store, cfg))
+    return 0 if report.complete and not report.retryable else EXIT_FAILED_ROWS
+
+
+def _reasons(reasons: dict[str, int], limit: int = 3) -> str:
+    items = list(reasons.items())
+    text = ", ".join(f"{r} {n}" for r, n in items[:limit])
+    return text + (f", {len(items) - limit} more reasons" if len(items) > limit else "")
+
+
+def format_collect_report(report, store: str, cfg) -> str:
+    lines = [f"collected into {store}: {report.problems} problems, {report.retried} failed rows retried"]
+    lines.append(f"{'stage':<10}{'todo':>6}{'stored':>8}{'failed':>8}{'$':>10}")
+    for name, s in report.stages.items():
+        cost = "?" if s.cost_unknown else f"{s.cost_usd:.4f}"
+        lines.append(f"{name:<10}{s.todo:>6}{s.written:>8}{s.failed:>8}{cost:>10}")
+    total = report.cost_usd
+    lines.append(f"total $: {'unknown (model not in the price table, or no usage)' if total is None else f'{total:.4f}'}"
+                 f"; the store's ledger: ${report.store_spent_usd:.4f}")
+    if report.stopped == "budget":
+        lines.append(f"stopped: the budget is spent (${cfg.budget_usd} "
+                     f"{'this run' if cfg.budget_per_run else 'for this store'}); raise --budget-usd to go on")
+    elif report.stopped == "outage":
+        lines.append(f"stopped: the teacher failed for longer than --patience ({cfg.patience_s:.0f} s), last with "
+                     f"{report.last_failure}; stored work is kept: run the same command again later")
+    ok = report.samples_total - sum(report.not_ok.values())
+    last = f"{report.samples_total}/{report.samples_expected} samples stored: {ok} ok"
+    if report.not_ok:
+        parts = [f"{status} {n}: {_reasons(report.not_ok_reasons.get(status, {}))}"
+                 for status, n in sorted(report.not_ok.items())]
+        last += f", {sum(report.not_ok.values())} not ok ({'; '.join(parts)})"
+    if report.retryable:
+        last += (f"; {report.retryable} can be retried: run the same command again"
+                 + (" without --no-retry-failed" if not cfg.retry_failed else ""))
+    elif not report.complete:
+        last += "; run the same command again to finish"
+    lines.append(last)
+    return "\n".join(lines)
+
+
+def add_store(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="inspect or compact a store")
+    ssub = p.add_subparsers(dest="store_cmd", required=True)
+    s = ssub.add_parser("stats", help="counts per table, status and why not ok, teacher, tokens and $")
+    s.add_argument("--store", default=".subq/store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_store_stats)
+    c = ssub.add_parser("compact", help="merge small part files (takes the store's writer lock)")
+    c.add_argument("--store", default=".subq/store")
+    c.add_argument("--target-rows", type=int, default=200_000, help="rows per merged file")
+    c.set_defaults(func=cmd_store_compact)
+    h = ssub.add_parser("history", help="every attempt of samples that were retried")
+    h.add_argument("--store", default=".subq/store")
+    h.add_argument("--key", action="append", default=[], help="only these sample keys")
+    h.set_defaults(func=cmd_store_history)
+
+
+def cmd_store_stats(args: argparse.Namespace) -> int:
+    from data_store.store import Store
+
+    stats = Store(args.store).stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"store {stats['root']}")
+    for table, n in stats["tables"].items():
+        extra = stats["superseded_attempts"].get(table)
+        print(f"  {table:<18}{n:>8} rows in {stats['part_files'][table]:>5} part files"
+              + (f", {extra} earlier attempts" if extra else ""))
+    for teacher, t in stats["teachers"].items():
+        status = ", ".join(f"{k}={v}" for k, v in sorted(t["status"].items()))
+        cost = f"${t['cost_usd']:.4f}" + (f" (+{t['cost_unknown']} unpriced)" if t["cost_unknown"] else "")
+        print(f"  teacher {teacher}: {t['samples']} samples ({status}), correct={t['correct']}, "
+              f"tokens in/out={t['tokens_in']}/{t['tokens_out']}, {cost}, {t['fingerprints']} setting(s)")
+        for s, reasons in t["not_ok"].items():
+            print(f"    {s}: {_reasons(reasons, limit=6)}")
+    print(f"  spent (ledger of {stats['calls']} calls): ${stats['spent_usd']:.4f}")
+    return 0
+
+
+def cmd_store_compact(args: argparse.Namespace) -> int:
+    from data_store.schema import SCHEMAS
+    from data_store.store import Store
+
+    store = Store(args.store)
+    with store.lock("subq store compact"):
+        for table in SCHEMAS:
+            before, after = store.compact(table, args.target_rows)
+            print(f"{table:<18}{before:>6} -> {after} part files")
+    return 0
+
+
+def cmd_store_history(args: argparse.Namespace) -> int:
+    from data_store.store import Store
+    from data_store.store_stats import failure_reason
+
+    rows = Store(args.store).read_rows("samples", history=True)
+    retried = {r["sample_key"] for r in rows if (r["attempt"] or 0) > 0}
+    keys = set(args.key) or retried
+    for r in sorted((r for r in rows if r["sample_key"] in keys), key=lambda r: (r["sample_key"], r["attempt"] or 0)):
+        why = "" if r["status"] == "ok" else f"  ({failure_reason(r)})"
+        print(f"{r['sample_key']}  attempt {r['attempt'] or 0}  {r['status']}{why}  run {r['run_id']}  "
+              f"{r['updated_at']:%Y-%m-%d %H:%M:%S}")
+    print(f"{len(keys)} samples shown; {len(retried)} in the store were retried")
+    return 0

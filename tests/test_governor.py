@@ -1,0 +1,86 @@
+"""The run's governor: the budget is a cap under any concurrency, the breaker backs the pool off
+together and gives up after the patience, a fatal error refuses everything (pure Python)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from actors.breaker import GAVE_UP, GO, WAIT, BreakerConfig, CircuitBreaker
+from actors.budget import Budget
+from actors.governor import Governor, GovernorConfig
+
+
+def test_budget_never_overspends_with_many_calls_in_flight():
+    rng = random.Random(0)
+    budget = Budget(limit_usd=1.0)
+    in_flight: list[float] = []
+    for _ in range(10_000):
+        if in_flight and rng.random() < 0.5:  # settle a random call at a random share of its worst case
+            worst = in_flight.pop(rng.randrange(len(in_flight)))
+            budget.settle(worst, worst * rng.choice([0.0, 0.3, 1.0]))
+        else:
+            worst = rng.uniform(0.001, 0.05)
+            if budget.reserve(worst):
+                in_flight.append(worst)
+        assert budget.spent + budget.reserved <= 1.0 + 1e-9
+    for worst in in_flight:
+        budget.settle(worst, worst)
+    assert budget.spent <= 1.0 + 1e-9 and budget.reserved == pytest.approx(0.0, abs=1e-9)
+
+
+def test_budget_counts_the_spend_already_in_the_store():
+    budget = Budget(limit_usd=1.0, spent_before_usd=0.9)
+    assert not budget.reserve(0.2) and budget.reserve(0.1) and not budget.reserve(0.001)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_breaker_opens_after_failures_probes_once_and_doubles_its_pause():
+    clock = Clock()
+    b = CircuitBreaker(BreakerConfig(failure_threshold=3, cooldown_s=1.0, patience_s=100.0), clock)
+    for _ in range(2):
+        assert not b.failure()
+    assert b.failure() and b.check()[0] == WAIT  # open
+    clock.t = 1.01
+    assert b.check() == (GO, 0.0)  # half-open: one probe
+    b.claim()
+    assert b.check()[0] == WAIT  # the others wait for the probe
+    assert b.failure()  # the probe failed: open again, for twice as long
+    clock.t = 2.5
+    assert b.check()[0] == WAIT
+    clock.t = 3.1
+    assert b.check()[0] == GO
+    b.claim()
+    b.success()
+    assert b.state == "closed" and b.check() == (GO, 0.0) and b.opened == 2
+
+
+def test_breaker_gives_up_after_the_patience():
+    clock = Clock()
+    b = CircuitBreaker(BreakerConfig(failure_threshold=1, cooldown_s=1.0, patience_s=10.0), clock)
+    b.failure()
+    for t in range(1, 10):
+        clock.t = float(t)
+        if b.check()[0] == GO:
+            b.claim()
+            b.failure()
+    clock.t = 10.5
+    assert b.check()[0] == GAVE_UP
+
+
+def test_governor_refuses_after_a_fatal_error_and_on_an_empty_budget():
+    g = Governor(GovernorConfig(budget_usd=0.5))
+    assert g.admit(worst_usd=0.4).refused is None
+    assert g.admit(worst_usd=0.4).refused == "budget"  # 0.4 is still reserved
+    g.settle(0.4, 0.1, healthy=True)
+    assert g.admit(worst_usd=0.4).refused is None
+    g.stop("quota exhausted")
+    assert g.admit().refused == "fatal" and g.snapshot()["fatal"] == "quota exhausted"
