@@ -27,7 +27,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from actors.prices import PriceTable
@@ -153,7 +153,9 @@ class DecomposerClient:
         self.spec, self.prices, self.max_subquestions = spec, prices, max_subquestions
         self.temperature, self.max_tokens = temperature, max_tokens
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
-        self._teacher = TeacherClient(spec.teacher, prices) if spec.kind == "teacher" else None
+        self._teacher = None
+        if spec.kind == "teacher":  # the evaluation's patience applies to every decomposer
+            self._teacher = TeacherClient(replace(spec.teacher, timeout_s=timeout_s, max_attempts=max_attempts), prices)
         self._http: Any = None
         self._openai: Any = None
         self._no_bos_field = True  # send add_special_tokens=false until a server refuses the field

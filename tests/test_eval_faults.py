@@ -70,8 +70,8 @@ def _decomposition_keys(problems: list[dict]) -> list[str]:
 def test_failed_records_are_retried_and_a_retry_pays_only_what_failed(ray_session, tmp_path):
     """A solver and decomposer outage (every faulted call fails its 2 attempts in the first run): the
     first run stores failed records and exits 1; --no-retry-failed keeps them and calls nobody; the next
-    run retries exactly them as attempt 2, re-paying no decomposition that had succeeded; a last run
-    has nothing to do. Across all runs each of the 4N calls is billed exactly once."""
+    runs retry exactly them as new attempts, re-paying no decomposition that had succeeded, until all
+    are final (exit 0); a last run has nothing to do. Across all runs each of the 4N calls is billed once."""
     problems = load_problems(BENCH)
     out = tmp_path / "eval"
     faults = FaultPlan(rate=0.35, kinds=("500",), seed=3, fail_attempts=2)
@@ -86,7 +86,9 @@ def test_failed_records_are_retried_and_a_retry_pays_only_what_failed(ray_sessio
         assert set(first) == {"teacher_test-teacher__test-teacher", "student__test-teacher"}
         failed = {name: {r["problem_id"]: failure(r) for r in recs if failure(r)} for name, recs in first.items()}
         reasons = [why for f in failed.values() for why in f.values()]
-        assert any(w.startswith("decompose: ") for w in reasons) and any(w.startswith("solve: ") for w in reasons)
+        assert any(w.startswith("solve: ") for w in reasons)
+        for f in failed.values():  # both decomposers give up after --max-attempts 2
+            assert any(w.startswith("decompose: ") for w in f.values())
         assert all("InternalServerError" in w or "HTTP 500" in w for w in reasons), reasons
         for recs in first.values():
             for r in recs:  # no solver was paid for a plan that will be asked for again
@@ -100,15 +102,17 @@ def test_failed_records_are_retried_and_a_retry_pays_only_what_failed(ray_sessio
         assert rc == 1 and srv.stats()["requests"] == calls
         assert "kept as they are (--no-retry-failed)" in printed
 
-        rc, printed, _ = _cli(argv)
+        for _ in range(4):  # a retried plan means new solve calls, which the fault plan may hit again
+            rc, printed, _ = _cli(argv)
+            if rc == 0:
+                break
         assert rc == 0 and "every record is final" in printed
         for name, path in _files(out).items():
             history, now = read_history(path), read_records(path)
             assert len(now) == N and all(failure(r) is None for r in now)
-            assert len(history) == N + len(failed[name])  # the failed attempts stay inspectable
-            retried = {r["problem_id"]: r for r in now if r["attempt"] == 2}
-            assert set(retried) == set(failed[name]) and all(r["attempt"] == 1 for r in now if r["problem_id"]
-                                                              not in retried)
+            assert len(history) == sum(r["attempt"] for r in now)  # every failed attempt stays inspectable
+            # only what failed was redone: a record final in the first run was never touched again
+            assert {r["problem_id"] for r in now if r["attempt"] > 1} == set(failed[name])
             for r in now:  # a plan that succeeded in the first run was reused, not asked for again
                 before = next(x for x in first[name] if x["problem_id"] == r["problem_id"])
                 if not before["decompose_error"]:
