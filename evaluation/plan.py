@@ -145,8 +145,12 @@ def settings_changes(cfg: EvalConfig, keys: list[RunKey]) -> list[str]:
     for bench in cfg.benchmarks:
         for key in keys:
             path = key.path(cfg.out_dir, bench)
-            others = sorted((f for f in records_dir(cfg.out_dir, bench, key.decomposer, key.solver).glob("*.jsonl")
-                             if f != path), key=lambda f: f.stat().st_mtime)
+            folder = records_dir(cfg.out_dir, bench, key.decomposer, key.solver)
+            legacy = folder.with_suffix(".jsonl")  # written before records had a settings fingerprint
+            if not path.exists() and legacy.exists():
+                lines.append(f"{key.decomposer} / {key.solver} on {bench}: {legacy} has records without a "
+                             "settings fingerprint (an older subq); they are not used: their settings are unknown")
+            others = sorted((f for f in folder.glob("*.jsonl") if f != path), key=lambda f: f.stat().st_mtime)
             if path.exists() or not others:
                 continue
             old = next(iter(read_history(others[-1])), {}).get("settings") or {}

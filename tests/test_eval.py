@@ -100,6 +100,33 @@ def test_a_problem_recorded_twice_counts_once(tmp_path):
     assert [(r["problem_id"], r.get("n")) for r in read_records(path)] == [("x", 1), ("y", None)]
 
 
+def test_a_later_attempt_supersedes_and_the_history_stays(tmp_path):
+    from evaluation.records import failure, read_history
+
+    path = tmp_path / "r.jsonl"
+    failed = {"problem_id": "x", "attempt": 1, "decompose_error": None, "solve_error": "RateLimitError: 429"}
+    append_records(path, [json.dumps(failed), json.dumps({"problem_id": "y", "attempt": 1, "solve_error": None,
+                                                          "decompose_error": "parse_error: no Q1"})])
+    append_records(path, [json.dumps({**failed, "attempt": 2, "solve_error": None})])
+    assert [(r["problem_id"], r["attempt"]) for r in read_records(path)] == [("x", 2), ("y", 1)]
+    assert len(read_history(path)) == 3
+    assert failure(failed) == "solve: RateLimitError"
+    assert failure({"decompose_error": "api_error: HTTP 503: busy"}) == "decompose: HTTP 503"
+    assert failure({"decompose_error": "parse_error: no Q1", "solve_error": None}) is None  # final, not failed
+
+
+def test_records_from_before_fingerprints_are_named_not_used(tmp_path):
+    from evaluation.plan import settings_changes
+
+    cfg = EvalConfig(benchmarks=["gsm8k:test[:2]"], out_dir=str(tmp_path))
+    [key] = run_keys(cfg, "bc", {"kind": "none"}, [SolverSpec(base_url="http://127.0.0.1/v1", model="m")])
+    legacy = key.path(cfg.out_dir, "gsm8k:test[:2]").parent.with_suffix(".jsonl")
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({"problem_id": "x"}) + "\n")
+    [line] = settings_changes(cfg, [key])
+    assert str(legacy) in line and "not used" in line
+
+
 def test_the_worker_stores_its_batch_and_a_retried_batch_pays_nothing(tmp_path, monkeypatch):
     """Records are written by the actor that paid for them, so a dead driver loses no paid answer."""
     monkeypatch.setenv("SUBQ_TEST_KEY", "sk-eval-secret-0123456789")
