@@ -4,9 +4,21 @@ A decomposer is one of
 - ``none``: no decomposition; the solver answers alone with chain of thought (the single-stage baseline);
 - ``teacher``: an OpenAI-compatible chat model prompted with the teacher's few-shot decomposition prompt
   (paper 1's "teacher decomposes" column);
-- ``url``: a running subq decomposer (``serve/decomposer.py``), called at ``POST <url>/decompose``.
+- ``url``: a running subq decomposer (``serve/decomposer.py``), called at ``POST <url>/decompose``;
+- ``openai``: a student checkpoint behind any OpenAI-compatible server (``vllm serve runs/x/final``),
+  prompted exactly as in training: ``POST <url>/completions`` with ``protocol.prompts.student_prompt``
+  as the plain-text prompt (no chat template: a student never saw one), stop at ``SUBQ_END``, and the
+  continuation split into sub-questions by ``parse_student_output``, as ``serve/decomposer_model.py``
+  does. ``add_special_tokens: false`` asks vLLM not to prepend a BOS the student was not trained with
+  (a server that refuses the field gets the request again without it). A server without a completions
+  route is refused: a chat template would change the prompt the student is measured on.
 A checkpoint is served first (``subq/`` starts the Serve app) and then evaluated by its URL, so the
 numbers measure exactly what a user would deploy.
+
+Failures: a call that fails after its retries comes back as an ``api_error`` (the record is *failed*
+and a re-run retries it). An endpoint that will refuse every call (401/403: bad key, 404: wrong URL,
+route or model, 429 ``insufficient_quota``) raises :class:`FatalEndpointError` instead, out of the
+Ray Data worker, which stops the whole run without storing anything for that call.
 """
 
 from __future__ import annotations
@@ -14,34 +26,59 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from actors.prices import PriceTable
-from actors.teacher import CallResult, TeacherClient, TeacherConfig, redact
+from actors.teacher import CallResult, TeacherClient, TeacherConfig, api_key_from_env, redact
 from protocol.parse import parse_subquestions
-from protocol.prompts import decompose_messages
+from protocol.prompts import SUBQ_END, decompose_messages, parse_student_output, student_prompt
 from protocol.solve_prompts import cot_messages, solve_messages
 
-DECOMPOSER_KINDS = ("none", "teacher", "url")
+DECOMPOSER_KINDS = ("none", "teacher", "url", "openai")
+NO_SUBQUESTIONS = "parse_error: the decomposer returned no sub-questions"
+T = TypeVar("T")
+
+
+class FatalEndpointError(RuntimeError):
+    """An endpoint that refuses every call (bad key, no quota, wrong URL, route or model): the run stops.
+
+    It escapes the evaluation worker on purpose (nothing is stored for the call), so Ray Data aborts
+    the run and the CLI prints the message; the fix is the user's, then the same command resumes.
+    """
+
+
+# Exceptions from a client call that stop an evaluation run (the worker reports them to the driver,
+# which raises FatalEndpointError); any other exception escaping a client aborts the run with its traceback.
+FATAL_ERRORS: tuple[type[BaseException], ...] = (FatalEndpointError,)
 
 
 @dataclass
 class DecomposerSpec:
-    kind: str  # none | teacher | url
+    kind: str  # none | teacher | url | openai
     label: str  # the row name in the report, e.g. "ilql", "teacher (gpt-4o-mini)", "none (CoT)"
-    url: str | None = None  # kind=url: the decomposer app's base URL (no /decompose)
-    token_env: str | None = None  # kind=url: NAME of an env var with the app's bearer token
+    url: str | None = None  # kind=url: the decomposer app's base URL (no /decompose); openai: the /v1 root
+    token_env: str | None = None  # kind=url/openai: NAME of an env var with the endpoint's bearer token / key
     teacher: TeacherConfig | None = None  # kind=teacher: the chat endpoint that decomposes
     beta: float | None = None  # kind=url: ILQL guidance per request; None = the server's default
+    model: str | None = None  # kind=openai: the model name the server serves (vLLM: the path it was given)
+    identity: dict[str, Any] | None = None  # what the settings fingerprint calls it; None: from the fields above
 
     def __post_init__(self) -> None:
         if self.kind not in DECOMPOSER_KINDS:
             raise ValueError(f"decomposer kind must be one of {DECOMPOSER_KINDS}, got {self.kind!r}")
-        if self.kind == "url" and not self.url:
-            raise ValueError("a url decomposer needs a url")
+        if self.kind in ("url", "openai") and not self.url:
+            raise ValueError(f"a {self.kind} decomposer needs a url")
+        if self.kind == "openai" and not self.model:
+            raise ValueError("an openai decomposer needs a model name")
         if self.kind == "teacher" and self.teacher is None:
             raise ValueError("a teacher decomposer needs a TeacherConfig")
+        if self.identity is None:
+            self.identity = {"none": {"kind": "none"},
+                             "teacher": {"kind": "teacher", "model": self.teacher.model if self.teacher else None},
+                             "url": {"kind": "url", "url": self.url, "beta": self.beta},
+                             "openai": {"kind": "openai", "model": self.model}}[self.kind]
 
 
 @dataclass
@@ -55,21 +92,80 @@ class Decomposition:
     cost_usd: float | None = 0.0  # a self-hosted decomposer bills no tokens: $0
 
 
+class _Retry(Exception):
+    """A failure worth another attempt (429, 5xx, timeout, connection); ``after``: the server's Retry-After."""
+
+    def __init__(self, message: str, after: float | None = None) -> None:
+        super().__init__(message)
+        self.after = after
+
+
+class _Refused(Exception):
+    """This request was refused or answered with junk (400, invalid JSON): recorded, not retried."""
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    try:
+        return float(headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _check_status(status: int, text: str, code: str | None, headers: Mapping[str, str], where: str) -> None:
+    """Raise for a failed HTTP status: FatalEndpointError (every call would fail), _Retry, or _Refused
+    (this request is refused; recorded as an api_error)."""
+    message = f"HTTP {status}: {text[:300]}"
+    if status == 429 and (code == "insufficient_quota" or "insufficient_quota" in text):
+        raise FatalEndpointError(f"{where} has no quota left (HTTP 429 insufficient_quota): add credit or "
+                                 "raise the limit, then run the same command again")
+    if status in (401, 403):
+        raise FatalEndpointError(f"{where} refused the credentials (HTTP {status}): check the key or token "
+                                 "env var, then run the same command again")
+    if status == 404:
+        raise FatalEndpointError(f"{where} answered HTTP 404 (wrong URL, route or model name): {text[:200]}")
+    if status >= 500 or status in (408, 409, 429):
+        raise _Retry(message, _retry_after(headers))
+    raise _Refused(message)
+
+
+async def _with_retries(call: Callable[[], Awaitable[T]], attempts: int, secrets: list[str]) -> T | str:
+    """``call()``'s result, or the last error as a string once ``attempts`` are spent (a refused
+    request ends at once); anything else (FatalEndpointError, a bug) propagates and stops the run."""
+    error = "no attempt made"
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except _Retry as e:
+            error = str(e)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(min(60.0, e.after) if e.after is not None else min(8.0, 0.5 * 2**attempt))
+        except _Refused as e:
+            error = str(e)
+            break
+    return redact(error, secrets)
+
+
 class DecomposerClient:
     """Sub-questions for one problem from any kind of decomposer; safe for concurrent coroutines."""
 
     def __init__(self, spec: DecomposerSpec, prices: PriceTable, *, max_subquestions: int | None,
                  temperature: float, max_tokens: int, timeout_s: float = 120.0, max_attempts: int = 4) -> None:
-        self.spec, self.max_subquestions = spec, max_subquestions
+        self.spec, self.prices, self.max_subquestions = spec, prices, max_subquestions
         self.temperature, self.max_tokens = temperature, max_tokens
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
-        self._teacher = TeacherClient(spec.teacher, prices) if spec.kind == "teacher" else None
+        self._teacher = None
+        if spec.kind == "teacher":  # the evaluation's patience applies to every decomposer
+            self._teacher = TeacherClient(replace(spec.teacher, timeout_s=timeout_s, max_attempts=max_attempts), prices)
         self._http: Any = None
-        self._token = os.environ.get(spec.token_env, "") if spec.token_env else ""
+        self._openai: Any = None
+        self._no_bos_field = True  # send add_special_tokens=false until a server refuses the field
+        self._token = os.environ.get(spec.token_env, "") if spec.token_env and spec.kind == "url" else ""
 
     async def decompose(self, problem: str) -> Decomposition:
         if self.spec.kind == "none":
             return Decomposition()
+        if self.spec.kind == "openai":
+            return await self._decompose_openai(problem)
         if self._teacher is not None:
             call = await self._teacher.chat(decompose_messages(problem, self.max_subquestions), n=1,
                                             temperature=self.temperature, max_tokens=self.max_tokens)
@@ -97,33 +193,75 @@ class DecomposerClient:
         if self.spec.beta is not None:
             body["beta"] = self.spec.beta
         url = f"{self.spec.url.rstrip('/')}/decompose"
-        start = time.monotonic()
-        error = "no attempt made"
-        for attempt in range(self.max_attempts):
+
+        async def call() -> dict[str, Any]:
             try:
                 r = await self._http.post(url, json=body)
             except httpx.HTTPError as e:
-                error = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code == 200:
-                    data = r.json()
-                    usage = data.get("usage") or {}
-                    subqs = [str(q) for q in data.get("subquestions") or []]
-                    return Decomposition(
-                        subquestions=subqs, raw=str(data.get("raw", "")),
-                        error=None if subqs else "parse_error: the decomposer returned no sub-questions",
-                        tokens_in=int(usage.get("prompt_tokens", 0)), tokens_out=int(usage.get("completion_tokens", 0)),
-                        latency_s=time.monotonic() - start)
-                error = f"HTTP {r.status_code}: {r.text[:300]}"
-                if r.status_code < 500 and r.status_code != 429:
-                    break  # a client error will not go away by asking again
-            await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
-        return Decomposition(error=f"api_error: {redact(error, [self._token] if self._token else [])}",
-                             latency_s=time.monotonic() - start)
+                raise _Retry(f"{type(e).__name__}: {e}") from None
+            if r.status_code != 200:
+                _check_status(r.status_code, r.text, None, r.headers, f"the decomposer at {url}")
+            try:
+                return dict(r.json())
+            except (ValueError, TypeError):
+                raise _Refused(f"the decomposer answered 200 with a body that is not a JSON object: {r.text[:200]}"
+                               ) from None
+
+        start = time.monotonic()
+        data = await _with_retries(call, self.max_attempts, [self._token])
+        if isinstance(data, str):
+            return Decomposition(error=f"api_error: {data}", latency_s=time.monotonic() - start)
+        usage = data.get("usage") or {}
+        subqs = [str(q) for q in data.get("subquestions") or []]
+        return Decomposition(
+            subquestions=subqs, raw=str(data.get("raw", "")), error=None if subqs else NO_SUBQUESTIONS,
+            tokens_in=int(usage.get("prompt_tokens", 0)), tokens_out=int(usage.get("completion_tokens", 0)),
+            latency_s=time.monotonic() - start)
+
+    async def _decompose_openai(self, problem: str) -> Decomposition:
+        import openai
+
+        base = self.spec.url.rstrip("/")
+        if self._openai is None:  # created inside the running event loop
+            key = api_key_from_env(self.spec.token_env or "OPENAI_API_KEY", base)
+            self._openai = openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0, timeout=self.timeout_s)
+        where = f"the decomposer {self.spec.model!r} at {base}/completions"
+
+        async def call() -> Any:
+            extra = {"add_special_tokens": False} if self._no_bos_field else None
+            try:
+                return await self._openai.completions.create(
+                    model=self.spec.model, prompt=student_prompt(problem), max_tokens=self.max_tokens,
+                    temperature=self.temperature, stop=[SUBQ_END], n=1, extra_body=extra)
+            except openai.APIStatusError as e:
+                if e.status_code == 400 and self._no_bos_field and "add_special_tokens" in str(e):
+                    self._no_bos_field = False  # not vLLM: plain OpenAI fields only, from now on
+                    raise _Retry("the server refused add_special_tokens; asking again without it", 0.0) from None
+                _check_status(e.status_code, str(e), e.code, e.response.headers, where)
+                raise
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                raise _Retry(f"{type(e).__name__}: {e}") from None
+            except openai.APIError as e:  # e.g. a body that is not a completion
+                raise _Refused(f"{type(e).__name__}: {e}") from None
+
+        start = time.monotonic()
+        resp = await _with_retries(call, self.max_attempts, [self._openai.api_key])
+        if isinstance(resp, str):
+            return Decomposition(error=f"api_error: {resp}", latency_s=time.monotonic() - start)
+        raw = resp.choices[0].text if resp.choices else ""
+        found = parse_student_output(raw)
+        subqs = found[:self.max_subquestions] if self.max_subquestions else found
+        tokens_in = int(getattr(resp.usage, "prompt_tokens", 0) or 0)
+        tokens_out = int(getattr(resp.usage, "completion_tokens", 0) or 0)
+        return Decomposition(subquestions=subqs, raw=raw, error=None if subqs else NO_SUBQUESTIONS,
+                             tokens_in=tokens_in, tokens_out=tokens_out, latency_s=time.monotonic() - start,
+                             cost_usd=self.prices.cost(self.spec.model, tokens_in, tokens_out))
 
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+        if self._openai is not None:
+            await self._openai.close()
         if self._teacher is not None:
             await self._teacher.aclose()
 

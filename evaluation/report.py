@@ -20,14 +20,17 @@ solve_latency_s             float | None
 solve_cost_usd              float | None        None = unknown price
 solver_text                 str                 the solver's reply ("" after an API failure)
 decompose_error             str | None          API or parse failure of the decomposer
-solve_error                 str | None          API failure of the solver: counted wrong, and counted apart
+solve_error                 str | None          API failure of the solver (or the solve was skipped because
+                                                the decomposition failed at the API): counted wrong, and apart
+attempt                     int                 1, then +1 per retry of a record that failed at the API
 prediction                  str | None          ``evaluation.scoring.Score`` fields, flat:
 correct                     bool                  ``score(solver_text, problem, mode)``
 f1                          float | None          (text answers only)
 score_error                 str | None            ``Score.error``: the reply did not follow the format
 =========================== =================== ==========================================================
 
-Counting: ``correct`` excludes records with a ``solve_error``; ``parse_failures`` counts replies (API
+Counting: ``correct`` excludes records with a ``solve_error``; ``api_failures`` counts records that
+failed at the API (``evaluation.records.failure``): they are not final and a re-run retries them; ``parse_failures`` counts replies (API
 failures excluded) whose ``score_error`` is set, including replies scored through a fallback;
 token counts and $ are totals over the run, $ is None as soon as one record's price is unknown;
 latencies are medians over problems. The tables show tokens per problem and $ per 1k problems.
@@ -42,6 +45,7 @@ from pathlib import Path
 from statistics import fmean, median
 from typing import Any
 
+from evaluation.records import failure
 from evaluation.scoring import wilson_interval
 from evaluation.similarity import aggregate_similarity
 
@@ -74,6 +78,9 @@ class RunSummary:
     decompose_failures: int  # records with a decompose_error
     solve_failures: int  # records with a solve_error (API failure, counted wrong)
     similarity: dict[str, Any] | None  # evaluation.similarity.aggregate_similarity, when references exist
+    api_failures: int = 0  # records that failed at the API: not final, a re-run retries them
+    fingerprint: str | None = None  # evaluation.fingerprint of the settings every record of this run shares
+    settings: dict[str, Any] | None = None  # those settings: decomposer identity and decoding, solver model...
 
 
 def _total(values: Iterable[Any]) -> float | None:
@@ -92,7 +99,7 @@ def _p50(values: Iterable[Any]) -> float | None:
 
 
 def summarize(records: Sequence[dict[str, Any]], decomposer: str, solver: str, benchmark: str,
-              mode: str) -> RunSummary:
+              mode: str, *, fingerprint: str | None = None, settings: dict[str, Any] | None = None) -> RunSummary:
     """One run's summary from its per-problem records (see the module docstring for the contract)."""
     if not records:
         raise ValueError(f"no records for {decomposer} / {solver} on {benchmark}")
@@ -121,6 +128,7 @@ def summarize(records: Sequence[dict[str, Any]], decomposer: str, solver: str, b
         decompose_failures=sum(r.get("decompose_error") is not None for r in records),
         solve_failures=sum(bool(r.get("solve_error")) for r in records),
         similarity=similarity if similarity["n"] else None,
+        api_failures=sum(failure(r) is not None for r in records), fingerprint=fingerprint, settings=settings,
     )
 
 
@@ -182,6 +190,10 @@ def markdown(summaries: Sequence[RunSummary]) -> str:
         "from the price table (\"?\" = a model's price is unknown, 0 = self-hosted). A decomposer of "
         "\"none\" is the solver alone with chain of thought.",
     ]
+    not_final = sum(s.api_failures for s in summaries)
+    if not_final:
+        out += ["", f"**Not final:** {not_final} record(s) failed at the API (counted wrong here); run the "
+                    "same command again to retry them."]
     for bench in _ordered(s.benchmark for s in summaries):
         runs = [s for s in summaries if s.benchmark == bench]
         decs, solvers = _ordered(s.decomposer for s in runs), _ordered(s.solver for s in runs)

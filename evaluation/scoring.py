@@ -10,6 +10,10 @@
 - text: SQuAD normalisation (lower case, no punctuation, no articles, single spaces); correct = exact
   match with any accepted answer (Bamboogle lists alternatives); ``f1`` = best token F1 over them.
 
+A final answer that offers more than one value ("18 or 20", "between 5 and 7", "5-7", "yes/no",
+"A, B, C", "C or D") gets no prediction and ``error`` "more than one ...": a hedge is a parse
+failure, counted as one, never scored by its first value.
+
 A reply without the marker still gets a prediction from a fallback (number: the last number in the
 text, as ``protocol.answers.extract_final_value`` does; choice: "Answer: B"; yesno and text: the last
 non-empty line) and may be correct, but ``Score.error`` says the format was not followed: the report
@@ -43,6 +47,7 @@ from protocol.answers import (
     final_answer_value,
     find_final_answer,
     gsm8k_gold,
+    hedged_value,
     last_number,
     numbers_match,
     parse_number,
@@ -68,6 +73,10 @@ def _fmt(value: float) -> str:
 # "Final answer: B", "**Final answer** - yes", "The final answer is Benjamin Harrison" (non-number types).
 _MARKER = re.compile(r"final\s+answer[\s*_]*(?:is\b|[:=\-\u2013\u2014])[\s*_:]*", re.IGNORECASE)
 _NO_MARKER = "no 'Final answer:' line"
+
+
+def _hedge(what: str, answer: str) -> str:
+    return f"more than one {what} in the final answer {answer[:80]!r}"
 
 
 def _after_last_marker(text: str) -> str | None:
@@ -105,6 +114,8 @@ def _score_number(text: str, problem: dict[str, Any]) -> Score:
     answer = find_final_answer(text)
     if answer is None:
         value, error = last_number(text), f"{_NO_MARKER}; used the last number in the text"
+    elif hedged_value(answer):
+        value, error = None, _hedge("value", answer)
     else:
         value = final_answer_value(answer)
         error = None if value is not None else f"no number in the final answer {answer[:80]!r}"
@@ -126,6 +137,8 @@ _NAMED_LETTER = re.compile(
     r"|\b(?i:answer)\s*(?i:is\s*)?[:\-]?\s*(?:\(([A-Ea-e])\)|([A-E])\)?)(?!\w)"
 )
 _ANSWER_LETTER = re.compile(r"\b(?i:answer)\s*(?i:is\s*)?[:\-]?[\s*]*\(?([A-E])\)?(?!\w)")  # no marker: "Answer: B"
+# Two option letters joined as alternatives or a list: "A, B, C", "C or D", "(C) or (D)", "C/D", "C and E".
+_SEVERAL_LETTERS = re.compile(r"(?<!\w)\(?([A-E])\)?\s*(?:,|/|&|\bor\b|\band\b)\s*\(?([A-E])\)?(?!\w)")
 
 
 def _letter(answer: str, choices: list[str] | None) -> str | None:
@@ -150,7 +163,9 @@ def _letter(answer: str, choices: list[str] | None) -> str | None:
 def _score_choice(text: str, problem: dict[str, Any]) -> Score:
     gold = str(problem.get("gold") or "").strip().upper()
     answer = _after_last_marker(text)
-    if answer is not None:
+    if answer is not None and any(m[1] != m[2] for m in _SEVERAL_LETTERS.finditer(answer)):
+        letter, error = None, _hedge("option", answer)
+    elif answer is not None:
         letter = _letter(answer, problem.get("choices"))
         error = None if letter else f"no option letter in the final answer {answer[:80]!r}"
     else:
@@ -165,12 +180,17 @@ def _score_choice(text: str, problem: dict[str, Any]) -> Score:
 _YESNO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
 _FIRST_WORD = re.compile(r"^\W*(yes|no|true|false)\b", re.IGNORECASE)
 _ANY_YESNO = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+# "yes/no", "Yes or no.", "true, false": two answers side by side ("Yes, no doubt" is one answer).
+_YESNO_PAIR = re.compile(r"\b(yes|no|true|false)\s*(?:/|,|\bor\b|\band\b)\s*(yes|no|true|false)\b(?=\s*(?:$|[.,;:!?()]))",
+                         re.IGNORECASE)
 
 
 def _score_yesno(text: str, problem: dict[str, Any]) -> Score:
     gold = str(problem.get("gold") or "").strip().lower()
     answer = _after_last_marker(text)
-    if answer is not None:
+    if answer is not None and any(_YESNO[m[1].lower()] != _YESNO[m[2].lower()] for m in _YESNO_PAIR.finditer(answer)):
+        word, error = None, _hedge("answer", answer)
+    elif answer is not None:
         m = _FIRST_WORD.match(answer)
         # "Yes, because ..." reads its first word; otherwise every yes/no in the line must agree.
         words = [m[1]] if m else list({_YESNO[w.lower()] for w in _ANY_YESNO.findall(answer)})

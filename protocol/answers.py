@@ -8,7 +8,9 @@ Rules, in one place so that collection, scoring and evaluation agree:
 - a number glued to a word is not a number (``A1``, ``x2``), so ``"A1: 5"`` reads as 5;
 - a ``%`` or a unit after the number is ignored: ``"75%"`` is 75.0, not 0.75;
 - in answer text the *last* "Final answer" marker wins; inside it, a trailing ``= <number>`` wins
-  (``"2 * 3 = 6"`` is 6); without any marker the last number in the text is taken.
+  (``"2 * 3 = 6"`` is 6); without any marker the last number in the text is taken;
+- a final answer that gives more than one value ("18 or 20", "between 5 and 7", "5-7", "18, 20") is
+  *hedged* (``hedged_value``): parsers and scorers treat it as unreadable, never as its first number.
 """
 
 from __future__ import annotations
@@ -101,13 +103,36 @@ def find_final_answer(text: str, marker: re.Pattern[str] = FINAL_MARKER, strip: 
     return ""
 
 
+def _value_part(answer: str) -> str:
+    """Where a final answer's value is read: after its last "=" when a number follows it, else all of it."""
+    if "=" in answer:
+        tail = answer.rsplit("=", 1)[1]
+        if parse_number(tail) is not None:
+            return tail
+    return answer
+
+
 def final_answer_value(answer: str) -> float | None:
     """The number of a final-answer string: after its last "=" when there is one, else its first."""
-    if "=" in answer:
-        value = parse_number(answer.rsplit("=", 1)[1])
-        if value is not None:
-            return value
-    return parse_number(answer)
+    return parse_number(_value_part(answer))
+
+
+# What joins two values in a hedge: "or" anywhere between them ("18 (or 20)", "18 apples or 20 apples"),
+# else only a range or list joiner, after at most one unit word ("5 to 7", "5% - 7%", "18, 20", "5 and 7").
+_HEDGE_GAP = re.compile(
+    r"\bor\b|^\s*(?:[^\s\d]+\s*)?(?:and|to|through|thru|-|\u2013|\u2014|~|,|&)\s*$", re.IGNORECASE)
+
+
+def hedged_value(answer: str) -> bool:
+    """Whether a final-answer string offers more than one value: its first two numbers (where
+    ``final_answer_value`` reads) are joined by "or", "and", "to", a dash or a bare comma.
+
+    "18 or 20", "between 5 and 7", "5-7", "18, 20" are hedged; "2 * 3 = 6", "$1,000", "1 1/2",
+    "18.50, which is 18 dollars and 50 cents" and "18 or more" are not.
+    """
+    part = _value_part(answer)
+    found = [m for m in _NUMBER.finditer(part) if _value(m) is not None][:2]
+    return len(found) == 2 and _HEDGE_GAP.search(part[found[0].end():found[1].start()]) is not None
 
 
 def extract_final_value(text: str) -> float | None:

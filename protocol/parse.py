@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from protocol.answers import FINAL_MARKER, final_answer_value, find_final_answer
+from protocol.answers import FINAL_MARKER, final_answer_value, find_final_answer, hedged_value
 
 _BULLET = r"(?:[-*\u2022]\s+)?"  # "- Q1: ..." / "* Q1: ..." / "• Q1: ..."
 # "Q1: ...", "**Q1.** ...", "Question 2) ...", "Sub-question 3 - ...", "Q4 ..." (no punctuation).
@@ -184,6 +184,9 @@ def parse_answers(text: str, n_subquestions: int) -> ParsedAnswers:
             subanswers, None, None,
             f"no 'Final answer:' line (found {len(subanswers)} of {n_subquestions} answers)",
         )
+    if hedged_value(final_answer):  # "18 or 20" is no answer: it must not count as correct for either
+        return ParsedAnswers(subanswers, final_answer, None,
+                             f"more than one value in the final answer {final_answer[:80]!r}")
     value = final_answer_value(final_answer)
     error = None if value is not None else f"no number in the final answer {final_answer[:80]!r}"
     return ParsedAnswers(subanswers, final_answer, value, error)

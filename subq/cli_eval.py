@@ -51,8 +51,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="decomposer -> solver accuracy, tokens, latency and $ on benchmarks "
                                     "(`subq eval rescore` re-scores paper 1's records)")
     p.add_argument("--decomposer", action="append", default=[], metavar="SPEC",
-                   help="none | teacher[:MODEL] | URL of a running decomposer | checkpoint/model to serve; "
-                        "NAME=SPEC sets the row label; repeat for several")
+                   help="none | teacher[:MODEL] | URL of a running decomposer | openai:MODEL@BASE_URL (a student "
+                        "behind vLLM or any OpenAI-compatible server, prompted in its training format) | "
+                        "checkpoint/model to serve; NAME=SPEC sets the row label; repeat for several")
     p.add_argument("--solver", action="append", default=[], metavar="MODEL@BASE_URL",
                    help="an OpenAI-compatible solver, or 'local' (the embedded model on our own server); repeat")
     p.add_argument("--benchmark", action="append", default=[], metavar="SPEC",
@@ -60,11 +61,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/eval", help="records/, results.json, results.md, accuracy_vs_cost.png")
     p.add_argument("--scorer", choices=["strict", "paper1"], default="strict")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var with the solvers' API key")
-    p.add_argument("--decomposer-token-env", help="env var with a bearer token for decomposer URLs")
+    p.add_argument("--decomposer-token-env",
+                   help="env var with a bearer token for decomposer URLs and openai: decomposers (default for "
+                        "openai: --api-key-env)")
     p.add_argument("--price-table", help='JSON {"version": ..., "prices": {"model": [usd_in_per_1M, usd_out_per_1M]}}')
     p.add_argument("--max-subquestions", type=int)
     p.add_argument("--beta", type=float, help="ILQL guidance sent to every served decomposer")
     p.add_argument("--solve-max-tokens", type=int, default=512)
+    p.add_argument("--decompose-max-tokens", type=int, default=256, help="teacher and openai: decomposers")
+    p.add_argument("--max-attempts", type=int, default=6, help="per call; then the record is stored as failed")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per attempt")
+    p.add_argument("--no-retry-failed", action="store_true",
+                   help="keep records that failed at the API as they are (default: a re-run retries them)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-actors", type=int, default=4)
     p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model behind solver 'local'")
@@ -77,13 +85,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from actors.prices import PriceTable
-    from evaluation.run import EvalConfig, check_labels, pending, report
+    from evaluation.clients import FatalEndpointError
+    from evaluation.plan import check_labels, failures, format_failures, pending
+    from evaluation.report import format_table
+    from evaluation.run import EvalConfig, report
     from subq.cli import UserError
     from subq.eval_setup import (
         ServeOptions,
         decomposer_label,
         evaluate_decomposers,
+        parse_openai_decomposer,
         parse_solver,
+        plan_run_keys,
         plan_solvers,
         split_label,
     )
@@ -91,36 +104,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     decomposers = args.decomposer or ["none"]
     solvers_raw = args.solver or ["local"]
+    serve_opts = ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta)
     try:
         cfg = EvalConfig(benchmarks=args.benchmark or ["gsm8k:test[:20]"], out_dir=args.out, scorer=args.scorer,
                          max_subquestions=args.max_subquestions, solve_max_tokens=args.solve_max_tokens,
+                         decompose_max_tokens=args.decompose_max_tokens, max_attempts=args.max_attempts,
+                         timeout_s=args.timeout, retry_failed=not args.no_retry_failed,
                          batch_size=args.batch_size, max_actors=args.max_actors, progress=not args.no_progress)
         for s in solvers_raw:
             if split_label(s)[1] != "local":
                 parse_solver(s, None, args.api_key_env)  # malformed specs fail before Ray starts
+        for d in decomposers:
+            if split_label(d)[1].startswith("openai:"):
+                parse_openai_decomposer(split_label(d)[1])
+        prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
+        # Labels and settings fingerprints (so what is already stored) are known before any server starts.
+        planned = plan_solvers(solvers_raw, args.local_model, args.api_key_env)
+        check_labels([decomposer_label(d, planned) for d in decomposers], [sv.label for sv in planned])
+        keys = [k for _, ks in plan_run_keys(cfg, decomposers, planned, serve_opts) for k in ks]
     except ValueError as e:
         raise UserError(str(e)) from None
-    prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
-    # Labels (and so what is already stored) are known before any server starts.
-    planned = plan_solvers(solvers_raw, args.local_model, args.api_key_env)
-    solver_labels = [sv.label for sv in planned]
-    labels = [decomposer_label(d, planned) for d in decomposers]
-    try:
-        check_labels(labels, solver_labels)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if any(pending(cfg, label, solver_labels) for label in labels):
+    if pending(cfg, keys):
         init_ray(args.ray_address)
-        evaluate_decomposers(cfg, decomposers, solvers_raw, local_model=args.local_model, local_port=args.local_port,
-                             api_key_env=args.api_key_env, prices=prices,
-                             serve_opts=ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta),
-                             token_env=args.decomposer_token_env, check_endpoints=True)
-    summaries = report(cfg, labels, solver_labels)
-    from evaluation.report import format_table
-
+        try:
+            evaluate_decomposers(cfg, decomposers, solvers_raw, local_model=args.local_model,
+                                 local_port=args.local_port, api_key_env=args.api_key_env, prices=prices,
+                                 serve_opts=serve_opts, token_env=args.decomposer_token_env, check_endpoints=True)
+        except FatalEndpointError as e:
+            raise UserError(f"evaluation stopped: {e}. Finished batches are stored; nothing was stored "
+                            "for the refused calls.") from None
+    summaries = report(cfg, keys)
     print(format_table(summaries))
     print(f"\nrecords, results.json, results.md and accuracy_vs_cost.png in {args.out}")
-    return 0
+    failed = failures(cfg, keys)
+    print(format_failures(failed, cfg.retry_failed))
+    return 1 if failed else 0
 
 
 def add_rescore(sub: argparse._SubParsersAction) -> None:
@@ -164,15 +182,18 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg, raw = load_config(args.config, overrides)
     except ConfigError as e:
         raise UserError(str(e)) from None
+    from evaluation.clients import FatalEndpointError
     from subq.pipeline import Pipeline, format_stages
 
     try:
         result = Pipeline(cfg, raw, progress=not args.no_progress).run()
     except ConfigError as e:
         raise UserError(str(e)) from None
+    except FatalEndpointError as e:
+        raise UserError(f"stopped: {e}. Finished work is stored; run the same command to resume.") from None
     print("\n" + format_stages(result))
     print(f"\noutputs in {result.out} (resolved config: {result.out}/pipeline_config.yaml)")
-    return 0
+    return 1 if result.eval_failures else 0
 
 
 def rewrite_argv(argv: list[str]) -> list[str]:

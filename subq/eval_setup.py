@@ -2,9 +2,15 @@
 
 Decomposer specs: ``none`` (single-stage baseline), ``teacher`` or ``teacher:MODEL`` (the chat model
 decomposes with the teacher prompt; same endpoint as the first solver unless given), a URL of a
-running subq decomposer, or anything ``serve/decomposer.py`` can load (a checkpoint dir, a HF dir,
-``embedded:...``), which is served on Ray Serve for the duration of the block. ``NAME=SPEC`` sets
-the row label. Solver specs: ``MODEL@BASE_URL``, or ``local`` for the embedded model on our own server.
+running subq decomposer, ``openai:MODEL@BASE_URL`` (a student checkpoint behind any OpenAI-compatible
+server, e.g. ``vllm serve runs/x/final``, prompted in its training format over ``/v1/completions``), or
+anything ``serve/decomposer.py`` can load (a checkpoint dir, a HF dir, ``embedded:...``), which is
+served on Ray Serve for the duration of the block. ``NAME=SPEC`` sets the row label. Solver specs:
+``MODEL@BASE_URL``, or ``local`` for the embedded model on our own server.
+
+Every decomposer has an *identity* before anything is served (``decomposer_identity``): for a served
+directory it holds a content hash of its files, so records made with another checkpoint, beta or
+length limit never mix with these (``evaluation.fingerprint``).
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from actors.teacher import TeacherConfig
 from evaluation.clients import DecomposerSpec, SolverSpec
 
 if TYPE_CHECKING:
     from actors.prices import PriceTable
+    from evaluation.plan import RunKey
     from evaluation.run import EvalConfig
 
 _LABEL = re.compile(r"^(?P<label>[\w.+-]+)=(?P<spec>.+)$")
@@ -53,6 +60,19 @@ def default_label(spec: str) -> str:
     return path.parent.name if path.name == "final" and path.parent.name else path.name
 
 
+def _model_at_url(body: str, what: str, example: str) -> tuple[str, str]:
+    model, sep, url = body.rpartition("@")
+    if not sep or not model or not url.startswith(("http://", "https://")):
+        raise ValueError(f"{what} {body!r}: expected MODEL@BASE_URL (e.g. {example})")
+    return model, url
+
+
+def parse_openai_decomposer(spec: str) -> tuple[str, str]:
+    """``openai:MODEL@BASE_URL`` -> (model, base_url)."""
+    return _model_at_url(spec.removeprefix("openai:"), "decomposer spec openai:",
+                         "openai:runs/x/final@http://127.0.0.1:8000/v1")
+
+
 def parse_solver(spec: str, local: tuple[str, str] | None, api_key_env: str) -> SolverSpec:
     """``MODEL@BASE_URL`` or ``local`` (needs ``local`` = (base_url, model) of our own server)."""
     label, body = split_label(spec)
@@ -60,10 +80,10 @@ def parse_solver(spec: str, local: tuple[str, str] | None, api_key_env: str) -> 
         if local is None:
             raise ValueError("solver 'local' needs the local server")
         return SolverSpec(base_url=local[0], model=local[1], api_key_env=api_key_env, label=label)
-    model, sep, url = body.rpartition("@")
-    if not sep or not model or not url.startswith(("http://", "https://")):
+    if "@" not in body:
         raise ValueError(f"solver spec {spec!r}: expected MODEL@BASE_URL (e.g. gpt-4o-mini@https://api.openai.com/v1)"
                          " or 'local'")
+    model, url = _model_at_url(body, "solver spec", "gpt-4o-mini@https://api.openai.com/v1")
     return SolverSpec(base_url=url, model=model, api_key_env=api_key_env, label=label)
 
 
@@ -78,6 +98,8 @@ def decomposer_label(raw: str, solvers: list[SolverSpec]) -> str:
         return f"teacher ({spec.split(':', 1)[1] if ':' in spec else solvers[0].model})"
     if spec.startswith(("http://", "https://")):
         return spec.rstrip("/")
+    if spec.startswith("openai:"):
+        return default_label(parse_openai_decomposer(spec)[0])
     return default_label(spec)
 
 
@@ -90,30 +112,85 @@ def plan_solvers(specs: list[str], local_model: str, api_key_env: str) -> list[S
     return [parse_solver(s, placeholder, api_key_env) for s in specs]
 
 
-@contextmanager
-def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts: ServeOptions, *,
-                    token_env: str | None = None, timeout_s: float = 120.0,
-                    teacher_endpoint: tuple[str, str] | None = None) -> Iterator[DecomposerSpec]:
-    """One decomposer, ready to call; a checkpoint or model is served until the block ends.
+def _needs_serving(spec: str) -> bool:
+    return not (spec in ("none", "teacher") or spec.startswith(("teacher:", "openai:", "http://", "https://")))
 
-    One at a time on purpose: a 2-core machine cannot hold several model replicas at once.
-    ``teacher_endpoint`` = (base_url, api_key_env) for ``teacher`` specs; default: the first solver's.
-    """
+
+def _client_spec(raw: str, solvers: list[SolverSpec], serve_opts: ServeOptions, *, token_env: str | None,
+                 api_key_env: str, timeout_s: float, teacher_endpoint: tuple[str, str] | None) -> DecomposerSpec:
+    """The DecomposerSpec of every spec that needs no server of ours (no I/O)."""
     label = decomposer_label(raw, solvers)
     _, spec = split_label(raw)
     if spec == "none":
-        yield DecomposerSpec("none", label)
-    elif spec == "teacher" or spec.startswith("teacher:"):
+        return DecomposerSpec("none", label)
+    if spec == "teacher" or spec.startswith("teacher:"):
         first = solvers[0]
         model = spec.split(":", 1)[1] if ":" in spec else first.model
         base_url, key_env = teacher_endpoint or (first.base_url, first.api_key_env)
         teacher = TeacherConfig(base_url=base_url, model=model, api_key_env=key_env, timeout_s=timeout_s)
-        yield DecomposerSpec("teacher", label, teacher=teacher)
-    elif spec.startswith(("http://", "https://")):
-        yield DecomposerSpec("url", label, url=spec.rstrip("/"), token_env=token_env, beta=serve_opts.beta)
-    else:
-        with _served(spec, index, serve_opts) as url:
-            yield DecomposerSpec("url", label, url=url, beta=serve_opts.beta)
+        return DecomposerSpec("teacher", label, teacher=teacher)
+    if spec.startswith("openai:"):
+        model, url = parse_openai_decomposer(spec)
+        return DecomposerSpec("openai", label, url=url, model=model, token_env=token_env or api_key_env)
+    return DecomposerSpec("url", label, url=spec.rstrip("/"), token_env=token_env, beta=serve_opts.beta)
+
+
+def _served_identity(spec: str, opts: ServeOptions, hash_cache: Path | None) -> dict[str, Any]:
+    """A served model: its files' content (a directory) or its registry name, and how it is served."""
+    from evaluation.fingerprint import content_hash
+
+    path = Path(spec).expanduser()
+    model = f"sha256:{content_hash(path, hash_cache)}" if path.is_dir() else spec
+    return {"kind": "served", "model": model, "beta": opts.beta, "max_new_tokens": opts.max_new_tokens}
+
+
+def decomposer_identity(raw: str, solvers: list[SolverSpec], serve_opts: ServeOptions,
+                        hash_cache: Path | None = None) -> dict[str, Any]:
+    """What the settings fingerprint calls a decomposer spec, before anything is served."""
+    _, spec = split_label(raw)
+    if _needs_serving(spec):
+        return _served_identity(spec, serve_opts, hash_cache)
+    return _client_spec(raw, solvers, serve_opts, token_env=None, api_key_env="", timeout_s=0.0,
+                        teacher_endpoint=None).identity
+
+
+def hash_cache_file(cfg: EvalConfig) -> Path:
+    """Where checkpoint content digests are cached (by path, size and mtime) for this output folder."""
+    return Path(cfg.out_dir) / "records" / ".content_hashes.json"
+
+
+def plan_run_keys(cfg: EvalConfig, decomposers: list[str], solvers: list[SolverSpec],
+              serve_opts: ServeOptions) -> list[tuple[dict[str, Any], list[RunKey]]]:
+    """Per decomposer spec, its identity and its run keys with every solver: known before any server starts."""
+    from evaluation.plan import run_keys
+
+    out = []
+    for raw in decomposers:
+        identity = decomposer_identity(raw, solvers, serve_opts, hash_cache_file(cfg))
+        out.append((identity, run_keys(cfg, decomposer_label(raw, solvers), identity, solvers)))
+    return out
+
+
+@contextmanager
+def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts: ServeOptions, *,
+                    token_env: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
+                    teacher_endpoint: tuple[str, str] | None = None,
+                    identity: dict[str, Any] | None = None) -> Iterator[DecomposerSpec]:
+    """One decomposer, ready to call; a checkpoint or model is served until the block ends.
+
+    One at a time on purpose: a 2-core machine cannot hold several model replicas at once.
+    ``teacher_endpoint`` = (base_url, api_key_env) for ``teacher`` specs; default: the first solver's.
+    ``openai:`` decomposers use the key in ``token_env``, else ``api_key_env`` (none needed on loopback).
+    ``identity``: a served spec's, from ``decomposer_identity`` (computed here when not given).
+    """
+    _, spec = split_label(raw)
+    if not _needs_serving(spec):
+        yield _client_spec(raw, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
+                           timeout_s=timeout_s, teacher_endpoint=teacher_endpoint)
+        return
+    identity = identity or _served_identity(spec, serve_opts, None)
+    with _served(spec, index, serve_opts) as url:
+        yield DecomposerSpec("url", decomposer_label(raw, solvers), url=url, beta=serve_opts.beta, identity=identity)
 
 
 @contextmanager
@@ -138,21 +215,29 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
                          local_port: int, api_key_env: str, prices: PriceTable, serve_opts: ServeOptions,
                          teacher_base_url: str | None = None, local_teacher_model: bool = False,
                          token_env: str | None = None, check_endpoints: bool = False) -> int:
-    """Evaluate every decomposer that still has answers missing, one served at a time; returns the
-    answers added (what ``subq eval`` and the pipeline's eval stage run; Ray must be up).
+    """Evaluate every decomposer that still has answers to do, one served at a time; returns the
+    records added (what ``subq eval`` and the pipeline's eval stage run; Ray must be up).
 
     The local server (``local_model`` on ``local_port``) runs for the whole loop when a solver is
     ``local``, or when a ``teacher`` decomposer needs it (``local_teacher_model``: the teacher is that
     model). ``teacher`` decomposers call ``teacher_base_url``, else that local server, else the first
-    solver's endpoint. Our own server bills nothing.
+    solver's endpoint. Our own server bills nothing. Raises a client's FatalEndpointError (bad key, no
+    quota) after storing what finished.
     """
     from actors.teacher import check_endpoint
-    from evaluation.run import evaluate, pending
+    from evaluation.plan import pending
+    from evaluation.run import evaluate
     from subq.local_teacher import local_teacher
 
     wants_teacher = any(split_label(d)[1].split(":")[0] == "teacher" for d in decomposers)
     need_local = any(split_label(s)[1] == "local" for s in solver_specs) or (
         wants_teacher and local_teacher_model and not teacher_base_url)
+    # Keys from the planned solvers: the local server's URL is not part of any fingerprint.
+    planned = plan_run_keys(cfg, decomposers, plan_solvers(solver_specs, local_model, api_key_env), serve_opts)
+    todo = [(i, raw, identity) for i, (raw, (identity, keys)) in enumerate(zip(decomposers, planned, strict=True))
+            if pending(cfg, keys)]  # every answer stored: do not even start its server
+    if not todo:
+        return 0
     server = local_teacher(None, local_model, local_port) if need_local else nullcontext((None, None))
     added = 0
     with server as (url, served):
@@ -164,10 +249,8 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
             prices = prices.with_price(served, 0.0, 0.0)
         teacher_url = teacher_base_url or (url if local_teacher_model else None)
         teacher = (teacher_url, api_key_env) if teacher_url else None
-        labels = [sv.label for sv in solvers]
-        for i, raw in enumerate(decomposers):
-            if pending(cfg, decomposer_label(raw, solvers), labels) == 0:
-                continue  # every answer is stored: do not even start its server
-            with open_decomposer(raw, i, solvers, serve_opts, token_env=token_env, teacher_endpoint=teacher) as spec:
+        for i, raw, identity in todo:
+            with open_decomposer(raw, i, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
+                                 teacher_endpoint=teacher, identity=identity) as spec:
                 added += evaluate(cfg, spec, solvers, prices)
     return added

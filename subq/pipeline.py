@@ -23,7 +23,8 @@ from actors.prices import PriceTable
 from actors.teacher import TeacherConfig, check_endpoint
 from data_store.datasets import load_problems
 from data_store.store import Store
-from evaluation.run import EvalConfig, check_labels, pending, report
+from evaluation.plan import RunKey, check_labels, failures, format_failures, pending
+from evaluation.run import EvalConfig, report
 from learner.models import model_display_name
 from subq.config import ConfigError, PipelineConfig, ServeSection, dump, section_config, train_config
 from subq.eval_setup import (
@@ -31,6 +32,7 @@ from subq.eval_setup import (
     decomposer_label,
     evaluate_decomposers,
     parse_solver,
+    plan_run_keys,
     plan_solvers,
     split_label,
 )
@@ -50,6 +52,7 @@ class PipelineResult:
     stages: list[StageResult] = field(default_factory=list)
     summaries: list[Any] = field(default_factory=list)  # evaluation.report.RunSummary
     out: str = ""
+    eval_failures: int = 0  # evaluation records that failed at the API and are not final (re-run retries)
 
 
 class Pipeline:
@@ -127,7 +130,9 @@ class Pipeline:
                     need.append((algo, training_disk_estimate(model_dir, algo)))
             self._check_disk(need)
         if "eval" in self.cfg.stages:
-            check_labels(*self._labels())  # labels name the record files: two runs must not share one
+            solvers = plan_solvers(self.cfg.eval.solvers, self.cfg.teacher.local_model, self.cfg.teacher.api_key_env)
+            # labels name the record folders: two runs must not share one
+            check_labels([decomposer_label(d, solvers) for d in self.decomposer_specs()], [s.label for s in solvers])
         if "eval" in self.cfg.stages and self._eval_todo(self.eval_config()):
             for s in self.cfg.eval.solvers:
                 if split_label(s)[1] != "local":
@@ -151,14 +156,14 @@ class Pipeline:
     def _collect_todo(self, cc: CollectConfig) -> int:
         return collect_todo(cc, load_problems(cc.problems))
 
-    def _labels(self) -> tuple[list[str], list[str]]:
-        """(decomposer labels, solver labels): what names the record files, known before any server."""
+    def _keys(self, ec: EvalConfig) -> list[RunKey]:
+        """Every (decomposer, solver) run key with its settings fingerprint, known before any server."""
         solvers = plan_solvers(self.cfg.eval.solvers, self.cfg.teacher.local_model, self.cfg.teacher.api_key_env)
-        return [decomposer_label(d, solvers) for d in self.decomposer_specs()], [s.label for s in solvers]
+        planned = plan_run_keys(ec, self.decomposer_specs(), solvers, _serve_options(self.cfg.serve))
+        return [k for _, keys in planned for k in keys]
 
     def _eval_todo(self, ec: EvalConfig) -> int:
-        decomposers, solvers = self._labels()
-        return sum(pending(ec, d, solvers) for d in decomposers)
+        return pending(ec, self._keys(ec))
 
     # ------------------------------------------------------------------------------ stages
 
@@ -262,7 +267,8 @@ class Pipeline:
                                          local_port=t.local_port, api_key_env=t.api_key_env, prices=self.prices,
                                          serve_opts=_serve_options(self.cfg.serve), teacher_base_url=t.base_url,
                                          local_teacher_model=True)
-            res.note = f"{added} answers"
+            failed = sum(failures(ec, self._keys(ec)).values())
+            res.note = f"{added} answers" + (f", {failed} failed at the API (re-run to retry)" if failed else "")
 
     def report(self) -> None:
         from evaluation.report import format_table
@@ -272,10 +278,15 @@ class Pipeline:
                 res.status = "off"
                 return
             ec = self.eval_config()
-            self.result.summaries = report(ec, *self._labels())
+            keys = self._keys(ec)
+            self.result.summaries = report(ec, keys)
             res.note = f"{ec.out_dir}/results.md"
             if self.result.summaries:
                 self.echo(format_table(self.result.summaries))
+            failed = failures(ec, keys)
+            self.result.eval_failures = sum(failed.values())
+            if failed:
+                self.echo(format_failures(failed, ec.retry_failed))
 
     def run(self) -> PipelineResult:
         from subq.runtime import init_ray

@@ -40,6 +40,12 @@ Semantics, in short:
   when the client died while the server worked (a real API bills those too). The exception is a
   hang whose client has gone: it models a stuck upstream that produced nothing, so it is not billed.
 - Attempt memory lives in the server: a restart forgets attempts but faults the same contents.
+- ``api_key``: requests without ``Authorization: Bearer <api_key>`` get 401 ``invalid_api_key``.
+- ``quota``: once that many requests were let through, every further request gets 429
+  ``insufficient_quota`` (an account that ran dry mid-run); ``set_quota`` sets a fresh allowance.
+- ``POST /v1/completions`` answers a student-format prompt (``protocol.prompts.student_prompt``) with
+  deterministic sub-questions, ``SUBQ_END`` and an invented next problem (cut at ``stop`` strings, which
+  are left out as vLLM does); faults 429/500/400/malformed as for chat, counted as stage "student".
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -256,7 +262,7 @@ class _Stats:
         with self.lock:
             return {
                 "requests": self.requests,
-                "by_stage": {s: self.by_stage[s] for s in (*STAGES, "unknown")},
+                "by_stage": {s: self.by_stage[s] for s in (*STAGES, "unknown", "student")},
                 "by_outcome": {o: self.by_outcome[o] for o in OUTCOMES},
                 "billed": sum(self.billed_by_content.values()),
                 "billed_by_content": dict(self.billed_by_content),
@@ -304,6 +310,8 @@ def create_app(
     max_concurrency: int | None = None,
     stats: _Stats | None = None,
     account: AccountFaults | None = None,
+    api_key: str | None = None,
+    quota: int | None = None,
 ) -> FastAPI:
     plan = faults or FaultPlan()
     acct = account or AccountFaults()
@@ -314,6 +322,22 @@ def create_app(
     app = FastAPI(title="subq test teacher", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.stats = st
     app.state.account = acct
+    app.state.quota = quota  # requests let through; None: unlimited (TeacherServer.set_quota changes it)
+    app.state.quota_used = 0
+
+    def refused(request: Request) -> Response | None:
+        """401 for a wrong key, 429 insufficient_quota for an empty account; None: go on."""
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            finish("invalid")
+            return _error(401, "Incorrect API key provided (injected).", "invalid_request_error", "invalid_api_key")
+        with st.lock:  # counted on arrival, so concurrent requests cannot overdraw it
+            empty = app.state.quota is not None and app.state.quota_used >= app.state.quota
+            app.state.quota_used += not empty
+        if empty:
+            finish("invalid")
+            return _error(429, "You exceeded your current quota, please check your plan and billing details "
+                          "(injected).", "insufficient_quota", "insufficient_quota")
+        return None
 
     def gold(problem: str) -> float:
         if answer_fn is None:
@@ -442,10 +466,9 @@ def create_app(
                 st.in_flight -= 1
 
     async def _chat(request: Request, request_no: int) -> Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
+        if (denied := refused(request)) is not None:
+            return denied
+        body = await json_body(request)
         if not (isinstance(body, dict) and isinstance(body.get("messages"), list) and body["messages"]):
             finish("invalid")
             return _error(400, "Invalid request: expected a JSON body with a non-empty 'messages' list.",
@@ -538,7 +561,71 @@ def create_app(
             response["usage"] = {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}
         return JSONResponse(response)
 
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        with st.lock:
+            st.requests += 1
+        if (denied := refused(request)) is not None:
+            return denied
+        body = await json_body(request)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        match = _STUDENT.fullmatch(prompt) if isinstance(prompt, str) else None
+        if body is None or body.get("model") != model or match is None or body.get("stream"):
+            finish("invalid")
+            return _error(400, "Unsupported completion: unknown model, not a student prompt, or stream.",
+                          "invalid_request_error")
+        with st.lock:
+            st.by_stage["student"] += 1
+        key = completion_key(body)
+        with st.lock:
+            attempt = st.attempts[key]
+            st.attempts[key] += 1
+        fault = plan.fires(key, attempt)
+        if fault in ("429", "400"):
+            finish(fault)
+            return _error(int(fault), f"Injected {fault}.", "requests" if fault == "429" else "invalid_request_error")
+        await asyncio.sleep(latency_s)
+        if fault in ("500", "hang", "disconnect"):
+            finish("500")
+            return _error(500, "The server had an error while processing your request (injected).", "server_error")
+        text = MALFORMED_TEXT if fault == "malformed" else student_reply(match["problem"], body.get("temperature"))
+        stops = [body["stop"]] if isinstance(body.get("stop"), str) else list(body.get("stop") or [])
+        cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=None)
+        p_tok, c_tok = len(body["prompt"].split()), len(text[:cut].split())
+        finish(fault or "ok", key, billed=True, p_tok=p_tok, c_tok=c_tok)
+        return JSONResponse({
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": text[:cut], "logprobs": None,
+                         "finish_reason": "stop" if cut is not None else "length"}],
+            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
+        })
+
     return app
+
+
+async def json_body(request: Request) -> Any:
+    """The request's JSON, or None when it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError:
+        return None
+
+
+# The student's prompt, as protocol.prompts.student_prompt writes it (one line of problem).
+_STUDENT = re.compile(r"Problem: (?P<problem>[^\n]*)\nSub-questions:\n")
+STUDENT_END = "<end>"  # protocol.prompts.SUBQ_END
+
+
+def completion_key(body: Mapping[str, Any]) -> str:
+    """The key faults and billing of a completion are tracked by: prompt + n + sampling parameters."""
+    return content_key({**body, "messages": [{"role": "user", "content": body.get("prompt")}]})
+
+
+def student_reply(problem: str, salt: Any) -> str:
+    """What a trained student writes: sub-questions one per line, the end marker, then it rambles on."""
+    lines = [line.split(": ", 1)[1] for line in decompose_reply(problem, salt).splitlines()]
+    return "\n".join([*lines, STUDENT_END, "Problem: Tom has 3 apples. How many now?"])
 
 
 # --- serving -------------------------------------------------------------------------------
@@ -561,8 +648,50 @@ def _uvicorn_config(app: FastAPI) -> uvicorn.Config:
     )
 
 
-class TeacherServer:
+class ThreadedServer:
+    """An app served by uvicorn in a background thread; ``with`` starts and stops it."""
+
+    name = "server"
+
+    def _bind(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self._sock = _listen(host, port)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._server = uvicorn.Server(_uvicorn_config(self.app))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name=self.name, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TeacherServer(ThreadedServer):
     """The app served by uvicorn in a background thread, on 127.0.0.1 and a free port."""
+
+    name = "teacher-server"
 
     def __init__(
         self,
@@ -575,38 +704,15 @@ class TeacherServer:
         host: str = "127.0.0.1",
         port: int = 0,
         account: AccountFaults | None = None,
+        api_key: str | None = None,
+        quota: int | None = None,
     ) -> None:
         self.model = model
         self.faults = faults or FaultPlan()
         self.account = account or AccountFaults()
         self._stats = _Stats()
-        self.app = create_app(model, latency_s, self.faults, answer_fn, latency_per_token_s,
-                              max_concurrency, self._stats, self.account)
-        self._sock = _listen(host, port)
-        self.host, self.port = self._sock.getsockname()[:2]
-        self._server = uvicorn.Server(_uvicorn_config(self.app))
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    def start(self) -> TeacherServer:
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="teacher-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("teacher server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._sock.close()
+        self._bind(create_app(model, latency_s, self.faults, answer_fn, latency_per_token_s,
+                              max_concurrency, self._stats, self.account, api_key=api_key, quota=quota), host, port)
 
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot()
@@ -616,15 +722,14 @@ class TeacherServer:
         self.account.outage_status = status
         self.account.outage_until = time.monotonic() + seconds
 
+    def set_quota(self, quota: int | None) -> None:
+        """Requests let through from now on (None: unlimited), e.g. after a top-up."""
+        self.app.state.quota, self.app.state.quota_used = quota, 0
+
     def reset_stats(self, attempts: bool = False) -> None:
         """Zero the counters; ``attempts=True`` also forgets which contents already failed."""
         self._stats.reset(attempts=attempts)
 
-    def __enter__(self) -> TeacherServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,16 +17,9 @@ from actors.prices import PriceTable
 from actors.teacher import TeacherConfig
 from data_store.datasets import load_problems
 from evaluation.clients import DecomposerSpec, SolverSpec
-from evaluation.run import (
-    EvalConfig,
-    EvalSettings,
-    EvalWorker,
-    append_records,
-    plan_rows,
-    read_records,
-    records_path,
-    run_eval,
-)
+from evaluation.plan import plan_rows, run_keys
+from evaluation.records import append_records, read_records
+from evaluation.run import EvalConfig, EvalSettings, EvalWorker, run_eval
 from subq.cli import main
 from tests.processes import kill_tree
 from tests.teacher_server import TeacherServer
@@ -36,6 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _count_lines(root: Path) -> int:
     return sum(len(p.read_text().splitlines()) for p in root.rglob("*.jsonl"))
+
+
+def _path(cfg: EvalConfig, dec: DecomposerSpec, solver: SolverSpec, bench: str) -> Path:
+    """The records file of one (decomposer, solver) pair under ``cfg``'s settings."""
+    [key] = run_keys(cfg, dec.label, dec.identity, [solver])
+    return key.path(cfg.out_dir, bench)
 
 
 def test_teacher_decomposes_once_per_problem_and_a_new_solver_reuses_the_plan(ray_session, tmp_path, monkeypatch):
@@ -52,10 +51,10 @@ def test_teacher_decomposes_once_per_problem_and_a_new_solver_reuses_the_plan(ra
         stats = srv.stats()["by_stage"]
         assert stats["decompose"] == 6  # one plan per problem; the baseline asks for none
         assert len(summaries) == 4 and {s.n for s in summaries} == {4, 2}
-        recs = read_records(records_path(str(tmp_path), "gsm8k:test[:4]", "teacher", "a"))
+        recs = read_records(_path(cfg, teacher, a, "gsm8k:test[:4]"))
         assert len(recs) == 4 and all(r["subquestions"] for r in recs)
         assert all(r["decompose_error"] is None and r["solve_error"] is None for r in recs)
-        base = read_records(records_path(str(tmp_path), "gsm8k:test[:4]", "none (CoT)", "a"))
+        base = read_records(_path(cfg, baseline, a, "gsm8k:test[:4]"))
         assert all(r["subquestions"] is None and r["decompose_tokens_in"] == 0 for r in base)
 
         # same run again: nothing to do, nothing called
@@ -70,7 +69,7 @@ def test_teacher_decomposes_once_per_problem_and_a_new_solver_reuses_the_plan(ra
         assert len(summaries) == 8
         plans_a = {r["problem_id"]: r["subquestions"] for r in recs}
         plans_b = {r["problem_id"]: r["subquestions"]
-                   for r in read_records(records_path(str(tmp_path), "gsm8k:test[:4]", "teacher", "b"))}
+                   for r in read_records(_path(cfg, teacher, b, "gsm8k:test[:4]"))}
         assert plans_a == plans_b
     report = json.loads((tmp_path / "results.json").read_text())
     assert {(r["decomposer"], r["solver"]) for r in report["runs"]} == {
@@ -101,6 +100,33 @@ def test_a_problem_recorded_twice_counts_once(tmp_path):
     assert [(r["problem_id"], r.get("n")) for r in read_records(path)] == [("x", 1), ("y", None)]
 
 
+def test_a_later_attempt_supersedes_and_the_history_stays(tmp_path):
+    from evaluation.records import failure, read_history
+
+    path = tmp_path / "r.jsonl"
+    failed = {"problem_id": "x", "attempt": 1, "decompose_error": None, "solve_error": "RateLimitError: 429"}
+    append_records(path, [json.dumps(failed), json.dumps({"problem_id": "y", "attempt": 1, "solve_error": None,
+                                                          "decompose_error": "parse_error: no Q1"})])
+    append_records(path, [json.dumps({**failed, "attempt": 2, "solve_error": None})])
+    assert [(r["problem_id"], r["attempt"]) for r in read_records(path)] == [("x", 2), ("y", 1)]
+    assert len(read_history(path)) == 3
+    assert failure(failed) == "solve: RateLimitError"
+    assert failure({"decompose_error": "api_error: HTTP 503: busy"}) == "decompose: HTTP 503"
+    assert failure({"decompose_error": "parse_error: no Q1", "solve_error": None}) is None  # final, not failed
+
+
+def test_records_from_before_fingerprints_are_named_not_used(tmp_path):
+    from evaluation.plan import settings_changes
+
+    cfg = EvalConfig(benchmarks=["gsm8k:test[:2]"], out_dir=str(tmp_path))
+    [key] = run_keys(cfg, "bc", {"kind": "none"}, [SolverSpec(base_url="http://127.0.0.1/v1", model="m")])
+    legacy = key.path(cfg.out_dir, "gsm8k:test[:2]").parent.with_suffix(".jsonl")
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({"problem_id": "x"}) + "\n")
+    [line] = settings_changes(cfg, [key])
+    assert str(legacy) in line and "not used" in line
+
+
 def test_the_worker_stores_its_batch_and_a_retried_batch_pays_nothing(tmp_path, monkeypatch):
     """Records are written by the actor that paid for them, so a dead driver loses no paid answer."""
     monkeypatch.setenv("SUBQ_TEST_KEY", "sk-eval-secret-0123456789")
@@ -110,9 +136,11 @@ def test_the_worker_stores_its_batch_and_a_retried_batch_pays_nothing(tmp_path, 
             base_url=srv.base_url, model="test-teacher", api_key_env="SUBQ_TEST_KEY"))
         solvers = [SolverSpec(base_url=srv.base_url, model="test-teacher", api_key_env="SUBQ_TEST_KEY", label=x)
                    for x in ("a", "b")]
-        worker = EvalWorker(teacher, solvers, EvalSettings(None, 0.0, 128, 0.0, 128, 10.0, 2), PriceTable(),
+        cfg = EvalConfig(benchmarks=[bench], out_dir=str(tmp_path), decompose_max_tokens=128, solve_max_tokens=128)
+        keys = run_keys(cfg, "teacher", teacher.identity, solvers)
+        worker = EvalWorker(teacher, solvers, keys, EvalSettings(None, 0.0, 128, 0.0, 128, 10.0, 2), PriceTable(),
                             out_dir=str(tmp_path), scorer="strict")
-        batch = pa.Table.from_pylist(plan_rows(bench, load_problems(bench), "teacher", ["a", "b"], str(tmp_path)))
+        batch = pa.Table.from_pylist(plan_rows(bench, load_problems(bench), keys, str(tmp_path)))
 
         async def twice() -> tuple[pa.Table, int, pa.Table]:  # one event loop, as in the actor
             first = await worker(batch)
@@ -121,7 +149,7 @@ def test_the_worker_stores_its_batch_and_a_retried_batch_pays_nothing(tmp_path, 
         first, paid, retried = asyncio.run(twice())
         assert first.num_rows == 6 and paid == 3 + 6  # one plan per problem, every solver answers it
         for label in ("a", "b"):
-            recs = read_records(records_path(str(tmp_path), bench, "teacher", label))
+            recs = read_records(keys["ab".index(label)].path(str(tmp_path), bench))
             assert len(recs) == 3 and all(r["subquestions"] and r["solve_error"] is None for r in recs)
         assert retried.num_rows == 0 and srv.stats()["requests"] == paid
 

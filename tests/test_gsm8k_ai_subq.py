@@ -31,8 +31,9 @@ def raw_store(tmp_path_factory) -> Store:
     report = import_gsm8k_ai_subq(str(RAW), store)
     assert (report.fmt, report.records, report.matched_gsm8k) == ("raw", N, N)
     assert (report.problems_added, report.samples_added, report.samples_skipped_existing) == (N, N, 0)
-    # 8 answers have no usable "Final answer" (a word, no marker, or a restarted A1: list).
-    assert report.parse_errors == 8
+    # 8 answers have no usable "Final answer" (a word, no marker, or a restarted A1: list), and 4 give
+    # more than one value ("180 socks and 90 dishes"): a hedge is no answer (protocol.answers.hedged_value).
+    assert report.parse_errors == 12
     return store
 
 
@@ -87,7 +88,7 @@ def test_raw_round_trip_matches_published_conversion(raw_store, tmp_path, publis
     assert export_gsm8k_ai_subq(raw_store, str(out), only_ok=False) == N
     exported = json.loads(out.read_text())
     assert [e["question"] for e in exported] == [p["question"] for p in published]
-    assert export_gsm8k_ai_subq(raw_store, str(tmp_path / "ok.json")) == N - 8  # parse errors left out
+    assert export_gsm8k_ai_subq(raw_store, str(tmp_path / "ok.json")) == N - 12  # parse errors left out
 
     def strip(qs):
         return [q.strip() for q in qs]
@@ -98,16 +99,16 @@ def test_raw_round_trip_matches_published_conversion(raw_store, tmp_path, publis
         strip(e["answers"]) == strip(p["answers"]) for e, p in zip(exported, published, strict=True)
     )
     assert same_subqs >= N - 3
-    # Correctness, on the rows whose published gold is right: 1297 of 1303 agree. The rest: two
+    # Correctness, on the rows whose published gold is right: 1296 of 1303 agree. The rest: two
     # negative answers upstream accepted (-2 for 2), three "48+96+140=284" finals upstream read as 48,
-    # one "Final answer" our parser does not reach.
+    # one "Final answer" our parser does not reach, one two-valued "180 socks and 90 dishes" (gold 180).
     gold = {r["question"]: r["answer_value"] for r in load_problems("gsm8k:test")}
     good = [
         (e, p) for e, p in zip(exported, published, strict=True) if p["true_answer"] == gold[p["question"]]
     ]
     assert len(good) == N - 16
     agree = sum(e["rewards"]["answer_correctness"] == p["rewards"]["answer_correctness"] for e, p in good)
-    assert agree >= len(good) - 6
+    assert agree >= len(good) - 7
     # Where the published gold is wrong, ours is the dataset's (raw "#### 2,125" -> 2125).
     assert all(e["true_answer"] == gold[e["question"]] for e in exported)
 

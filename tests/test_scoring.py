@@ -440,3 +440,72 @@ def test_paper1_reads_gsm8k_golds_as_upstream_did() -> None:
     assert not score("Final answer: 10", negative).correct
     svamp = {"answer_type": "number", "answer_value": 1200.0, "gold": "1200", "answer_text": "( 1000.0 + 200.0 )"}
     assert score("Final answer: 1200", svamp, "paper1").correct  # not a "####" text: answer_value
+
+
+# --- hedged or multi-valued final answers: a parse failure, never a score (issue 9 item 10) ------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Final answer: 18 or 20",
+        "Final answer: $18 or $20",
+        "Final answer: 18 apples or 20 apples",
+        "Final answer: 18 (or 20 if she keeps one)",
+        "Final answer: between 18 and 20",
+        "Final answer: 18-20",
+        "Final answer: 18 \u2013 20 dollars",
+        "Final answer: 18 to 20",
+        "Final answer: 18% to 20%",
+        "Final answer: 18, 20",
+        "Final answer: x = 18 or 20",
+    ],
+)
+def test_number_hedged_final_answer_is_a_parse_failure(text: str) -> None:
+    for gold in (18, 20):
+        s = score(text, number(gold))
+        assert s.prediction is None and not s.correct
+        assert s.error is not None and "more than one" in s.error
+
+
+@pytest.mark.parametrize(
+    ("text", "prediction"),
+    [
+        ("Final answer: 2 * 3 = 6", "6"),  # an expression, then its value
+        ("Final answer: 6 (2 x 3 = 6 apples)", "6"),
+        ("Final answer: $1,000.50", "1000.5"),
+        ("Final answer: 1 1/2 hours", "1.5"),
+        ("Final answer: 18.50, which is 18 dollars and 50 cents", "18.5"),  # one value, then commentary
+        ("Final answer: 18 or more", "18"),  # one number
+        ("Final answer: 25 (5 x 5)", "25"),
+    ],
+)
+def test_number_single_values_are_not_hedges(text: str, prediction: str) -> None:
+    s = score(text, number(float(prediction)))
+    assert s == Score(prediction, True, None, None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Final answer: yes/no", "Final answer: Yes or no", "Final answer: true/false", "Final answer: yes or no.",
+     "Final answer: No, yes"],
+)
+def test_yesno_hedged_final_answer_is_a_parse_failure(text: str) -> None:
+    for gold in ("yes", "no"):
+        s = score(text, {"answer_type": "yesno", "gold": gold})
+        assert s.prediction is None and not s.correct and "more than one" in s.error
+
+
+def test_yesno_with_a_no_later_in_the_sentence_is_not_a_hedge() -> None:
+    assert score("Final answer: Yes, no doubt about it.", YES) == Score("yes", True, None, None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Final answer: A, B, C", "Final answer: C or D", "Final answer: (C) or (D)", "Final answer: C/D",
+     "Final answer: C and E", "Final answer: A, B, C, D, E"],
+)
+def test_choice_listing_several_options_is_a_parse_failure(text: str) -> None:
+    for gold in ("A", "C"):
+        s = score(text, {**AQUA, "gold": gold})
+        assert s.prediction is None and not s.correct and "more than one" in s.error
