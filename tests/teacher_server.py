@@ -485,9 +485,9 @@ def create_app(
             finish("invalid")
             return _error(400, "Unsupported request: unknown stage (system prompt), stream, or bad n.",
                           "invalid_request_error")
-        refused = account_fault(body, request_no)
-        if refused is not None:
-            return refused
+        account_refusal = account_fault(body, request_no)
+        if account_refusal is not None:
+            return account_refusal
 
         key = content_key(body)
         messages_key = content_key({"messages": body["messages"]})
