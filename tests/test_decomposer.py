@@ -55,6 +55,7 @@ from serve.decomposer_model import (
 from serve.fields import decode_json
 from serve.generation import Completion, generate
 from serve.sampling import SamplingParams
+from serve.serving import init_replica_torch, replica_device
 from tests.serve_schema import DECOMPOSER_EXTENSIONS, chat_bodies, decompose_bodies
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
@@ -594,3 +595,25 @@ def test_config_and_app_options():
     deployment = build_decomposer_app(cfg)._bound_deployment
     assert deployment._deployment_config.max_ongoing_requests == 32
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+
+
+def test_replica_placement_policy_and_cli_options(capsys):
+    """dtype policy, threads from the Ray reservation, and bad options refused in one line before Ray starts."""
+    assert replica_device(0, "auto") == ("cpu", torch.float32)
+    assert replica_device(0, "bfloat16") == ("cpu", torch.bfloat16)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            replica_device(1, "auto")
+    threads = torch.get_num_threads()
+    try:
+        assert init_replica_torch(None, 0.5) == 1 and torch.get_num_threads() == 1
+        assert init_replica_torch(None, 2.0) == 2 and torch.get_num_threads() == 2
+        assert init_replica_torch(3, 0.5) == 3
+    finally:
+        torch.set_num_threads(threads)
+    from subq.cli import main
+
+    assert main(["serve", "--checkpoint", TINY, "--dtype", "fp8"]) == 2
+    assert main(["llm-server", "--model", TINY, "--num-gpus", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "dtype must be one of" in err and "num_gpus must be >= 0" in err

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 
 from learner.models import build_byte_tokenizer
 from serve.chat_api import ApiError, parse_chat_request
-from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+from serve.llm_server import LLMServerConfig, build_llm_app, start_llm_server, stop_llm_server
 from serve.serving import read_token
 from tests.serve_schema import chat_bodies
 
@@ -180,6 +180,10 @@ def test_validation_rules_without_a_server():
         parse_chat_request({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                            served_model="m", max_n=4, max_new_tokens=16)
     assert info.value.status == 400
+    gpu = build_llm_app(LLMServerConfig(model="tiny-random:llama", num_gpus=0.5, dtype="bfloat16"))._bound_deployment
+    assert gpu.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.5}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        LLMServerConfig(model="tiny-random:llama", dtype="fp8")
     with pytest.raises(ValueError, match="is set but that environment variable is empty"):
         read_token(LLMServerConfig(model="tiny-random:llama", token_env="SUBQ_TEST_UNSET_TOKEN_VAR").token_env)
 
