@@ -30,7 +30,7 @@ class EngineStats(dict):
 
     def __init__(self) -> None:
         super().__init__(requests=0, prompt_tokens=0, completion_tokens=0, admitted_requests=0, rows=0,
-                         prefills=0, steps=0, forward_passes=0, max_batch_rows=0, max_batch_requests=0,
+                         prefills=0, steps=0, row_steps=0, forward_passes=0, max_batch_rows=0, max_batch_requests=0,
                          failed_requests=0, cancelled_requests=0, running_rows=0, queued_requests=0,
                          decode_seconds=0.0)
 
@@ -93,6 +93,7 @@ class Engine:
             if self.decoder.rows:
                 self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self.decoder.rows))
                 self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], self.decoder.live_requests)
+                self.stats["row_steps"] += len(self.decoder.rows)  # / steps: the mean batch of a step
                 self.decoder.step()
                 self.stats["steps"] += 1
             self.stats["forward_passes"] += self.decoder.forward_passes - passes
