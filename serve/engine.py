@@ -165,6 +165,7 @@ class RequestStream:
                     self._open -= 1
                 elif isinstance(event, Failed):
                     self._open = 0
+                    self.engine.stats["failed_requests"] += 1
                 yield event
         finally:
             self.cancel()

@@ -223,7 +223,7 @@ def test_engine_admits_a_short_request_while_a_long_one_runs(tiny):
         assert order == ["short", "long"] and engine.stats["max_batch_requests"] >= 2
         with pytest.raises(RequestError) as info:
             await RequestStream(engine, [1] * 5000, GREEDY).result()  # longer than the context
-        assert info.value.status == 400
+        assert info.value.status == 400 and engine.stats["failed_requests"] == 1
         stream = RequestStream(engine, _ids(tok, "streamed"), long, stream=True)
         events = stream.events()
         assert isinstance(await anext(events), Delta | Finished)
