@@ -198,7 +198,7 @@ def baseline_mixed(args: argparse.Namespace, ckpt: Path, problems: list[str]) ->
     """The same mixed load against ``subq serve`` of --baseline-tree, in a subprocess with its own local Ray."""
     tree = Path(args.baseline_tree).resolve()
     commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "?"
+                            text=True).stdout.strip()
     env = {**os.environ, "PYTHONPATH": str(tree), "TMPDIR": os.environ.get("TMPDIR", tempfile.gettempdir())}
     port = args.port + 1
     cmd = [sys.executable, "-c", "import sys; from subq.cli import main; sys.exit(main())", "serve",
@@ -220,7 +220,7 @@ def baseline_mixed(args: argparse.Namespace, ckpt: Path, problems: list[str]) ->
             if time.monotonic() > deadline:
                 raise TimeoutError("the baseline server did not answer /health in 300 s")
             time.sleep(1)
-        return bench_mixed(args, f"baseline {tree.name} @ {commit}", url, problems)
+        return bench_mixed(args, f"baseline {tree.name}" + (f" @ {commit}" if commit else ""), url, problems)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # subq serve deletes its app; its local Ray goes with it
         try:
