@@ -1,4 +1,4 @@
-"""Decomposer serving: batched vs. unbatched, ILQL-guided vs. plain, KV cache vs. recomputing the prefix.
+"""Decomposer serving: mixed-load latency, batched vs. unbatched, ILQL-guided vs. plain, KV cache vs. recompute.
 
 Prints, in one run on one machine, for a checkpoint made from --model with fresh ILQL heads (student
 prompt format, GSM8K test problems, every request asking for --max-tokens new tokens):
@@ -6,17 +6,23 @@ prompt format, GSM8K test problems, every request asking for --max-tokens new to
 1. requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients (closed loop: each client sends
    its next request when its previous one is answered) against two Serve apps of the same checkpoint,
    measured one after the other: ``max_batch_size=32`` (batched) and ``max_batch_size=1`` (unbatched);
-   mean batch size and forward passes from the app's /stats; the batched/unbatched ratio per level.
+   mean rows per step and forward passes from the app's /stats; the batched/unbatched ratio per level.
    With few requests per level, p99 is close to the maximum.
 2. ILQL-guided (beta = ILQLConfig.beta) vs. plain (beta 0) decoding through the batched app at 1 and 8
    clients. The heads' output layers are zeroed, so Q - V = 0: both decode the same tokens (asserted)
    and the difference is the cost of evaluating the heads and mixing their scores in.
-3. Guided decoding in-process (serve's Decoder, the heads randomised) with the KV cache vs.
+3. Mixed load (head-of-line blocking): --long-clients closed-loop clients send --long-tokens requests
+   while short requests (--short-tokens new tokens) arrive every --short-interval s; p50/p99 latency of
+   the short ones, on this tree's decomposer (continuous batching: a request joins the running batch
+   between decoding steps) and, with --baseline-tree, on the same checkpoint served by another checkout
+   (e.g. ``git worktree add /tmp/subq-main main``; its ``subq serve`` runs as a subprocess with its own
+   local Ray, after this tree's apps are gone), with the ratio. Both use --mixed-batch-size.
+4. Guided decoding in-process (serve's Decoder, the heads randomised) with the KV cache vs.
    recomputing the whole prefix at every token (paper 1's released decoder), a small batch: tokens/s
    and the speed-up; the two outputs must be identical (asserted).
 
-    python benchmarks/serve.py                            # SmolLM2-135M (~7 min on 2 busy cores)
-    python benchmarks/serve.py --model tiny-random:llama  # quick
+    python benchmarks/serve.py --baseline-tree /tmp/subq-main   # SmolLM2-135M (~12 min on 2 busy cores)
+    python benchmarks/serve.py --model tiny-random:llama        # quick
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import argparse
 import asyncio
 import math
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,20 +103,20 @@ def _level(url: str, bodies: list[dict], clients: int) -> dict:
     stats = httpx.get(f"{url}/stats", trust_env=False).json()
     wall, latencies, replies = asyncio.run(_closed_loop(url, bodies, clients))
     after = httpx.get(f"{url}/stats", trust_env=False).json()
-    batches = after["batches"] - stats["batches"]
+    steps = after["steps"] - stats["steps"]
     return {"clients": clients, "requests": len(bodies), "rps": len(bodies) / wall,
             "p50": _pct(latencies, 0.5), "p99": _pct(latencies, 0.99),
             "tokens": sum(r["usage"]["completion_tokens"] for r in replies), "wall": wall,
-            "batch": (after["rows"] - stats["rows"]) / max(1, batches),
+            "batch": (after["row_steps"] - stats["row_steps"]) / max(1, steps),
             "passes": after["forward_passes"] - stats["forward_passes"], "replies": replies}
 
 
 def _row(name: str, r: dict) -> str:
     return (f"   {r['clients']:>7}  {name:<10} {r['requests']:>8}  {r['rps']:7.3f}  {r['p50']:7.2f}  {r['p99']:7.2f}"
-            f"  {r['tokens'] / r['wall']:8.1f}  {r['batch']:10.1f}  {r['passes']:>6}")
+            f"  {r['tokens'] / r['wall']:8.1f}  {r['batch']:9.1f}  {r['passes']:>6}")
 
 
-HEADER = "   clients  app        requests    req/s    p50 s    p99 s  tokens/s  mean batch  passes"
+HEADER = "   clients  app        requests    req/s    p50 s    p99 s  tokens/s  rows/step  passes"
 
 
 def bench_batching(args: argparse.Namespace, urls: dict[str, str], problems: list[str]) -> None:
@@ -147,6 +155,81 @@ def bench_guidance(args: argparse.Namespace, url: str, problems: list[str]) -> N
               f"requests/s x{out['guided']['rps'] / out['plain']['rps']:.2f} (same tokens: yes)")
 
 
+async def _mixed(url: str, args: argparse.Namespace, problems: list[str]) -> list[float]:
+    """Latencies of the short requests sent every --short-interval s while --long-clients closed-loop
+    clients keep long requests running."""
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=args.long_clients + args.short_requests + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=900, trust_env=False, limits=limits) as http:
+
+        async def long_client(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                body = {"problem": problems[i % len(problems)], "max_tokens": args.long_tokens, "beta": 0}
+                (await http.post("/decompose", json=body)).raise_for_status()
+                i += args.long_clients
+
+        async def short(i: int) -> float:
+            await asyncio.sleep(i * args.short_interval)
+            body = {"problem": problems[-1 - i % len(problems)], "max_tokens": args.short_tokens, "beta": 0}
+            t = time.perf_counter()
+            (await http.post("/decompose", json=body)).raise_for_status()
+            return time.perf_counter() - t
+
+        longs = [asyncio.create_task(long_client(k)) for k in range(args.long_clients)]
+        await asyncio.sleep(args.short_interval)  # the long requests are decoding before the first short one
+        latencies = await asyncio.gather(*(short(i) for i in range(args.short_requests)))
+        stop.set()
+        await asyncio.gather(*longs)
+    return list(latencies)
+
+
+def bench_mixed(args: argparse.Namespace, name: str, url: str, problems: list[str]) -> dict:
+    httpx.post(f"{url}/decompose", json={"problem": problems[0], "max_tokens": 2}, timeout=300,
+               trust_env=False).raise_for_status()  # warm-up
+    latencies = asyncio.run(_mixed(url, args, problems))
+    result = {"name": name, "p50": _pct(latencies, 0.5), "p99": _pct(latencies, 0.99), "max": max(latencies)}
+    print(f"   {name:<34} p50 {result['p50']:6.2f} s   p99 {result['p99']:6.2f} s   ({len(latencies)} short requests)",
+          flush=True)
+    return result
+
+
+def baseline_mixed(args: argparse.Namespace, ckpt: Path, problems: list[str]) -> dict:
+    """The same mixed load against ``subq serve`` of --baseline-tree, in a subprocess with its own local Ray."""
+    tree = Path(args.baseline_tree).resolve()
+    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    env = {**os.environ, "PYTHONPATH": str(tree), "TMPDIR": os.environ.get("TMPDIR", tempfile.gettempdir())}
+    port = args.port + 1
+    cmd = [sys.executable, "-c", "import sys; from subq.cli import main; sys.exit(main())", "serve",
+           "--checkpoint", str(ckpt), "--port", str(port), "--max-batch-size", str(args.mixed_batch_size),
+           "--max-new-tokens", str(max(args.long_tokens, args.max_tokens))]
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the baseline server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the baseline server did not answer /health in 300 s")
+            time.sleep(1)
+        return bench_mixed(args, f"baseline {tree.name}" + (f" @ {commit}" if commit else ""), url, problems)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # subq serve deletes its app; its local Ray goes with it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def bench_cache(args: argparse.Namespace, ckpt: Path, problems: list[str]) -> None:
     decoder = Decoder.load(str(ckpt))
     torch.manual_seed(1)
@@ -164,7 +247,7 @@ def bench_cache(args: argparse.Namespace, ckpt: Path, problems: list[str]) -> No
         timings[use_cache] = time.perf_counter() - t
     tokens = sum(d.generated_tokens for d in outputs[True].decoded)
     width = max(len(j.prompt) for j in jobs)
-    print(f"3. guided decoding in-process (serve Decoder, beta {beta}, random heads), {len(jobs)} prompts of "
+    print(f"4. guided decoding in-process (serve Decoder, beta {beta}, random heads), {len(jobs)} prompts of "
           f"<= {width} tokens, {tokens} new tokens (<= {args.cache_tokens} each), {torch.get_num_threads()} threads:")
     print(f"   KV cache:          {timings[True]:7.2f} s  {tokens / timings[True]:8.1f} tokens/s")
     print(f"   recompute prefix:  {timings[False]:7.2f} s  {tokens / timings[False]:8.1f} tokens/s")
@@ -184,8 +267,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48, help="max new tokens per request")
     ap.add_argument("--batch-size", type=int, default=32, help="max_batch_size of the batched app")
     ap.add_argument("--batch-wait", type=float, default=0.2,
-                    help="batch_wait_timeout_s of the batched app: long enough for 32 simultaneous requests to pass "
-                         "the proxy into one batch on a busy 2-core machine (0.1 s split them into 2 x 16)")
+                    help="batch_wait_timeout_s of the batched app: how long an idle replica waits for company "
+                         "before its first prefill (32 simultaneous requests pass the proxy over ~0.1-0.2 s here)")
+    ap.add_argument("--long-clients", type=int, default=4, help="mixed load: closed-loop clients of long requests")
+    ap.add_argument("--long-tokens", type=int, default=96, help="mixed load: max new tokens of a long request")
+    ap.add_argument("--short-tokens", type=int, default=2, help="mixed load: max new tokens of a short request")
+    ap.add_argument("--short-requests", type=int, default=12, help="mixed load: short requests sent")
+    ap.add_argument("--short-interval", type=float, default=1.5, help="mixed load: seconds between short requests")
+    ap.add_argument("--mixed-batch-size", type=int, default=8, help="mixed load: max_batch_size of both servers")
+    ap.add_argument("--baseline-tree", help="a checkout to compare the mixed load against (e.g. main)")
+    ap.add_argument("--skip-batching", action="store_true", help="only the mixed load and the KV cache sections")
     ap.add_argument("--problems", default="gsm8k:test[:64]", help="problems (data_store.datasets spec)")
     ap.add_argument("--cache-prompts", type=int, default=4, help="prompts in the KV cache comparison")
     ap.add_argument("--cache-tokens", type=int, default=24, help="new tokens in the KV cache comparison")
@@ -201,25 +292,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="subq-bench-serve-") as tmp:
         ckpt = _checkpoint(args.model, Path(tmp) / "bench-ilql")
         init_ray()
-        common = {"model": str(ckpt), "port": args.port, "max_new_tokens": args.max_tokens, "num_cpus": 0.5,
-                  "torch_threads": args.threads}
+        common = {"model": str(ckpt), "port": args.port, "max_new_tokens": max(args.max_tokens, args.long_tokens),
+                  "num_cpus": 0.5, "torch_threads": args.threads}
         cfgs = {"batched": DecomposerConfig(route_prefix="/bench-batched", app_name="bench-batched",
                                             max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait,
                                             **common),
                 "unbatched": DecomposerConfig(route_prefix="/bench-unbatched", app_name="bench-unbatched",
-                                              max_batch_size=1, **common)}
+                                              max_batch_size=1, **common),
+                "mixed": DecomposerConfig(route_prefix="/bench-mixed", app_name="bench-mixed",
+                                          max_batch_size=args.mixed_batch_size, **common)}
+        if args.skip_batching:
+            cfgs = {"mixed": cfgs["mixed"]}
         t = time.perf_counter()
         urls = {name: start_decomposer(cfg) for name, cfg in cfgs.items()}
-        print(f"   (two apps up in {time.perf_counter() - t:.1f} s)")
+        print(f"   ({len(urls)} apps up in {time.perf_counter() - t:.1f} s)")
         try:
             for url in urls.values():  # warm-up: first forward passes, proxy routes
                 httpx.post(f"{url}/decompose", json={"problem": problems[0], "max_tokens": 4}, timeout=300,
                            trust_env=False).raise_for_status()
-            bench_batching(args, urls, problems)
-            bench_guidance(args, urls["batched"], problems)
+            if not args.skip_batching:
+                bench_batching(args, urls, problems)
+                bench_guidance(args, urls["batched"], problems)
+            print(f"3. mixed load: {args.long_clients} closed-loop clients of {args.long_tokens}-token requests, a "
+                  f"{args.short_tokens}-token request every {args.short_interval} s, max_batch_size "
+                  f"{args.mixed_batch_size}; latency of the short requests:")
+            after = bench_mixed(args, "this tree (continuous batching)", urls["mixed"], problems)
         finally:
             for cfg in cfgs.values():
                 stop_decomposer(cfg)
+        if args.baseline_tree:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()  # the baseline starts its own local Ray: one Serve per cluster
+            before = baseline_mixed(args, ckpt, problems)
+            print(f"   short-request latency, baseline / this tree: p50 x{before['p50'] / after['p50']:.1f}, "
+                  f"p99 x{before['p99'] / after['p99']:.1f}")
         bench_cache(args, ckpt, problems)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

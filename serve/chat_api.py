@@ -1,49 +1,60 @@
-"""The OpenAI chat-completions wire format: request validation and response bodies.
+"""The OpenAI chat-completions wire format: request validation and the response body.
 
-Kept apart from the Serve deployment (and free of Ray and torch) so every rule about what a client
-may send is in one readable place and can be tested without starting a server. Client mistakes
-become :class:`ApiError` (a 4xx with OpenAI's error shape), never a 500.
+Kept apart from the Serve deployments so every rule about what a client may send is in one readable
+place and can be tested without a server. Every field of OpenAI's schema is either honoured or refused
+with a 400 that names it; ``null`` means absent; unknown fields are refused (a misspelt option would
+otherwise be ignored silently). Client mistakes become :class:`ApiError` (a 4xx with OpenAI's error
+shape), never a 500. Streaming chunks are built in ``serve/chat_stream.py``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from serve.generation import Completion, SamplingParams
+from serve.fields import (
+    ApiError,
+    boolean,
+    check_model,
+    error_body,
+    integer,
+    json_type,
+    number,
+    refuse_unknown,
+)
+from serve.generation import Completion
+from serve.sampling import SamplingParams
+
+__all__ = ["ApiError", "ChatRequest", "chat_completion", "error_body", "model_card", "parse_chat_request"]
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-# Fields that would change what the client receives if silently ignored.
-UNSUPPORTED = {
-    "stream": "streaming is not supported by this server; send 'stream': false",
-    "logprobs": "logprobs are not supported by this server",
-    "tools": "tool calls are not supported by this server",
-    "functions": "function calls are not supported by this server",
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's values are in [-100, 100]
+HONOURED = ("model", "messages", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens", "stop", "seed",
+            "stream", "stream_options", "logit_bias", "presence_penalty", "frequency_penalty")
+METADATA = ("user", "metadata")  # describe the caller, never change the answer: accepted and not used
+# OpenAI fields this server cannot honour: the values that mean "off" pass, anything else is a 400.
+REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logprobs": ((False,), "logprobs are not supported by this server"),
+    "top_logprobs": ((), "logprobs are not supported by this server"),
+    "response_format": (({"type": "text"},), "only response_format {\"type\": \"text\"} is supported: this "
+                                             "server cannot guarantee JSON output"),
+    "tools": (([],), "tool calls are not supported by this server"),
+    "tool_choice": (("none",), "tool calls are not supported by this server"),
+    "functions": (([],), "function calls are not supported by this server"),
+    "function_call": (("none",), "function calls are not supported by this server"),
+    "parallel_tool_calls": ((True, False), "tool calls are not supported by this server"),
+    "modalities": ((["text"],), "only the text modality is supported"),
+    "audio": ((), "audio output is not supported by this server"),
+    "prediction": ((), "predicted outputs are not supported by this server"),
+    "web_search_options": ((), "web search is not supported by this server"),
+    "reasoning_effort": ((), "reasoning_effort is not supported: this server's models do not reason separately"),
+    "verbosity": ((), "verbosity is not supported by this server"),
+    "store": ((False,), "this server stores nothing; send 'store': false"),
+    "service_tier": (("auto", "default"), "this server has one service tier"),
 }
-
-
-class ApiError(Exception):
-    """A request the server refuses: HTTP status plus OpenAI's ``{"error": {...}}`` body."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: str | None = "invalid_value", param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, code=self.code, param=self.param)
-
-
-def error_body(message: str, *, type: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "code": code, "param": param}}
+MESSAGE_FIELDS = ("role", "content")
 
 
 @dataclass(frozen=True)
@@ -57,87 +68,93 @@ class ChatRequest:
     max_tokens: int | None
     stop: tuple[str, ...]
     seed: int | None
+    stream: bool = False  # answer as server-sent events (chat.completion.chunk)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, beta: float = 0.0) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              stop=self.stop, n=self.n, seed=self.seed)
+                              stop=self.stop, n=self.n, seed=self.seed, beta=beta, logit_bias=self.logit_bias,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
 
-def parse_chat_request(body: Any, *, served_model: str, max_n: int, max_new_tokens: int) -> ChatRequest:
-    """Validate a decoded JSON body against the OpenAI schema and this server's limits."""
+def parse_chat_request(body: Any, *, served_model: str, max_n: int, max_new_tokens: int,
+                       vocab_size: int | None = None, max_prompt_chars: int | None = None,
+                       extensions: tuple[str, ...] = ()) -> ChatRequest:
+    """Validate a decoded JSON body against the OpenAI schema and this server's limits.
+
+    ``max_prompt_chars`` bounds the messages' total length before anything is tokenized;
+    ``extensions`` are extra fields the caller validates itself (the decomposer's ``beta``).
+    """
     if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    for key, message in UNSUPPORTED.items():
-        if body.get(key) not in (None, False, []):
-            raise ApiError(400, message, code="unsupported_parameter", param=key)
-    model = body.get("model", served_model)
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", code="invalid_type", param="model")
-    if model != served_model:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {served_model!r}",
-                       code="model_not_found", param="model")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        raise ApiError(400, f"the request body must be a JSON object, not a JSON {json_type(body)}",
+                       code="invalid_json")
+    refuse_unknown(body, {*HONOURED, *METADATA, *REFUSED, *extensions}, "/v1/chat/completions")
+    for key, (allowed, message) in REFUSED.items():
+        if body.get(key) is not None and not any(body[key] == a and type(body[key]) is type(a) for a in allowed):
+            raise ApiError(400, f"'{key}': {message}", code="unsupported_parameter", param=key)
+    check_model(body.get("model"), served_model)
+    stream = boolean(body, "stream")
+    messages = _messages(body.get("messages"), max_prompt_chars)
     return ChatRequest(
-        messages=_messages(body.get("messages")),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        n=_integer(body.get("n"), "n", 1, 1, max_n),
-        max_tokens=None if max_tokens is None else _integer(max_tokens, param, None, 1, max_new_tokens),
+        messages=messages,
+        temperature=number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=number(body, "top_p", 1.0, 0.0, 1.0),
+        n=integer(body, "n", 1, max_n) or 1,
+        max_tokens=_max_tokens(body, max_new_tokens),
         stop=_stop(body.get("stop")),
-        seed=None if body.get("seed") is None else _integer(body["seed"], "seed", None, -(2**63), 2**63 - 1),
+        seed=integer(body, "seed", -(2**63), 2**63 - 1),
+        stream=stream,
+        include_usage=_stream_options(body.get("stream_options"), stream),
+        logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
+        presence_penalty=number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, -2.0, 2.0),
     )
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _max_tokens(body: dict, max_new_tokens: int) -> int | None:
+    new = integer(body, "max_completion_tokens", 1, max_new_tokens)
+    old = integer(body, "max_tokens", 1, max_new_tokens)
+    if new is not None and old is not None and new != old:
+        raise ApiError(400, f"'max_tokens' ({old}) and 'max_completion_tokens' ({new}) disagree; send one",
+                       param="max_completion_tokens")
+    return new if new is not None else old
+
+
+def _messages(value: Any, max_chars: int | None) -> list[dict[str, str]]:
     if value is None:
         raise ApiError(400, "'messages' is required", code="missing_required_parameter", param="messages")
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty array of {role, content} objects", param="messages")
-    out = []
+    out, total = [], 0
     for i, msg in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", code="invalid_type",
                            param=where)
+        extra = sorted(str(k) for k in msg if k not in MESSAGE_FIELDS)
+        if extra:
+            raise ApiError(400, f"'{where}.{extra[0][:64]}' is not supported: messages take only 'role' and "
+                                "'content' here", code="unsupported_parameter", param=f"{where}.{extra[0][:64]}")
         role, content = msg.get("role"), msg.get("content")
         if not isinstance(role, str) or not role:
             raise ApiError(400, f"'{where}.role' must be a non-empty string", code="invalid_type", param=where)
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+                       and set(p) <= {"type", "text"} for p in content):
                 raise ApiError(400, f"'{where}.content' parts must all be text parts; only text is supported",
                                code="invalid_type", param=where)
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"'{where}.content' must be a string", code="invalid_type", param=where)
+        total += len(role) + len(content)
+        if max_chars is not None and total > max_chars:
+            raise ApiError(400, f"the messages are longer than {max_chars} characters, more than the model's "
+                                "context can hold; shorten them", code="context_length_exceeded", param="messages")
         out.append({"role": role, "content": content})
     return out
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"'{name}' must be a number", code="invalid_type", param=name)
-    if isinstance(value, int) and not low <= value <= high:  # a 400-digit int overflows isfinite()
-        raise ApiError(400, f"'{name}' must be between {low:g} and {high:g}", param=name)
-    if not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be a finite number", code="invalid_type", param=name)
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be between {low:g} and {high:g}, got {value!r}", param=name)
-    return float(value)
-
-
-def _integer(value: Any, name: str, default: int | None, low: int, high: int) -> int:
-    if value is None and default is not None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{name}' must be an integer", code="invalid_type", param=name)
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be between {low} and {high} on this server, got {value}", param=name)
-    return value
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -149,6 +166,33 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
                        "non-empty strings", code="invalid_type", param="stop")
     return tuple(stops)
+
+
+def _stream_options(value: Any, stream: bool) -> bool:
+    if value is None:
+        return False
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    if not isinstance(value, dict):
+        raise ApiError(400, "'stream_options' must be an object", code="invalid_type", param="stream_options")
+    refuse_unknown(value, ("include_usage",), "'stream_options'")
+    return boolean(value, "include_usage")
+
+
+def _logit_bias(value: Any, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids (as strings) "
+                            "to numbers between -100 and 100", code="invalid_type", param="logit_bias")
+    out = []
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12 else -1
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise ApiError(400, f"'logit_bias' key {key[:20]!r} is not a token id of this model"
+                                f"{f' (0..{vocab_size - 1})' if vocab_size else ''}", param="logit_bias")
+        out.append((token, number({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0)))
+    return tuple(out)
 
 
 def chat_completion(model: str, prompt_tokens: int, completions: list[Completion]) -> dict[str, Any]:
@@ -164,9 +208,13 @@ def chat_completion(model: str, prompt_tokens: int, completions: list[Completion
              "finish_reason": c.finish_reason}
             for i, c in enumerate(completions)
         ],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def model_card(model: str, created: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The decomposer's wire format: request validation and response bodies (no Ray, no torch).
+"""The decomposer's wire format: request validation and response bodies (no Ray).
 
 Two ways in, one validated :class:`DecomposeRequest` out:
 
@@ -6,30 +6,31 @@ Two ways in, one validated :class:`DecomposeRequest` out:
   "max_tokens"?, "model"?}``. Unknown keys are *rejected* (400 naming them): a misspelt ``"temprature"``
   silently ignored would give a client greedy output it did not ask for.
 - ``POST /v1/chat/completions`` is OpenAI's schema, validated by ``serve.chat_api`` (so the rules are
-  the LLM server's). The last ``user`` message is the problem. Extra OpenAI fields are accepted as
-  OpenAI accepts them (``user``, ``presence_penalty``, ...) and ignored, ``seed`` included (best effort,
-  as OpenAI documents it); ``stream``, ``logprobs``, tools and ``n > 1`` are refused. Two extensions,
-  sent with the openai client's ``extra_body``: ``beta`` and ``max_subquestions``. An absent
+  the LLM server's: every field honoured or refused, streaming included). The last ``user`` message is
+  the problem; earlier messages are context the decomposer does not use. ``n > 1`` is refused. Two
+  extensions, sent with the openai client's ``extra_body``: ``beta`` and ``max_subquestions``. An absent
   ``temperature`` means the server's default (greedy unless configured), not OpenAI's 1.0.
 
-Every client mistake is an :class:`~serve.chat_api.ApiError` (4xx, OpenAI's error shape), never a 500.
+Every client mistake is an :class:`~serve.fields.ApiError` (4xx, OpenAI's error shape), never a 500.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from protocol.prompts import format_subquestions
-from serve.chat_api import ApiError, chat_completion, parse_chat_request
+from serve.chat_api import ChatRequest, chat_completion, parse_chat_request
+from serve.fields import ApiError, check_model, integer, json_type, number, refuse_unknown
 from serve.generation import Completion
+from serve.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # a problem is at most max_problem_chars; 1 MiB leaves room for a chat history
 MAX_BETA = 100.0  # guidance far beyond any useful strength; bounds the scores' magnitude
 MAX_SUBQUESTIONS = 64
 DECOMPOSE_FIELDS = ("problem", "max_subquestions", "beta", "temperature", "top_p", "max_tokens", "model")
+CHAT_EXTENSIONS = ("beta", "max_subquestions")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Limits:
     max_new_tokens: int  # the cap on "max_tokens"
     default_temperature: float = 0.0  # used when a request does not say
     default_max_subquestions: int | None = None  # used when a request does not say
+    vocab_size: int | None = None  # bounds logit_bias token ids
 
 
 @dataclass(frozen=True)
@@ -53,49 +55,34 @@ class DecomposeRequest:
     temperature: float  # 0: greedy
     top_p: float
     max_tokens: int | None  # None: the server's default
-    stop: tuple[str, ...] = ()  # extra stop strings (chat route only)
+    chat: ChatRequest | None = None  # the chat route's other settings (stop, seed, penalties, streaming)
 
-
-def decode_json(raw: bytes, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The JSON value of a request body, or a 413 / 400 that says what is wrong with it."""
-    if len(raw) > max_bytes:
-        raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="body_too_large")
-    if not raw.strip():
-        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; deep nesting recurses
-        raise ApiError(400, f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})",
-                       code="invalid_json") from None
+    def sampling(self, max_tokens: int, beta: float) -> SamplingParams:
+        if self.chat is None:
+            return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, beta=beta)
+        return replace(self.chat.sampling(max_tokens, beta), temperature=self.temperature)
 
 
 def parse_decompose_request(body: Any, limits: Limits) -> DecomposeRequest:
     """Validate a ``/decompose`` body (already decoded from JSON)."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object like {{\"problem\": \"...\"}}, "
-                            f"not a JSON {_json_type(body)}", code="invalid_json")
-    unknown = sorted(k for k in body if k not in DECOMPOSE_FIELDS)
-    if unknown:
-        shown = ", ".join(repr(k[:64]) for k in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        raise ApiError(400, f"unknown field(s) {shown}; /decompose accepts {', '.join(DECOMPOSE_FIELDS)}",
-                       code="unknown_parameter", param=str(unknown[0])[:64])
-    _check_model(body.get("model"), limits.served_model)
+                            f"not a JSON {json_type(body)}", code="invalid_json")
+    refuse_unknown(body, DECOMPOSE_FIELDS, "/decompose")
+    check_model(body.get("model"), limits.served_model)
     return DecomposeRequest(
         problem=_problem(body.get("problem"), "problem", limits.max_problem_chars),
         **_options(body, limits),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        temperature=_number(body, "temperature", limits.default_temperature, 0.0, 2.0),
-        max_tokens=_integer(body, "max_tokens", 1, limits.max_new_tokens),
+        top_p=number(body, "top_p", 1.0, 0.0, 1.0),
+        temperature=number(body, "temperature", limits.default_temperature, 0.0, 2.0),
+        max_tokens=integer(body, "max_tokens", 1, limits.max_new_tokens),
     )
 
 
 def parse_decompose_chat(body: Any, limits: Limits) -> DecomposeRequest:
     """Validate an OpenAI chat-completions body; the last user message is the problem."""
-    try:
-        chat = parse_chat_request(body, served_model=limits.served_model, max_n=1,
-                                  max_new_tokens=limits.max_new_tokens)
-    except OverflowError:  # an integer too large for a float, e.g. "temperature": 1e400 written as digits
-        raise ApiError(400, "a number in the request is out of range", code="invalid_value") from None
+    chat = parse_chat_request(body, served_model=limits.served_model, max_n=1, max_new_tokens=limits.max_new_tokens,
+                              vocab_size=limits.vocab_size, extensions=CHAT_EXTENSIONS)
     users = [m for m in chat.messages if m["role"] == "user"]
     if not users:
         raise ApiError(400, "'messages' needs a user message: its content is the problem to decompose",
@@ -108,7 +95,7 @@ def parse_decompose_chat(body: Any, limits: Limits) -> DecomposeRequest:
         # OpenAI's default is 1.0; a decomposer's is its configured one (greedy by default).
         temperature=limits.default_temperature if body.get("temperature") is None else chat.temperature,
         max_tokens=chat.max_tokens,
-        stop=chat.stop,
+        chat=chat,
     )
 
 
@@ -137,22 +124,36 @@ def chat_response(*, model: str, subquestions: list[str], prompt_tokens: int, co
                                                              generated_tokens=completion_tokens)])
 
 
+class SubquestionContent:
+    """Streamed chat content of the decomposer: its "Q1: ..." lines, sent as each sub-question's line is
+    complete, so the concatenated deltas equal the non-streamed reply's content.
+
+    ``parse(raw_text)`` is the server's own parser (with its cap on the number of sub-questions).
+    """
+
+    def __init__(self, parse: Callable[[str], list[str]]) -> None:
+        self.parse = parse
+        self.raw = ""
+        self.sent = ""
+
+    def feed(self, delta: str) -> str:
+        self.raw += delta
+        complete = self.raw[: self.raw.rfind("\n") + 1]  # the last line may still grow
+        return self._advance(format_subquestions(self.parse(complete)) if complete else "")
+
+    def finish(self, completion: Completion) -> str:
+        return self._advance(format_subquestions(self.parse(completion.text)))
+
+    def _advance(self, content: str) -> str:
+        # Parsing is line by line, so a longer text only appends lines; if a parser ever rewrote an
+        # earlier line, nothing is sent until the content extends what was sent again.
+        if not content.startswith(self.sent):
+            return ""
+        delta, self.sent = content[len(self.sent):], content
+        return delta
+
+
 # -------------------------------------------------------------------------------------------- fields
-
-
-def _json_type(value: Any) -> str:
-    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _check_model(model: Any, served: str) -> None:
-    if model is None:
-        return
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", code="invalid_type", param="model")
-    if model != served:
-        raise ApiError(404, f"the model {model[:200]!r} does not exist; this server serves {served!r}",
-                       code="model_not_found", param="model")
 
 
 def _problem(value: Any, param: str, max_chars: int) -> str:
@@ -161,7 +162,7 @@ def _problem(value: Any, param: str, max_chars: int) -> str:
         raise ApiError(400, f"{where} is required: the problem to decompose", code="missing_required_parameter",
                        param=param)
     if not isinstance(value, str):
-        raise ApiError(400, f"{where} must be a string, not a JSON {_json_type(value)}", code="invalid_type",
+        raise ApiError(400, f"{where} must be a string, not a JSON {json_type(value)}", code="invalid_type",
                        param=param)
     if not value.strip():
         raise ApiError(400, f"{where} is empty; send the problem to decompose", param=param)
@@ -177,40 +178,6 @@ def _problem(value: Any, param: str, max_chars: int) -> str:
 
 def _options(body: dict, limits: Limits) -> dict[str, Any]:
     """The two decomposer settings both routes accept."""
-    beta = None if body.get("beta") is None else _number(body, "beta", 0.0, 0.0, MAX_BETA)
-    max_subq = _integer(body, "max_subquestions", 1, MAX_SUBQUESTIONS)
+    beta = None if body.get("beta") is None else number(body, "beta", 0.0, 0.0, MAX_BETA)
+    max_subq = integer(body, "max_subquestions", 1, MAX_SUBQUESTIONS)
     return {"beta": beta, "max_subquestions": limits.default_max_subquestions if max_subq is None else max_subq}
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError(400, f"'{name}' must be a number, not a JSON {_json_type(value)}", code="invalid_type",
-                       param=name)
-    # ints are compared as ints: float(10**400) would raise OverflowError
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be a finite number, got {value!r}", param=name)
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be between {low:g} and {high:g}, got {_short(value)}", param=name)
-    return float(value)
-
-
-def _integer(body: dict, name: str, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{name}' must be an integer, not a JSON {_json_type(value)}"
-                            f"{' with a fraction' if isinstance(value, float) else ''}", code="invalid_type",
-                       param=name)
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be between {low} and {high} on this server, got {_short(value)}",
-                       param=name)
-    return value
-
-
-def _short(value: int | float) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:20] + f"...({len(text)} digits)"

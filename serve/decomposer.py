@@ -16,10 +16,16 @@ it has written ``<end>``); ``chat`` is the zero-shot teacher prompt (``protocol.
 through the model's chat template, parsed by ``protocol.parse.parse_subquestions``). ``auto`` picks
 student for a subq checkpoint, chat for anything else.
 
-A checkpoint with ILQL heads decodes with ``log pi + beta * (Q - V)`` (``learner.guided_decoding``);
-beta defaults to the checkpoint's ILQL ``beta`` and can be set per request (0 = the plain LM).
-Concurrent requests are grouped by ``@serve.batch`` and decoded together in one left-padded batch,
-each row with its own beta, temperature and length; finished rows leave the batch (and the KV cache).
+A checkpoint with ILQL heads decodes with ``log pi + beta * (Q - V)`` (``serve.sampling``, the scores
+of ``learner.guided_decoding``); beta defaults to the checkpoint's ILQL ``beta`` and can be set per
+request (0 = the plain LM). Each replica runs one decoding engine (``serve/engine.py``): requests join
+the running batch between decoding steps and leave it when done (continuous batching), each row with
+its own beta, temperature, length and stop strings. ``stream: true`` on the chat route streams the
+"Q1: ..." lines as server-sent events, one sub-question at a time.
+
+A request's default ``max_tokens`` is ``max_new_tokens`` when set, else derived from the checkpoint
+(``decomposer_model.default_max_new_tokens``: the longest training target + a margin, capped; 128
+when the checkpoint does not record it).
 
 Usage::
 
@@ -31,32 +37,38 @@ Usage::
 
 # No `from __future__ import annotations`: FastAPI must see real `Request` annotations (see llm_server).
 import asyncio
+import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from learner.models import model_display_name
-from serve.chat_api import ApiError, error_body
+from protocol.prompts import SUBQ_END
+from serve.chat_stream import stream_chat
 from serve.decompose_api import (
     MAX_BODY_BYTES,
     DecomposeRequest,
     Limits,
+    SubquestionContent,
     chat_response,
-    decode_json,
     decompose_response,
     parse_decompose_chat,
     parse_decompose_request,
 )
-from serve.decomposer_model import Decoded, Decoder, Job
+from serve.decomposer_model import Decoder, default_max_new_tokens
+from serve.engine import Engine, EngineStats, RequestError, RequestStream
+from serve.fields import ApiError, decode_json, error_body
+from serve.generation import BatchDecoder
+from serve.sampling import SamplingParams
 from serve.serving import (
-    ReplicaStats,
+    DTYPES,
     Secret,
     api_error,
     check_auth,
@@ -68,6 +80,7 @@ from serve.serving import (
     models_response,
     read_body,
     read_token,
+    replica_device,
     serve_until_stopped,
 )
 
@@ -87,21 +100,23 @@ class DecomposerConfig:
     #                              checkpoint, chat otherwise
     beta: float | None = None  # default ILQL guidance; None: the checkpoint's ILQL beta (0 without heads)
     temperature: float = 0.0  # default decoding temperature (0 = greedy); requests may override
-    max_new_tokens: int = 128  # cap on a request's max_tokens, and its default
+    max_new_tokens: int | None = None  # cap on a request's max_tokens, and its default; None: derived from the
+    #                                    checkpoint's longest training target (default_max_new_tokens)
     max_subquestions: int | None = None  # default cap on the sub-questions returned (None: all parsed)
     max_problem_chars: int = 4000  # longer problems are refused with a 400
     host: str = "127.0.0.1"  # loopback unless you mean to expose it (Serve-wide: one HTTP proxy per cluster)
     port: int = 8000  # Serve-wide too: if Serve already runs, its port wins
     route_prefix: str = "/"  # distinct per app when several share the Serve proxy
     app_name: str = "subq-decomposer"  # the Serve application's name (stop_decomposer deletes it)
-    max_batch_size: int = 8  # requests decoded together
-    batch_wait_timeout_s: float = 0.05  # how long a lone request waits for company
+    max_batch_size: int = 8  # requests decoded together; more wait their turn (they join between steps)
+    batch_wait_timeout_s: float = 0.05  # an idle replica waits this long for company before its first prefill
     min_replicas: int = 1  # with max_replicas > min_replicas, Serve autoscales between the two
     max_replicas: int = 1
     target_ongoing_requests: float = 4.0  # autoscaling target per replica (only when autoscaling)
-    num_cpus: float = 1.0  # Ray CPUs reserved per replica
-    num_gpus: float = 0.0  # > 0: the model runs on cuda (bf16 where supported)
-    torch_threads: int | None = None  # intra-op threads per replica; default: all cores of the node
+    num_cpus: float = 1.0  # Ray CPUs reserved per replica (also its torch threads unless torch_threads)
+    num_gpus: float = 0.0  # > 0: the model runs on cuda
+    dtype: str = "auto"  # auto (bfloat16 on a GPU with bf16, else float32) | float32 | bfloat16 | float16
+    torch_threads: int | None = None  # intra-op threads per replica; default: int(num_cpus), at least 1
     token_env: str | None = None  # NAME of an env var holding a bearer token; None: no auth
 
     def __post_init__(self) -> None:
@@ -114,8 +129,10 @@ class DecomposerConfig:
             self.route_prefix = "/" + self.route_prefix
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
-        if min(self.max_batch_size, self.max_new_tokens, self.max_problem_chars, self.max_replicas) < 1:
+        if min(self.max_batch_size, self.max_new_tokens or 1, self.max_problem_chars, self.max_replicas) < 1:
             raise ValueError("max_batch_size, max_new_tokens, max_problem_chars and max_replicas must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
         if self.beta is not None and not 0 <= self.beta <= 100:
@@ -133,27 +150,32 @@ app.add_exception_handler(StarletteHTTPException, http_error)  # unknown routes:
 @serve.deployment
 @serve.ingress(app)
 class Decomposer:
-    """One replica: a :class:`Decoder` and a batch queue."""
+    """One replica: a :class:`Decoder` (model, heads, prompt format) and a decoding engine."""
 
     def __init__(self, cfg: DecomposerConfig, token: Secret | None) -> None:
-        import torch
-
-        init_replica_torch(cfg.torch_threads)
+        self.threads = init_replica_torch(cfg.torch_threads, cfg.num_cpus)
         self.cfg = cfg
         self.token = token
-        device, dtype = "cpu", None
-        if cfg.num_gpus > 0:
-            device = "cuda"
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        device, dtype = replica_device(cfg.num_gpus, cfg.dtype)
         self.decoder = Decoder.load(cfg.model, prompt_format=cfg.prompt_format, beta=cfg.beta, device=device,
                                     dtype=dtype)
+        self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens(self.decoder.meta)
+        vocab = self.decoder.model.get_output_embeddings().weight.shape[0]
         self.limits = Limits(served_model=cfg.served_model_name or "", max_problem_chars=cfg.max_problem_chars,
-                             max_new_tokens=cfg.max_new_tokens, default_temperature=cfg.temperature,
-                             default_max_subquestions=cfg.max_subquestions)
+                             max_new_tokens=self.max_new_tokens, default_temperature=cfg.temperature,
+                             default_max_subquestions=cfg.max_subquestions, vocab_size=vocab)
         self.created = int(time.time())
-        self.stats = ReplicaStats()
-        self._decode.set_max_batch_size(cfg.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.stats = EngineStats()
+        # The engine detokenizes in its own thread with its own tokenizer copy; prompts use the Decoder's.
+        batch = BatchDecoder(self.decoder.model, copy.deepcopy(self.decoder.tokenizer), heads=self.decoder.heads,
+                             eos_ids=self.decoder.eos)
+        self.engine = Engine(batch, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats)
+        self.placement = {"device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": self.threads}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
     # ------------------------------------------------------------------------------------ routes
 
@@ -165,9 +187,9 @@ class Decomposer:
     async def get_stats(self, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size,
+        return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size, **self.placement,
                              "prompt_format": self.decoder.prompt_format, "default_beta": self.decoder.default_beta,
-                             "has_heads": self.decoder.heads is not None})
+                             "has_heads": self.decoder.heads is not None, "max_new_tokens": self.max_new_tokens})
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
@@ -182,43 +204,57 @@ class Decomposer:
         return model_response(model_id, self.limits.served_model, self.created)
 
     @app.post("/decompose")
-    async def decompose(self, request: Request) -> JSONResponse:
+    async def decompose(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> JSONResponse:
+    async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, chat=True)
 
     # ----------------------------------------------------------------------------------- helpers
 
-    async def _serve(self, request: Request, *, chat: bool) -> JSONResponse:
+    async def _serve(self, request: Request, *, chat: bool) -> Response:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
+        name = self.limits.served_model
         try:
-            body = decode_json(await read_body(request, MAX_BODY_BYTES))
-            req = parse_decompose_chat(body, self.limits) if chat else parse_decompose_request(body, self.limits)
-            job = self._job(req)
-            decoded = await self._decode(job)
+            raw = await read_body(request, MAX_BODY_BYTES)
+            req = await asyncio.to_thread(self._parse, raw, chat)  # off the event loop: /health stays live
+            prompt, params = await asyncio.to_thread(self._job, req)
+            streaming = req.chat is not None and req.chat.stream
+            stream = RequestStream(self.engine, prompt, params, stream=streaming)
+            if streaming:
+                cut = req.max_subquestions
+                return await stream_chat(stream, model=name, prompt_tokens=len(prompt),
+                                         include_usage=req.chat.include_usage,
+                                         content=lambda: SubquestionContent(lambda t: self.decoder.subquestions(t, cut)),
+                                         on_complete=lambda tokens: self.stats.request(len(prompt), tokens))
+            done = (await stream.result())[0]
         except ApiError as exc:
             return api_error(exc)
+        except RequestError as exc:
+            kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+            return JSONResponse(error_body(exc.message, type=kind), status_code=exc.status)
         except Exception:
             logger.exception("decomposition failed")
             return JSONResponse(error_body("the server failed to decompose the problem", type="server_error"),
                                 status_code=500)
-        subquestions = self.decoder.subquestions(decoded.text, req.max_subquestions)
-        self.stats.request(len(job.prompt), decoded.generated_tokens)
-        name = self.limits.served_model
+        subquestions = self.decoder.subquestions(done.text, req.max_subquestions)
+        self.stats.request(len(prompt), done.generated_tokens)
         if chat:
-            return JSONResponse(chat_response(model=name, subquestions=subquestions, prompt_tokens=len(job.prompt),
-                                              completion_tokens=decoded.generated_tokens,
-                                              finish_reason=decoded.finish_reason))
-        return JSONResponse(decompose_response(model=name, subquestions=subquestions, raw=decoded.text,
-                                               prompt_tokens=len(job.prompt),
-                                               completion_tokens=decoded.generated_tokens, beta=job.beta,
-                                               finish_reason=decoded.finish_reason))
+            return JSONResponse(chat_response(model=name, subquestions=subquestions, prompt_tokens=len(prompt),
+                                              completion_tokens=done.generated_tokens,
+                                              finish_reason=done.finish_reason))
+        return JSONResponse(decompose_response(model=name, subquestions=subquestions, raw=done.text,
+                                               prompt_tokens=len(prompt), completion_tokens=done.generated_tokens,
+                                               beta=params.beta, finish_reason=done.finish_reason))
 
-    def _job(self, req: DecomposeRequest) -> Job:
-        """The decoding job for a request: its prompt ids and effective settings (checked against the model)."""
+    def _parse(self, raw: bytes, chat: bool) -> DecomposeRequest:
+        body = decode_json(raw)
+        return parse_decompose_chat(body, self.limits) if chat else parse_decompose_request(body, self.limits)
+
+    def _job(self, req: DecomposeRequest) -> tuple[list[int], SamplingParams]:
+        """A request's prompt ids and effective settings (checked against the model)."""
         beta = self.decoder.default_beta if req.beta is None else req.beta
         if beta > 0 and self.decoder.heads is None:
             raise ApiError(400, f"'beta' must be 0 here: {self.limits.served_model!r} has no ILQL heads",
@@ -228,17 +264,10 @@ class Decomposer:
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context holds "
                                 f"{self.decoder.context}", code="context_length_exceeded")
-        max_tokens = min(req.max_tokens or self.cfg.max_new_tokens, room)
-        return Job(prompt=prompt, beta=beta, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
-                   stop=req.stop)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _decode(self, jobs: list[Job]) -> list[Decoded]:
-        """One batch, decoded in a worker thread so health checks and queueing stay responsive."""
-        start = time.perf_counter()
-        out = await asyncio.to_thread(self.decoder.decode, jobs)
-        self.stats.batch(len(jobs), len(jobs), out.forward_passes, time.perf_counter() - start)
-        return out.decoded
+        params = req.sampling(min(req.max_tokens or self.max_new_tokens, room), beta)
+        if self.decoder.student:  # the learner's targets end with the marker: a row stops as soon as it writes it
+            params = replace(params, stop=(SUBQ_END, *params.stop))
+        return prompt, params
 
 
 # ------------------------------------------------------------------------------------ lifecycle

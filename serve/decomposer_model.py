@@ -27,13 +27,27 @@ from learner.ilql import ILQLConfig, ILQLHeads
 from learner.models import load_model_and_tokenizer
 from protocol.parse import cap_subquestions, parse_subquestions
 from protocol.prompts import PROMPT_VERSION, SUBQ_END, decompose_messages, parse_student_output
-from serve.generation import context_length, eos_token_ids
+from serve.generation import context_length, eos_token_ids, left_pad
+from serve.sampling import MIN_TEMPERATURE
 
 logger = logging.getLogger(__name__)
 
 # train_loop stores the resolved ILQLConfig in meta["extra"]["algo_config"]; json.dumps(default=str)
 # turns the dataclass into its repr, "ILQLConfig(gamma=0.99, ..., beta=1.0, ...)" (not "betas=").
 _BETA_IN_REPR = re.compile(r"(?<![\w.])beta=([-+0-9.eE]+)")
+DEFAULT_MAX_NEW_TOKENS = 128  # when a checkpoint does not record its training targets' length
+MAX_NEW_TOKENS_CAP = 512  # a derived default never exceeds this
+
+
+def default_max_new_tokens(meta: dict[str, Any] | None) -> int:
+    """A decomposition's default token budget: the longest training target the learner recorded
+    (``extra.data.max_target_tokens``) plus a quarter (at least 16 tokens) of margin, capped at
+    ``MAX_NEW_TOKENS_CAP``; ``DEFAULT_MAX_NEW_TOKENS`` when the checkpoint does not say."""
+    data = ((meta or {}).get("extra") or {}).get("data")
+    longest = data.get("max_target_tokens") if isinstance(data, dict) else None
+    if isinstance(longest, int) and not isinstance(longest, bool) and longest > 0:
+        return min(MAX_NEW_TOKENS_CAP, longest + max(16, longest // 4))
+    return DEFAULT_MAX_NEW_TOKENS
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,7 @@ class Decoder:
     """A model, its tokenizer, optional ILQL heads and a prompt format; decodes batches of jobs."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heads: ILQLHeads | None, *,
-                 prompt_format: str, default_beta: float = 0.0) -> None:
+                 prompt_format: str, default_beta: float = 0.0, meta: dict[str, Any] | None = None) -> None:
         if prompt_format not in ("student", "chat"):
             raise ValueError(f"prompt_format must be 'student' or 'chat', got {prompt_format!r}")
         if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -116,6 +130,7 @@ class Decoder:
             raise ValueError(f"beta {default_beta} needs ILQL heads, and this model has none (use beta 0)")
         self.model, self.tokenizer, self.heads = model.eval(), tokenizer, heads
         self.prompt_format, self.default_beta = prompt_format, float(default_beta)
+        self.meta = meta  # the checkpoint's subq_checkpoint.json (None for a plain model)
         self.eos = sorted(eos_token_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]
         self.context = context_length(model) or 1 << 30
@@ -145,7 +160,7 @@ class Decoder:
             model, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, device=device)
         fmt = prompt_format if prompt_format != "auto" else ("student" if meta is not None else "chat")
         default_beta = beta if beta is not None else (checkpoint_beta(meta) if heads is not None else 0.0)
-        return cls(model, tokenizer, heads, prompt_format=fmt, default_beta=default_beta)
+        return cls(model, tokenizer, heads, prompt_format=fmt, default_beta=default_beta, meta=meta)
 
     @property
     def student(self) -> bool:
@@ -170,12 +185,8 @@ class Decoder:
         if not jobs or any(not j.prompt or j.max_tokens < 1 for j in jobs):
             raise ValueError("need at least one job, each with a prompt and max_tokens >= 1")
         device = next(self.model.parameters()).device
-        width = max(len(j.prompt) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for i, job in enumerate(jobs):  # left-padded: every row's last column is its last prompt token
-            ids[i, width - len(job.prompt):] = torch.tensor(job.prompt, dtype=torch.long)
-            mask[i, width - len(job.prompt):] = 1
+        ids, mask = left_pad([j.prompt for j in jobs], self.pad_id)
+        width = ids.shape[1]
         stops = [((SUBQ_END,) if self.student else ()) + tuple(job.stop) for job in jobs]
         # A stop string of L characters ends within the last 4L tokens (a character is at most 4 bytes).
         window = 4 * max((len(s) for row in stops for s in row), default=0) + 4
@@ -194,11 +205,14 @@ class Decoder:
         def per_row(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
+        # Below MIN_TEMPERATURE sampling is argmax anyway, and scores / 1e-40 overflow to NaN probabilities.
+        temperatures = [j.temperature if j.temperature >= MIN_TEMPERATURE else 0.0 for j in jobs]
+
         out = generate_guided(
             self.model, self.heads, ids.to(device), mask.to(device),
             max_new_tokens=per_row([j.max_tokens for j in jobs], torch.long),
             beta=per_row([j.beta for j in jobs]), eos_token_id=self.eos, pad_token_id=self.pad_id,
-            do_sample=any(j.temperature > 0 for j in jobs), temperature=per_row([j.temperature for j in jobs]),
+            do_sample=any(t > 0 for t in temperatures), temperature=per_row(temperatures),
             top_p=per_row([j.top_p for j in jobs]), use_cache=use_cache,
             stop=stop if any(stops) else None, drop_finished=True,
         )

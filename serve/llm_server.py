@@ -3,12 +3,17 @@
 This is subq's embedded teacher and solver (DESIGN §2-3): the collection actors and the evaluation
 talk to it with the official ``openai`` client, exactly as they would talk to OpenAI or vLLM.
 
-Routes (under ``route_prefix``): ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /stats`` (batching counters) and ``GET /health`` (open, no token).
+Routes (under ``route_prefix``): ``POST /v1/chat/completions`` (``stream: true`` answers with
+server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /stats`` (batching counters)
+and ``GET /health`` (open, no token).
 
-Concurrent requests are grouped by ``@serve.batch`` (the batch size counts *samples*, so a request
-with ``n=3`` takes three slots) and decoded together by :func:`serve.generation.generate`, which
-honours each request's own temperature, top_p, max_tokens, stop strings and n.
+Each replica runs one decoding engine (``serve/engine.py``): requests join the running batch between
+decoding steps and leave it as soon as they finish (continuous batching; the batch size counts
+*samples*, so ``n=3`` takes three rows), each with its own temperature, top_p, max_tokens, stop
+strings, seed, logit_bias and penalties. Limits come before work: the body size and the messages'
+length in characters (both derived from the context length) are checked before anything is
+tokenized, and parsing and tokenizing run off the event loop, so ``/health`` answers while a huge
+body is refused.
 
 Usage::
 
@@ -21,21 +26,24 @@ Usage::
 # No `from __future__ import annotations`: FastAPI must see real `Request` annotations on the
 # route methods, which Serve re-wraps outside this module's namespace.
 import asyncio
-import json
+import copy
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from learner.models import model_display_name
-from serve.chat_api import ApiError, ChatRequest, chat_completion, error_body, parse_chat_request
-from serve.generation import Completion, SamplingParams
+from serve.chat_api import ChatRequest, chat_completion, parse_chat_request
+from serve.chat_stream import RawText, stream_chat
+from serve.engine import Engine, EngineStats, RequestError, RequestStream
+from serve.fields import ApiError, decode_json, error_body
 from serve.serving import (
-    ReplicaStats,
+    DTYPES,
     Secret,
     api_error,
     check_auth,
@@ -47,13 +55,14 @@ from serve.serving import (
     models_response,
     read_body,
     read_token,
+    replica_device,
     serve_until_stopped,
 )
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-MAX_BODY_BYTES = 16 << 20  # far above any prompt that fits a context; stops tokenizing junk
+BODY_OVERHEAD_BYTES = 64 << 10  # JSON keys and the other fields, beyond the messages' characters
 
 
 @dataclass
@@ -65,14 +74,16 @@ class LLMServerConfig:
     host: str = "127.0.0.1"  # loopback unless you mean to expose it (Serve-wide: one HTTP proxy)
     port: int = 8000  # Serve-wide too: if Serve already runs, its port wins (see start_llm_server)
     route_prefix: str = "/"  # distinct per app when several share the Serve proxy
-    max_batch_size: int = 8  # samples decoded together (a request with n=k counts k)
-    batch_wait_timeout_s: float = 0.05  # how long a lone request waits for company
+    max_batch_size: int = 8  # samples decoded together (a request with n=k counts k); more wait their turn
+    batch_wait_timeout_s: float = 0.05  # an idle replica waits this long for company before its first prefill
     max_prompt_tokens: int | None = None  # default: the model's context length - 1
     max_new_tokens: int = 1024  # cap on a request's max_tokens; also its default (bounded by context)
     token_env: str | None = None  # NAME of an env var holding a bearer token; None: no auth
     num_replicas: int = 1
-    num_cpus: float = 1.0  # Ray CPUs reserved per replica
-    torch_threads: int | None = None  # intra-op threads per replica; default: all cores of the node
+    num_cpus: float = 1.0  # Ray CPUs reserved per replica (also its torch threads unless torch_threads)
+    num_gpus: float = 0.0  # GPUs per replica; > 0 puts the model on cuda
+    dtype: str = "auto"  # auto (bfloat16 on a GPU with bf16, else float32) | float32 | bfloat16 | float16
+    torch_threads: int | None = None  # intra-op threads per replica; default: int(num_cpus), at least 1
     app_name: str = "subq-llm"
 
     def __post_init__(self) -> None:
@@ -82,39 +93,54 @@ class LLMServerConfig:
             self.route_prefix = "/" + self.route_prefix
         if self.max_batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("max_batch_size and max_new_tokens must be >= 1")
-
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError("num_cpus and num_gpus must be >= 0")
 
 
 app = FastAPI(title="subq local LLM server", docs_url=None, redoc_url=None, openapi_url=None)
-
-
 app.add_exception_handler(StarletteHTTPException, http_error)  # unknown routes: OpenAI's error shape too
 
 
-def _rows(jobs: list[tuple[list[int], SamplingParams]]) -> int:
-    return sum(params.n for _, params in jobs)
+def max_token_chars(tokenizer) -> int:
+    """The most characters any one token stands for (the length of its longest vocabulary string): a
+    text of C characters has at least C / this many tokens, which bounds a prompt before tokenizing."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max((len(t) for t in tokens if isinstance(t, str)), default=1) or 1
 
 
 @serve.deployment
 @serve.ingress(app)
 class LLMServer:
-    """One replica: a model, its tokenizer and a batch queue."""
+    """One replica: a model, its tokenizer and a decoding engine."""
 
     def __init__(self, cfg: LLMServerConfig, token: Secret | None) -> None:
         from learner.models import load_model_and_tokenizer
-        from serve.generation import context_length, eos_token_ids
+        from serve.generation import BatchDecoder, context_length, eos_token_ids
 
-        init_replica_torch(cfg.torch_threads)
+        self.threads = init_replica_torch(cfg.torch_threads, cfg.num_cpus)
         self.cfg = cfg
         self.token = token
-        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model)
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        device, dtype = replica_device(cfg.num_gpus, cfg.dtype)
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype, device=device)
         self.context = context_length(self.model) or 1 << 30
         self.max_prompt_tokens = min(cfg.max_prompt_tokens or self.context - 1, self.context - 1)
+        self.max_prompt_chars = self.max_prompt_tokens * max_token_chars(self.tokenizer)
+        self.max_body_bytes = 8 * self.max_prompt_chars + BODY_OVERHEAD_BYTES  # "\uXXXX" is 6 bytes a character
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        self._tokenize_lock = threading.Lock()  # request threads share this tokenizer; the engine has its own copy
         self.created = int(time.time())
-        self.stats = ReplicaStats()
-        self._generate.set_max_batch_size(cfg.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.stats = EngineStats()
+        decoder = BatchDecoder(self.model, copy.deepcopy(self.tokenizer),
+                               eos_ids=eos_token_ids(self.model, self.tokenizer))
+        self.engine = Engine(decoder, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats)
+        self.placement = {"device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": self.threads}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
     # ------------------------------------------------------------------------------------ routes
 
@@ -126,7 +152,8 @@ class LLMServer:
     async def get_stats(self, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size})
+        return JSONResponse({**self.stats, "max_batch_size": self.cfg.max_batch_size, **self.placement,
+                             "max_prompt_chars": self.max_prompt_chars, "max_body_bytes": self.max_body_bytes})
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
@@ -141,16 +168,25 @@ class LLMServer:
         return model_response(model_id, self.cfg.served_model_name, self.created)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> JSONResponse:
+    async def chat_completions(self, request: Request) -> Response:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
         try:
-            chat = self._parse(await read_body(request, MAX_BODY_BYTES))
-            prompt = self._prompt_ids(chat)
+            raw = await read_body(request, self.max_body_bytes)
+            chat = await asyncio.to_thread(self._parse, raw)  # off the event loop: /health stays live
+            prompt = await asyncio.to_thread(self._prompt_ids, chat)
             max_tokens = min(chat.max_tokens or self.cfg.max_new_tokens, self.context - len(prompt))
-            completions = await self._generate((prompt, chat.sampling(max_tokens)))
+            stream = RequestStream(self.engine, prompt, chat.sampling(max_tokens), stream=chat.stream)
+            if chat.stream:
+                return await stream_chat(stream, model=self.cfg.served_model_name, prompt_tokens=len(prompt),
+                                         include_usage=chat.include_usage, content=RawText,
+                                         on_complete=lambda tokens: self.stats.request(len(prompt), tokens))
+            completions = await stream.result()
         except ApiError as exc:
             return api_error(exc)
+        except RequestError as exc:
+            kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+            return JSONResponse(error_body(exc.message, type=kind), status_code=exc.status)
         except Exception:
             logger.exception("chat completion failed")
             return JSONResponse(error_body("the server failed to generate a completion", type="server_error"),
@@ -161,36 +197,27 @@ class LLMServer:
     # ----------------------------------------------------------------------------------- helpers
 
     def _parse(self, raw: bytes) -> ChatRequest:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-        return parse_chat_request(body, served_model=self.cfg.served_model_name,
-                                  max_n=self.cfg.max_batch_size, max_new_tokens=self.cfg.max_new_tokens)
+        return parse_chat_request(decode_json(raw), served_model=self.cfg.served_model_name,
+                                  max_n=self.cfg.max_batch_size, max_new_tokens=self.cfg.max_new_tokens,
+                                  vocab_size=self.vocab, max_prompt_chars=self.max_prompt_chars)
 
     def _prompt_ids(self, chat: ChatRequest) -> list[int]:
-        """Render the chat template, then tokenize without adding specials a second time."""
+        """Render the chat template, bound its length, then tokenize without adding specials a second time."""
         try:
             text = self.tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # e.g. a template that insists on alternating roles
-            raise ApiError(400, f"the messages do not fit the model's chat template: {e}",
+            raise ApiError(400, f"the messages do not fit the model's chat template: {str(e)[:300]}",
                            param="messages") from None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(text) > self.max_prompt_chars:
+            raise ApiError(400, f"the prompt is longer than {self.max_prompt_chars} characters, more than "
+                                f"{self.max_prompt_tokens} tokens can hold", code="context_length_exceeded",
+                           param="messages")
+        with self._tokenize_lock:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
                                 f"{self.max_prompt_tokens}", code="context_length_exceeded", param="messages")
         return ids
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, batch_size_fn=_rows)
-    async def _generate(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[list[Completion]]:
-        """One batch: decoded in a worker thread so health checks and queueing stay responsive."""
-        from serve.generation import generate
-
-        start = time.perf_counter()
-        out = await asyncio.to_thread(generate, self.model, self.tokenizer, [j[0] for j in jobs],
-                                      [j[1] for j in jobs], eos_ids=self.eos_ids)
-        self.stats.batch(len(jobs), out.rows, out.forward_passes, time.perf_counter() - start)
-        return out.completions
 
 
 # ------------------------------------------------------------------------------------ lifecycle
@@ -201,10 +228,10 @@ def build_llm_app(cfg: LLMServerConfig) -> serve.Application:
     return LLMServer.options(
         name=f"{cfg.app_name}-llm",
         num_replicas=cfg.num_replicas,
-        # >= max_batch_size, or Serve never hands a replica enough requests to fill a batch
-        # (DESIGN §4); twice that lets the next batch queue while one decodes.
+        # >= max_batch_size, or Serve never hands a replica enough requests to fill its batch
+        # (DESIGN §4); twice that keeps the next requests queued in the replica, ready to join.
         max_ongoing_requests=2 * cfg.max_batch_size,
-        ray_actor_options={"num_cpus": cfg.num_cpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg, read_token(cfg.token_env))
 
 

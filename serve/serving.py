@@ -1,8 +1,13 @@
 """Plumbing shared by subq's Serve applications (the LLM server and the decomposer).
 
-Bearer tokens, OpenAI-shaped errors, replica set-up and batching counters, request bodies with a
-size limit, the model routes, deploying an app behind Serve's one HTTP proxy and waiting
+Bearer tokens, OpenAI-shaped errors, replica set-up (torch threads, device and dtype), request bodies
+with a size limit, the model routes, deploying an app behind Serve's one HTTP proxy and waiting
 until it answers, deleting it, and serving until Ctrl-C / SIGTERM. Nothing model-specific here.
+
+Dtype policy (one place for both servers): ``dtype="auto"`` is bfloat16 on a GPU that supports it
+(float32 on one that does not) and float32 on CPU, where it is both the fastest and exact. Greedy
+output can differ between the two (bf16 rounds differently), so the same checkpoint may decode
+differently on a GPU replica than on a CPU one; pin ``dtype`` (``--dtype``) to make them agree.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.chat_api import ApiError, error_body, model_card
+from serve.chat_api import model_card
+from serve.fields import ApiError, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +43,10 @@ class Secret:
         self._value = value
 
     def matches(self, header: str | None) -> bool:
-        if not header or not header.startswith("Bearer "):
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110 §11.1)
             return False
-        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._value.encode())
+        return hmac.compare_digest(credentials.strip().encode("utf-8", "replace"), self._value.encode())
 
     def __repr__(self) -> str:
         return "Secret(***)"
@@ -75,34 +82,34 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
                         status_code=exc.status_code)
 
 
-def init_replica_torch(threads: int | None) -> None:
-    """Ray sets OMP threads to num_cpus: use the node's cores (or ``threads``); replicas must not
-    share torch's fixed default seed."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def init_replica_torch(threads: int | None, num_cpus: float) -> int:
+    """Intra-op threads = ``threads``, else the CPUs the replica reserved from Ray (at least 1), so
+    replicas on one node do not oversubscribe its cores; replicas must not share torch's fixed
+    default seed. Returns the thread count."""
     import torch
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    count = threads or max(1, int(num_cpus))
+    torch.set_num_threads(count)
     torch.seed()
+    return count
 
 
-class ReplicaStats(dict):
-    """Batching counters of one replica (``GET /stats``), so tests and benchmarks can check batching
-    without timing."""
+def replica_device(num_gpus: float, dtype: str) -> tuple[str, Any]:
+    """(device, torch dtype) of a replica by the dtype policy in this module's docstring."""
+    import torch
 
-    def __init__(self) -> None:
-        super().__init__(requests=0, batches=0, rows=0, forward_passes=0, max_batch_requests=0,
-                         prompt_tokens=0, completion_tokens=0, generate_seconds=0.0)
-
-    def request(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self["requests"] += 1
-        self["prompt_tokens"] += prompt_tokens
-        self["completion_tokens"] += completion_tokens
-
-    def batch(self, requests: int, rows: int, forward_passes: int, seconds: float) -> None:
-        self["generate_seconds"] += seconds
-        self["batches"] += 1
-        self["rows"] += rows
-        self["forward_passes"] += forward_passes
-        self["max_batch_requests"] = max(self["max_batch_requests"], requests)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    device = "cuda" if num_gpus > 0 else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("num_gpus > 0 but this replica sees no CUDA device")
+    if dtype == "auto":
+        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        return device, torch.bfloat16 if bf16 else torch.float32
+    return device, getattr(torch, dtype)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -70,19 +70,27 @@ def _add_llm_server(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=EMBEDDED_MODEL, help="embedded:..., tiny-random:<arch>, or a HF model dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=8, help="samples decoded together (continuous batching)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="cap and default of a request's max_tokens")
     p.add_argument("--token-env", help="name of an env var holding a bearer token to require")
+    from subq.cli_eval import add_replica_options
+
+    add_replica_options(p)
     p.add_argument("--ray-address")
     p.set_defaults(func=cmd_llm_server)
 
 
 def cmd_llm_server(args: argparse.Namespace) -> int:
     from serve.llm_server import LLMServerConfig, run_forever
+    from subq.cli_eval import serve_config
     from subq.runtime import init_ray
 
+    cfg = serve_config(LLMServerConfig, model=args.model, host=args.host, port=args.port,
+                       max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
+                       token_env=args.token_env, num_cpus=args.num_cpus, num_gpus=args.num_gpus, dtype=args.dtype,
+                       torch_threads=args.torch_threads)
     init_ray(args.ray_address)
-    run_forever(LLMServerConfig(model=args.model, host=args.host, port=args.port,
-                                max_batch_size=args.max_batch_size, token_env=args.token_env))
+    run_forever(cfg)
     return 0
 
 

@@ -7,6 +7,17 @@ import argparse
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
+def add_replica_options(p: argparse.ArgumentParser) -> None:
+    """Where a Serve replica runs: the options `subq llm-server` and `subq serve` share."""
+    p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica (also its torch threads)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU with bf16, float32 otherwise), float32, bfloat16 or float16; pin "
+                        "it to make CPU and GPU replicas decode alike")
+    p.add_argument("--torch-threads", type=int, help="intra-op threads per replica (default: --num-cpus)")
+
+
+
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a distilled decomposer (/decompose, /v1/chat/completions) on Ray Serve")
     p.add_argument("--checkpoint", "--model", dest="model", default=EMBEDDED_MODEL,
@@ -17,13 +28,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-env", help="name of an env var holding a bearer token to require")
     p.add_argument("--beta", type=float, help="default ILQL guidance (default: the checkpoint's)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int,
+                   help="cap and default of a request's max_tokens (default: the checkpoint's longest training "
+                        "target + 25%%, at least +16, at most 512; 128 when the checkpoint does not record it)")
     p.add_argument("--max-subquestions", type=int)
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (continuous batching)")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=1, help="> --min-replicas turns on autoscaling")
     p.add_argument("--target-ongoing-requests", type=float, default=4.0)
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (bf16 on GPU)")
+    add_replica_options(p)
     p.add_argument("--ray-address")
     p.set_defaults(func=cmd_serve)
 
@@ -36,15 +49,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not is_checkpoint(args.model):
         resolve_model_path(args.model)  # a wrong path fails here, in one line
-    cfg = DecomposerConfig(
+    cfg = serve_config(
+        DecomposerConfig,
         model=args.model, host=args.host, port=args.port, route_prefix=args.route_prefix, token_env=args.token_env,
         beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         max_subquestions=args.max_subquestions, max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests, num_gpus=args.num_gpus,
+        num_cpus=args.num_cpus, dtype=args.dtype, torch_threads=args.torch_threads,
     )
     init_ray(args.ray_address)
     run_decomposer_forever(cfg)
     return 0
+
+
+def serve_config(cls, **fields):
+    """A serve config dataclass; a value it refuses is a one-line user error, before Ray starts."""
+    from subq.cli import UserError
+
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,9 +21,10 @@ def local_teacher(base_url: str | None, local_model: str, port: int) -> Iterator
     from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 
     resolve_model_path(local_model)  # a missing model fails here, in one line, not in a replica
-    # Half a CPU: the replica uses every core anyway, and a whole-CPU reservation beside a
-    # decomposer and actor pools would starve Ray's own tasks on a 2-core machine.
-    cfg = LLMServerConfig(model=local_model, port=port, num_cpus=0.5)
+    # Half a CPU reserved: a whole-CPU reservation beside a decomposer and actor pools would starve
+    # Ray's own tasks on a 2-core machine; but the model is the stage's real work, so it decodes on
+    # every core (torch threads would otherwise follow the reservation: 1).
+    cfg = LLMServerConfig(model=local_model, port=port, num_cpus=0.5, torch_threads=os.cpu_count())
     url = start_llm_server(cfg)
     try:
         yield url, cfg.served_model_name

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -26,21 +28,35 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from learner.checkpoint import save_checkpoint
+from learner.checkpoint import META_FILE, save_checkpoint
 from learner.guided_decoding import generate_guided
 from learner.ilql import ILQLConfig, ILQLHeads
 from learner.models import load_model_and_tokenizer
 from protocol.parse import parse_subquestions
+from protocol.prompts import SUBQ_END, format_subquestions, parse_student_output
 from serve.chat_api import ApiError
 from serve.decompose_api import (
     MAX_BODY_BYTES,
     Limits,
-    decode_json,
+    SubquestionContent,
     parse_decompose_chat,
     parse_decompose_request,
 )
 from serve.decomposer import DecomposerConfig, build_decomposer_app, start_decomposer, stop_decomposer
-from serve.decomposer_model import Decoder, Job, checkpoint_beta, heads_from_state
+from serve.decomposer_model import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS_CAP,
+    Decoder,
+    Job,
+    checkpoint_beta,
+    default_max_new_tokens,
+    heads_from_state,
+)
+from serve.fields import decode_json
+from serve.generation import Completion, generate
+from serve.sampling import SamplingParams
+from serve.serving import init_replica_torch, replica_device
+from tests.serve_schema import DECOMPOSER_EXTENSIONS, chat_bodies, decompose_bodies
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 TOKEN_ENV = "SUBQ_TEST_DECOMPOSER_TOKEN"
@@ -213,8 +229,8 @@ def test_concurrent_requests_are_decoded_in_shared_batches(chat_server):
             replies = list(pool.map(lambda _: http.post("/decompose", json=body), range(8)))
         after = http.get("/stats").json()
     assert all(r.status_code == 200 and r.json() == single for r in replies), [r.text for r in replies]
-    requests, batches = after["requests"] - mid["requests"], after["batches"] - mid["batches"]
-    assert requests == 8 and batches < requests and after["max_batch_requests"] > 1
+    requests, prefills = after["requests"] - mid["requests"], after["prefills"] - mid["prefills"]
+    assert requests == 8 and prefills < requests and after["max_batch_requests"] > 1
     assert after["forward_passes"] - mid["forward_passes"] < 8 * single_passes
     assert after["rows"] - mid["rows"] == 8
     assert after["completion_tokens"] - mid["completion_tokens"] == 8 * single["usage"]["completion_tokens"]
@@ -289,8 +305,11 @@ def _bad_chat_body(draw) -> bytes:
     elif kind == "number":
         body[draw(st.sampled_from((*_numeric_fields, "n")))] = draw(_bad_value)
     elif kind == "unsupported":
-        body.update(draw(st.sampled_from([{"stream": True}, {"logprobs": True}, {"tools": [{"type": "function"}]},
-                                          {"stop": ["a", ""]}, {"stop": 3}, {"n": 2}])))
+        body.update(draw(st.sampled_from([{"stream": "yes"}, {"logprobs": True}, {"tools": [{"type": "function"}]},
+                                          {"stop": ["a", ""]}, {"stop": 3}, {"n": 2},
+                                          {"response_format": {"type": "json_object"}}, {"top_k": 3},
+                                          {"stream_options": {"include_usage": True}}, {"logit_bias": {"x": 1}},
+                                          {"messages": [{"role": "user", "content": "x", "name": "n"}]}])))
     else:
         body["model"] = draw(st.one_of(st.integers(), st.just("gpt-4o"), st.none().map(lambda _: ["x"])))
     return json.dumps(body).encode()
@@ -317,6 +336,52 @@ def test_fuzzed_malformed_requests_only_get_4xx(chat_server):
         assert http.post("/decompose", json={"problem": PROBLEM}).json()["raw"] == SCRIPT
 
 
+def test_fuzzed_schema_requests_never_get_a_5xx(chat_server):
+    """Bodies over both routes' schemas (valid, edge and arbitrary values, raw bytes): never a 5xx,
+    and /health answers after."""
+    _, url = chat_server
+    statuses: list[int] = []
+    fuzz = settings(max_examples=80, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+    with _client(url) as http:
+
+        def check(path: str, raw: bytes) -> None:
+            resp = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+            statuses.append(resp.status_code)
+            assert resp.status_code < 500, (path, raw[:300], resp.status_code, resp.text[:300])
+
+        given(decompose_bodies("scripted-lm"))(fuzz(lambda raw: check("/decompose", raw)))()
+        chat = chat_bodies("scripted-lm", vocab=260, extensions=DECOMPOSER_EXTENSIONS)
+        given(chat)(fuzz(lambda raw: check("/v1/chat/completions", raw)))()
+        assert http.get("/health").status_code == 200
+    assert statuses.count(200) >= 20 and sum(400 <= s < 500 for s in statuses) >= 40
+
+
+def test_chat_streaming_with_the_official_client(chat_server):
+    cfg, url = chat_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0)
+    kw = {"model": "scripted-lm", "messages": [{"role": "user", "content": PROBLEM}]}
+    plain = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_a_hostile_request_does_not_fail_its_batch_mates(chat_server):
+    """temperature 1e-40 passed validation, overflowed and answered 500 (with every batch-mate) before the fix."""
+    _, url = chat_server
+    with _client(url) as http, ThreadPoolExecutor(4) as pool:
+        bodies = [{"problem": PROBLEM, "temperature": 1e-40}, {"problem": PROBLEM}] * 2
+        before = http.get("/stats").json()
+        replies = list(pool.map(lambda b: http.post("/decompose", json=b), bodies))
+        after = http.get("/stats").json()
+    assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+    assert all(r.json()["raw"] == SCRIPT for r in replies)  # below MIN_TEMPERATURE: greedy
+    assert after["prefills"] - before["prefills"] < 4  # some of them shared a batch
+
+
 # ----------------------------------------------------------------------- the checkpoint server
 
 
@@ -337,6 +402,12 @@ def test_checkpoint_is_served_in_student_format_with_its_beta(ckpt_server):
             model="scripted-ilql", messages=[{"role": "user", "content": PROBLEM}], extra_body={"beta": 0})
         assert chat.choices[0].message.content == "Q1: Why?"
         assert parse_subquestions(chat.choices[0].message.content).subquestions == plain["subquestions"]
+        # streamed: one delta per complete sub-question line, the same content in the end
+        stream = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="scripted-ilql", messages=[{"role": "user", "content": PROBLEM}], extra_body={"beta": 0},
+            stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == "Q1: Why?"
+        assert stats["max_new_tokens"] == MAX_NEW  # configured; unset, it derives from the checkpoint
 
 
 # ------------------------------------------------------------------------- without Ray: the model
@@ -405,6 +476,49 @@ def test_generate_guided_per_row_settings_match_scalar_calls(ckpt_decoder):
     assert stopped.shape[1] == width + 2 and sorted(seen) == [(0, 1), (0, 2), (1, 1), (1, 2)]
 
 
+def test_the_engine_decodes_what_decoder_decode_decodes(ckpt_decoder):
+    """The server's continuous-batching path (serve.generation with the heads) and the static
+    Decoder.decode (learner.guided_decoding) agree on guided and plain greedy rows."""
+    d = ckpt_decoder
+    jobs = [Job(d.prompt_ids(PROBLEM), beta=0.0, max_tokens=20), Job(d.prompt_ids("Hi?"), beta=CKPT_BETA, max_tokens=9),
+            Job(d.prompt_ids("Hi?"), beta=30.0, max_tokens=12)]
+    static = d.decode(jobs).decoded
+    params = [SamplingParams(max_tokens=j.max_tokens, temperature=0, beta=j.beta, stop=(SUBQ_END,)) for j in jobs]
+    engine = generate(d.model, d.tokenizer, [j.prompt for j in jobs], params, heads=d.heads, eos_ids=d.eos)
+    for old, new in zip(static, engine.completions, strict=True):
+        assert (new[0].text, new[0].generated_tokens, new[0].finish_reason) == (old.text, old.generated_tokens,
+                                                                               old.finish_reason)
+    assert static[0].text == "Q1: Why?" and static[2].text != static[0].text
+
+
+def test_subquestion_stream_sends_whole_lines():
+    content = SubquestionContent(parse_student_output)
+    deltas = [content.feed(t) for t in ("How many", " apples?\nHow", " many pears?", "\n")]
+    assert deltas == ["", "Q1: How many apples?", "", "\nQ2: How many pears?"]
+    final = Completion(text="How many apples?\nHow many pears?\nTotal?", token_ids=[], finish_reason="stop",
+                       generated_tokens=9)
+    assert content.finish(final) == "\nQ3: Total?"
+    assert content.sent == format_subquestions(parse_student_output(final.text))
+
+
+def test_default_max_new_tokens_comes_from_the_checkpoint(models, tmp_path):
+    assert default_max_new_tokens(None) == DEFAULT_MAX_NEW_TOKENS == 128
+    assert default_max_new_tokens({"extra": {"data": {"max_target_tokens": 40}}}) == 56  # + 16 at least
+    assert default_max_new_tokens({"extra": {"data": {"max_target_tokens": 200}}}) == 250  # + 25%
+    assert default_max_new_tokens({"extra": {"data": {"max_target_tokens": 10_000}}}) == MAX_NEW_TOKENS_CAP
+    for bad in ({"extra": {"data": {"max_target_tokens": "40"}}}, {"extra": {"data": 3}}, {"extra": None}):
+        assert default_max_new_tokens(bad) == DEFAULT_MAX_NEW_TOKENS
+    # what the learner records in a checkpoint reaches the Decoder
+    meta_file = Path(models["ckpt"]) / META_FILE
+    ckpt = tmp_path / "recorded"
+    shutil.copytree(models["ckpt"], ckpt)
+    meta = json.loads(meta_file.read_text())
+    meta["extra"]["data"] = {"max_target_tokens": 40}
+    (ckpt / META_FILE).write_text(json.dumps(meta))
+    assert default_max_new_tokens(Decoder.load(str(ckpt)).meta) == 56
+    assert Decoder.load(models["plain"]).meta is None
+
+
 # ------------------------------------------------------------------------- without Ray: validation
 
 LIMITS = Limits(served_model="m", max_problem_chars=20, max_new_tokens=16, default_temperature=0.0,
@@ -439,20 +553,21 @@ def test_chat_validation_rules():
                                        {"role": "user", "content": [{"type": "text", "text": "last"}]}],
             "max_tokens": 4, "stop": "\n", "beta": 1.5, "seed": 3, "user": "u"}
     req = parse_decompose_chat(body, LIMITS)
-    assert (req.problem, req.max_tokens, req.stop, req.beta, req.temperature) == ("last", 4, ("\n",), 1.5, 0.0)
+    assert (req.problem, req.max_tokens, req.chat.stop, req.beta, req.temperature) == ("last", 4, ("\n",), 1.5, 0.0)
+    sampling = req.sampling(4, 1.5)
+    assert (sampling.seed, sampling.stop, sampling.beta, sampling.temperature) == (3, ("\n",), 1.5, 0.0)
     assert parse_decompose_chat({**body, "temperature": 1.0}, LIMITS).temperature == 1.0
     for bad, fragment in [({"messages": [{"role": "system", "content": "s"}]}, "needs a user message"),
                           ({"messages": [{"role": "user", "content": ""}]}, "empty"),
                           ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n' must be between 1 and 1"),
                           ({"messages": [{"role": "user", "content": "x"}], "temperature": 10**400}, "between 0 and 2"),
-                          ({"messages": [{"role": "user", "content": "x"}], "stream": True}, "streaming")]:
+                          ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+                           "response_format"),
+                          ({"messages": [{"role": "user", "content": "x"}], "beta": 1, "gamma": 2}, "'gamma'")]:
         with pytest.raises(ApiError) as info:
             parse_decompose_chat(bad, LIMITS)
         assert info.value.status == 400 and fragment in info.value.message, info.value.message
-    with pytest.raises(ApiError) as info:
-        decode_json(b"x" * (MAX_BODY_BYTES + 1))
-    assert info.value.status == 413
-    for raw in (b"", b"{", b"[" * 100_000, b"\xff"):
+    for raw in (b"", b"{", b"[" * 100_000, b"\xff", b'{"a": [{"b": "\\udc00"}]}'):
         with pytest.raises(ApiError) as info:
             decode_json(raw)
         assert info.value.status == 400
@@ -481,3 +596,25 @@ def test_config_and_app_options():
     deployment = build_decomposer_app(cfg)._bound_deployment
     assert deployment._deployment_config.max_ongoing_requests == 32
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+
+
+def test_replica_placement_policy_and_cli_options(capsys):
+    """dtype policy, threads from the Ray reservation, and bad options refused in one line before Ray starts."""
+    assert replica_device(0, "auto") == ("cpu", torch.float32)
+    assert replica_device(0, "bfloat16") == ("cpu", torch.bfloat16)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            replica_device(1, "auto")
+    threads = torch.get_num_threads()
+    try:
+        assert init_replica_torch(None, 0.5) == 1 and torch.get_num_threads() == 1
+        assert init_replica_torch(None, 2.0) == 2 and torch.get_num_threads() == 2
+        assert init_replica_torch(3, 0.5) == 3
+    finally:
+        torch.set_num_threads(threads)
+    from subq.cli import main
+
+    assert main(["serve", "--checkpoint", TINY, "--dtype", "fp8"]) == 2
+    assert main(["llm-server", "--model", TINY, "--num-gpus", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "dtype must be one of" in err and "num_gpus must be >= 0" in err

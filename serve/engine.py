@@ -1,0 +1,187 @@
+"""The decoding engine of a Serve replica: one thread runs a :class:`~serve.generation.BatchDecoder`.
+
+Requests are queued from the event loop (:class:`RequestStream`) and join the running batch between
+decoding steps, as long as the batch has room for their ``n`` rows (``max_rows``); finished, failed
+and cancelled rows leave it at once. So a short request that arrives while a long one decodes starts
+at the next step instead of waiting for the whole batch (no head-of-line blocking).
+
+When the engine is idle it waits up to ``wait_s`` for company before the first prefill, so requests
+sent together share one. All model work happens in the engine thread: the event loop stays free for
+``/health``, request parsing and streaming, and never touches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+from serve.generation import BatchDecoder, Completion, Delta, Event, Failed, Finished, Request
+from serve.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStats(dict):
+    """Counters of one replica (``GET /stats``): they let tests and benchmarks check batching without timing."""
+
+    def __init__(self) -> None:
+        super().__init__(requests=0, prompt_tokens=0, completion_tokens=0, admitted_requests=0, rows=0,
+                         prefills=0, steps=0, row_steps=0, forward_passes=0, max_batch_rows=0, max_batch_requests=0,
+                         failed_requests=0, cancelled_requests=0, running_rows=0, queued_requests=0,
+                         decode_seconds=0.0)
+
+    def request(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """A request answered in full (what usage billed)."""
+        self["requests"] += 1
+        self["prompt_tokens"] += prompt_tokens
+        self["completion_tokens"] += completion_tokens
+
+
+class Engine:
+    """A decoding thread and its queue; ``submit`` is safe from any thread."""
+
+    def __init__(self, decoder: BatchDecoder, *, max_rows: int, wait_s: float, stats: EngineStats | None = None) -> None:
+        if max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+        self.decoder, self.max_rows, self.wait_s = decoder, max_rows, wait_s
+        self.stats = stats if stats is not None else EngineStats()
+        self._queue: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="subq-decode", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        if request.params.n > self.max_rows:
+            raise ValueError(f"n={request.params.n} is more than this engine's {self.max_rows} rows")
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            self._queue.append(request)
+            self.stats["queued_requests"] = len(self._queue)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        """Let the thread notice a cancellation of a queued request promptly."""
+        with self._cv:
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while True:
+            admit = self._next_admissions()
+            if admit is None:
+                return
+            start = time.perf_counter()
+            passes = self.decoder.forward_passes
+            if admit:
+                self.decoder.admit(admit)
+                self.stats["prefills"] += 1
+                self.stats["admitted_requests"] += len(admit)
+                self.stats["rows"] += sum(r.params.n for r in admit)
+            if self.decoder.rows:
+                self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self.decoder.rows))
+                self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], self.decoder.live_requests)
+                self.stats["row_steps"] += len(self.decoder.rows)  # / steps: the mean batch of a step
+                self.decoder.step()
+                self.stats["steps"] += 1
+            self.stats["forward_passes"] += self.decoder.forward_passes - passes
+            self.stats["decode_seconds"] += time.perf_counter() - start
+            self.stats["running_rows"] = len(self.decoder.rows)
+
+    def _next_admissions(self) -> list[Request] | None:
+        """The queued requests that fit the batch now (FIFO), waiting while there is no work; None: shut down."""
+        with self._cv:
+            while not self._queue and not self.decoder.rows and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                self._shutdown()
+                return None
+            if not self.decoder.rows and self.wait_s > 0:  # idle: let simultaneous requests arrive together
+                deadline = time.monotonic() + self.wait_s
+                while sum(r.params.n for r in self._queue) < self.max_rows and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            room = self.max_rows - len(self.decoder.rows)
+            admit: list[Request] = []
+            while self._queue and self._queue[0].params.n <= room:
+                request = self._queue.popleft()
+                if request.cancelled:  # its client left while it queued (counted by RequestStream.cancel)
+                    continue
+                admit.append(request)
+                room -= request.params.n
+            self.stats["queued_requests"] = len(self._queue)
+            return admit
+
+    def _shutdown(self) -> None:
+        self.decoder.cancel_all("the server is shutting down")
+        while self._queue:
+            self._queue.popleft().send(Failed("the server is shutting down", 503))
+
+
+class RequestError(Exception):
+    """A request the engine could not answer: its HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class RequestStream:
+    """The event-loop side of one request: submit it, then read its events or its result.
+
+    Cancelling (or leaving :meth:`events` early, e.g. when the client disconnects) frees its rows
+    at the engine's next step.
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, *, stream: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.engine = engine
+        self.request = Request(prompt, params, lambda e: loop.call_soon_threadsafe(self._events.put_nowait, e),
+                               stream=stream)
+        self._open = params.n
+        engine.submit(self.request)
+
+    async def events(self) -> AsyncIterator[Delta | Finished | Failed]:
+        """Every event until the last sample finished or the request failed."""
+        try:
+            while self._open > 0:
+                event = await self._events.get()
+                if isinstance(event, Finished):
+                    self._open -= 1
+                elif isinstance(event, Failed):
+                    self._open = 0
+                    self.engine.stats["failed_requests"] += 1
+                yield event
+        finally:
+            self.cancel()
+
+    async def result(self) -> list[Completion]:
+        """The ``n`` completions in order; raises :class:`RequestError` for a failed request."""
+        found: dict[int, Completion] = {}
+        async for event in self.events():
+            if isinstance(event, Failed):
+                raise RequestError(event.status, event.message)
+            if isinstance(event, Finished):
+                found[event.index] = event.completion
+        return [found[k] for k in sorted(found)]
+
+    def cancel(self) -> None:
+        if not self.request.done and not self.request.cancelled:
+            self.request.cancelled = True
+            self.engine.stats["cancelled_requests"] += 1
+            self.engine.wake()
