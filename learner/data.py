@@ -11,7 +11,9 @@ validate; the workers read the token columns by row position (``learner/batches.
 - Validation: ``round(val_fraction x problems)`` whole problems (all their decompositions), those with
   the smallest SHA-256 of their id: the same problems for every seed and every algorithm, and never a
   problem on both sides. Paper 1 held out 1% of the training problems.
-- Filtered BC selects (``learner/filtered_bc.select``) within each split.
+- Filtered BC selects (``learner/filtered_bc.select``) within each split; DPO pairs episodes within
+  each split and stores the reference model's log-probs of the paired ones (``learner/preference_data.py``);
+  solver-bc tokenises solver episodes instead of decompositions (``learner/solver_bc.py``).
 - A resumed run reuses the data its first attempt built (its manifest records how), even if the
   store has grown since; changed settings with a checkpoint in ``OUT`` are an error, not a silent mix.
 """

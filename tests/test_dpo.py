@@ -244,6 +244,10 @@ def test_ray_train_runs_dpo_end_to_end_and_resumes(ray_session, tmp_path):
     ckpt = load_checkpoint(first["final"])
     assert ckpt.meta["algo"] == "dpo" and ckpt.heads_state is None
     assert ckpt.meta["extra"]["data"]["pairs"] == first["data"]["pairs"]
+    from serve.decomposer_model import Decoder  # served like BC: the student format, no ILQL guidance
+
+    decoder = Decoder.load(first["final"])
+    assert decoder.student and decoder.heads is None and decoder.default_beta == 0.0  # DPO's beta is not ILQL's
     cfg.max_steps = 3  # a re-run with a longer budget continues at step 3
     second = run_train(cfg)
     assert second["step"] == 3 and [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
