@@ -63,25 +63,47 @@ def steps_per_epoch(n: int, batch_size: int, world: int, grad_accum: int) -> int
     return -(-micro_batches_per_epoch(n, batch_size, world) // grad_accum)
 
 
+def read_episode_files(data_dir: str | Path, files: list[str]) -> pa.Table | None:
+    """The episode columns of the table's files, in manifest order (memory-mapped); None when empty."""
+    tables = [pq.read_table(Path(data_dir) / f, columns=list(EPISODE_COLUMNS), memory_map=True) for f in files]
+    return pa.concat_tables(tables) if tables else None
+
+
+def episodes_at(table: pa.Table | None, rows: np.ndarray) -> list[Episode]:
+    """The episodes at these row positions of ``table``, in this order."""
+    if table is None:
+        raise ValueError("the episode table holds no episodes")
+    cols = table.take(pa.array(rows, type=pa.int64())).to_pydict()
+    return [Episode(**{k: cols[k][i] for k in EPISODE_COLUMNS}) for i in range(len(rows))]
+
+
 class EpisodeTable:
-    """The driver's episode table (``learner/data.py``) opened by a worker: rows by position, as episodes."""
+    """The driver's episode table (``learner/data.py``) opened by a worker: rows by position, as episodes.
+
+    ``train_rows`` / ``val_rows``: row positions, in canonical order; for DPO, [n, 2] arrays of
+    (chosen, rejected) positions, one preference pair per row, and ``ref_logp`` holds the reference
+    model's summed action log-probs per table row (NaN for rows in no pair).
+    """
 
     def __init__(self, data_dir: str | Path) -> None:
         self.dir = Path(data_dir)
         self.manifest = json.loads((self.dir / MANIFEST).read_text())
-        tables = [pq.read_table(self.dir / f, columns=list(EPISODE_COLUMNS), memory_map=True)
-                  for f in self.manifest["files"]]
-        self.table = pa.concat_tables(tables) if tables else None
+        self.table = read_episode_files(self.dir, self.manifest["files"])
         with np.load(self.dir / INDEX) as index:
             self.train_rows, self.val_rows = index["train"], index["val"]
+            self.ref_logp = index.get("ref_logp")  # DPO only
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
+    @property
+    def pairs(self) -> bool:
+        """Whether the training units are preference pairs (DPO) rather than episodes."""
+        return self.train_rows.ndim == 2
+
     def episodes(self, rows: np.ndarray) -> list[Episode]:
         """The episodes at these row positions, in this order."""
         if self.table is None:
             raise ValueError(f"{self.dir} holds no episodes")
-        cols = self.table.take(pa.array(rows, type=pa.int64())).to_pydict()
-        return [Episode(**{k: cols[k][i] for k in EPISODE_COLUMNS}) for i in range(len(rows))]
+        return episodes_at(self.table, rows)

@@ -17,6 +17,8 @@ optimised) or a DDP wrapper around either.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,16 +79,23 @@ class BC:
         }
         return loss, metrics
 
-    @torch.no_grad()
-    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Validation metrics of a held-out batch (eval mode, no gradients); train mode is restored."""
-        model = getattr(self.model, "module", self.model)  # without DDP: its forward is a collective
+    @contextmanager
+    def evaluating(self) -> Iterator[nn.Module]:
+        """The model for validation: without DDP (its forward is a collective), in eval mode, no
+        gradients; train mode is restored afterwards."""
+        model = getattr(self.model, "module", self.model)
         was_training = model.training
         model.eval()
         try:
-            loss, n_tokens, accuracy = action_token_loss(model, self._to_device(batch))
+            with torch.no_grad():
+                yield model
         finally:
             model.train(was_training)
+
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Validation metrics of a held-out batch (eval mode, no gradients); train mode is restored."""
+        with self.evaluating() as model:
+            loss, n_tokens, accuracy = action_token_loss(model, self._to_device(batch))
         return {"losses/val_bc": loss.item(), "charts/val_token_accuracy": float(accuracy),
                 "charts/val_action_tokens": float(n_tokens)}
 

@@ -11,7 +11,9 @@ validate; the workers read the token columns by row position (``learner/batches.
 - Validation: ``round(val_fraction x problems)`` whole problems (all their decompositions), those with
   the smallest SHA-256 of their id: the same problems for every seed and every algorithm, and never a
   problem on both sides. Paper 1 held out 1% of the training problems.
-- Filtered BC selects (``learner/filtered_bc.select``) within each split.
+- Filtered BC selects (``learner/filtered_bc.select``) within each split; DPO pairs episodes within
+  each split and stores the reference model's log-probs of the paired ones (``learner/preference_data.py``);
+  solver-bc tokenises solver episodes instead of decompositions (``learner/solver_bc.py``).
 - A resumed run reuses the data its first attempt built (its manifest records how), even if the
   store has grown since; changed settings with a checkpoint in ``OUT`` are an error, not a silent mix.
 """
@@ -83,9 +85,11 @@ def _text(value: Any) -> str | None:
 
 
 def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max_length: int,
-                 teacher_model: str | None) -> pa.Table:
-    """A ``map_batches`` function: store rows (pandas) -> one row per episode, or per excluded sample."""
+                 teacher_model: str | None, solver_target: str | None = None) -> pa.Table:
+    """A ``map_batches`` function: store rows (pandas) -> one row per episode, or per excluded sample.
+    ``solver_target``: solver episodes (``learner/solver_bc.py``) with that target instead of decompositions."""
     from learner.episodes import episode_from_reference, episode_from_sample
+    from learner.solver_bc import solver_episode_from_sample
 
     tokenizer = _tokenizer(tokenizer_spec)
     out = []
@@ -98,7 +102,10 @@ def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max
         else:
             if teacher_model and row.get("teacher_model") != teacher_model:
                 continue
-            ep, reason = episode_from_sample(row, tokenizer, placement=placement, max_length=max_length)
+            if solver_target is not None:
+                ep, reason = solver_episode_from_sample(row, tokenizer, target=solver_target, max_length=max_length)
+            else:
+                ep, reason = episode_from_sample(row, tokenizer, placement=placement, max_length=max_length)
         if ep is None:
             key = _text(row.get("sample_key")) or f"reference:{_text(row.get('problem_id'))}"
             out.append({"sample_key": key, "problem_id": _text(row.get("problem_id")), "excluded": reason})
@@ -112,7 +119,7 @@ def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max
     return pa.Table.from_pylist(out, schema=EPISODE_SCHEMA)
 
 
-def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path) -> None:
+def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path, solver_target: str | None = None) -> None:
     """Tokenise the store's rows on Ray Data, streaming them into ``target/*.parquet``."""
     from data_store.store import Store
 
@@ -122,7 +129,7 @@ def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path) -> None:
         episode_rows, batch_format="pandas", batch_size=256, num_cpus=0.5,
         fn_kwargs={"tokenizer_spec": tokenizer_spec, "source": cfg.source, "max_length": cfg.max_length,
                    "placement": "sparse" if cfg.algo == "ilql-sparse" else "full",
-                   "teacher_model": cfg.teacher_model},
+                   "teacher_model": cfg.teacher_model, "solver_target": solver_target},
     ).write_parquet(str(target))
 
 
@@ -163,16 +170,40 @@ def data_stats(train: list[Record], val: list[Record], excluded: Counter[str], s
         "max_episode_tokens": max((r.n_tokens for r in train), default=0),
         "truncated_contexts": sum(r.cut_words > 0 for r in train + val),  # problems cut in their middle
         "excluded": dict(sorted(excluded.items())),  # samples that gave no episode, by reason
-        "filtered_out": selected_out,  # filtered BC: episodes its rule did not keep
+        "filtered_out": selected_out,  # episodes the algorithm's rule did not keep (filtered BC's filter,
+        #                                solver-bc's correct_only; DPO: episodes in no pair)
     }
 
 
-def build_settings(cfg: TrainConfig, tokenizer_spec: str, selection: FilteredBCConfig | None) -> dict[str, Any]:
-    """Everything that decides the episode table; a resume must find the same."""
-    rule = None if selection is None else {k: getattr(selection, k) for k in RULE_FIELDS}
+def selection_rule(cfg: TrainConfig, acfg: Any) -> dict[str, Any] | None:
+    """What of the algorithm's config decides the episodes it trains on (part of the build settings)."""
+    if cfg.algo == "filtered-bc":
+        return {k: getattr(acfg, k) for k in RULE_FIELDS}
+    if cfg.algo == "dpo":
+        from learner.preference_data import PAIR_FIELDS
+
+        return {k: getattr(acfg, k) for k in PAIR_FIELDS}
+    if cfg.algo == "solver-bc":
+        from protocol.solve_prompts import SOLVE_PROMPT_VERSION
+
+        return {"target": acfg.target, "correct_only": acfg.correct_only, "solve_prompt": SOLVE_PROMPT_VERSION}
+    return None
+
+
+def build_settings(cfg: TrainConfig, tokenizer_spec: str, acfg: Any = None) -> dict[str, Any]:
+    """Everything that decides the episode table; a resume must find the same. ``acfg``: the
+    algorithm's config (default: ``learner.train.algo_config(cfg)``)."""
+    from learner.train import algo_config
+
+    rule = selection_rule(cfg, algo_config(cfg) if acfg is None else acfg)
     return {"store": cfg.store, "source": cfg.source, "teacher_model": cfg.teacher_model,
             "tokenizer": tokenizer_spec, "max_length": cfg.max_length, "val_fraction": cfg.val_fraction,
             "placement": "sparse" if cfg.algo == "ilql-sparse" else "full", "selection": rule}
+
+
+def training_units(stats: dict[str, Any]) -> int:
+    """What an epoch visits: preference pairs (DPO) or episodes."""
+    return int(stats["pairs"]) if "pairs" in stats else int(stats["episodes"])
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -189,12 +220,25 @@ def _checkpoint_fingerprints(out: Path) -> set[str | None]:
             for p in _checkpoints(out)}
 
 
-def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path,
-                 selection: FilteredBCConfig | None = None) -> dict[str, Any]:
-    """``OUT/data`` for this run (built, or reused by a resume); returns its manifest. ``selection``:
-    filtered BC's config, whose rule picks the training (and validation) episodes."""
+def _no_data_error(cfg: TrainConfig, excluded: Counter[str], val: int, not_kept: int, pairs: bool) -> ValueError:
+    hint = (f"; {excluded['too_long']} samples do not fit --max-length {cfg.max_length}: raise it"
+            if excluded.get("too_long") else "")
+    what = "preference pairs (two decompositions of one problem whose returns differ by the margin)" if pairs \
+        else "usable training episodes"
+    return ValueError(f"no {what} in {cfg.store} ({cfg.source}, {cfg.algo}): excluded {dict(excluded)}, {val} in "
+                      f"validation, {not_kept} not kept by the algorithm's rule{hint}")
+
+
+def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = None) -> dict[str, Any]:
+    """``OUT/data`` for this run (built, or reused by a resume); returns its manifest. ``acfg``: the
+    algorithm's config (default: ``learner.train.algo_config(cfg)``), whose rule picks the training (and
+    validation) episodes: filtered BC's filter, solver-bc's target and ``correct_only``, DPO's pairs (whose
+    reference log-probs are computed here, once: ``learner/preference_data.py``)."""
+    from learner.train import algo_config
+
+    acfg = algo_config(cfg) if acfg is None else acfg
     data_dir = out / DATA_DIR
-    build = build_settings(cfg, tokenizer_spec, selection)
+    build = build_settings(cfg, tokenizer_spec, acfg)
     if (data_dir / MANIFEST).is_file() and has_checkpoint(out):
         manifest = json.loads((data_dir / MANIFEST).read_text())
         if manifest["build"] != build:
@@ -204,28 +248,49 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path,
                              f"now); resume with the old settings, or use a new --out (or delete {out / 'ray'})")
         return manifest
     shutil.rmtree(data_dir, ignore_errors=True)
-    write_episodes(cfg, tokenizer_spec, data_dir / "episodes")
+    write_episodes(cfg, tokenizer_spec, data_dir / "episodes", acfg.target if cfg.algo == "solver-bc" else None)
     files = sorted(f"episodes/{p.name}" for p in (data_dir / "episodes").glob("*.parquet"))
     records, excluded = read_records(data_dir, files)
     train, val = split_problems(records, cfg.val_fraction)
-    selected_out = 0
-    if selection is not None:
-        kept_train, kept_val = select(train, selection), select(val, selection)
-        selected_out = len(train) + len(val) - len(kept_train) - len(kept_val)
-        train, val = kept_train, kept_val
-    if not train:
-        raise ValueError(f"no usable training episodes in {cfg.store} ({cfg.source}): excluded "
-                         f"{dict(excluded)}, {len(val)} in validation, {selected_out} not kept by filtered BC")
+    n_split = len(train) + len(val)
+    if cfg.algo in ("filtered-bc", "solver-bc"):
+        rule = acfg if cfg.algo == "filtered-bc" else FilteredBCConfig(correct_only=acfg.correct_only)
+        train, val = select(train, rule), select(val, rule)
+    train_index = np.array([r.row for r in train], dtype=np.int64)
+    val_index = np.array([r.row for r in val], dtype=np.int64)
+    extra: dict[str, Any] = {}
     keys = json.dumps([[r.sample_key, r.token_hash] for r in train]) + json.dumps([r.sample_key for r in val])
-    manifest = {"build": build, "files": files, "stats": data_stats(train, val, excluded, selected_out),
+    if cfg.algo == "dpo":
+        from learner.preference_data import pair_array, pair_records
+
+        train_pairs, val_pairs, extra = pair_records(train, val, acfg)
+        train = sorted({id(r): r for p in train_pairs for r in p}.values(), key=lambda r: r.row)
+        val = sorted({id(r): r for p in val_pairs for r in p}.values(), key=lambda r: r.row)
+        train_index, val_index = pair_array(train_pairs), pair_array(val_pairs)
+        keys = json.dumps([[c.sample_key, r.sample_key, c.token_hash, r.token_hash] for c, r in train_pairs]
+                          + [[c.sample_key, r.sample_key] for c, r in val_pairs])
+    elif cfg.algo == "solver-bc":
+        from protocol.solve_prompts import SOLVE_PROMPT_VERSION
+
+        extra = {"solver_target": acfg.target, "solve_prompt_version": SOLVE_PROMPT_VERSION}
+    not_kept = n_split - len(train) - len(val)
+    if not len(train_index):
+        raise _no_data_error(cfg, excluded, len(val), not_kept, cfg.algo == "dpo")
+    manifest = {"build": build, "files": files, "stats": {**data_stats(train, val, excluded, not_kept), **extra},
                 "fingerprint": hashlib.sha256((json.dumps(build, sort_keys=True) + keys).encode()).hexdigest()}
     if has_checkpoint(out) and manifest["fingerprint"] not in _checkpoint_fingerprints(out):
         raise ValueError(f"{out / DATA_DIR} was missing and the data built now differs from what the checkpoints "
                          f"in {out / 'ray'} were trained on (the store changed, or they predate data fingerprints); use a new "
                          f"--out, or delete "
                          f"{out / 'ray'} to start over")
-    np.savez(data_dir / INDEX, train=np.array([r.row for r in train], dtype=np.int64),
-             val=np.array([r.row for r in val], dtype=np.int64))
+    arrays = {"train": train_index, "val": val_index}
+    if cfg.algo == "dpo":  # after the checks: the reference pass is a forward over every paired episode
+        from learner.preference_data import reference_logps
+
+        n_rows = sum(pq.read_metadata(data_dir / f).num_rows for f in files)
+        arrays["ref_logp"] = reference_logps(cfg, tokenizer_spec, data_dir, files, n_rows,
+                                             np.concatenate([train_index.ravel(), val_index.ravel()]))
+    np.savez(data_dir / INDEX, **arrays)
     tmp = data_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, data_dir / MANIFEST)  # last: a manifest means a complete data directory

@@ -1,11 +1,11 @@
 """The Ray Train driver: any learner algorithm on N workers (CPU + gloo, or GPU + nccl with bf16).
 
 The driver turns the store's rows into an episode table with Ray Data (``learner/data.py``: filtered
-BC's selection, the validation split and the data statistics are decided there, from a few small
-columns), and hands its location to a ``TorchTrainer``. Each worker reads its rows of every
-micro-batch by position, in a per-epoch shuffled order fixed by the seed (``learner/batches.py``);
-the per-worker loop is in ``learner/train_loop.py``; the algorithms (``bc.py``, ``filtered_bc.py``,
-``ilql.py``) know nothing of Ray.
+BC's selection, DPO's pairs and reference log-probs, the validation split and the data statistics are
+decided there, from a few small columns), and hands its location to a ``TorchTrainer``. Each worker
+reads its rows of every micro-batch by position, in a per-epoch shuffled order fixed by the seed
+(``learner/batches.py``); the per-worker loop is in ``learner/train_loop.py``; the algorithms
+(``bc.py``, ``filtered_bc.py``, ``ilql.py``, ``dpo.py``, ``solver_bc.py``) know nothing of Ray.
 
 Outputs under ``out``: ``data/`` (the episode table, its split and manifest), ``ray/`` (Ray Train's
 run: checkpoints every K steps, resumable), ``final/`` (the last checkpoint in HF format + heads +
@@ -25,13 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALGOS = ("bc", "filtered-bc", "ilql", "ilql-sparse")
+ALGOS = ("bc", "filtered-bc", "ilql", "ilql-sparse", "dpo", "solver-bc")
+FROM_BC = ("filtered-bc", "ilql", "ilql-sparse", "dpo")  # start from the BC checkpoint (paper 1; DPO's reference)
+SOLVERS = ("solver-bc",)  # train a solver (answers sub-questions), not a decomposer: served by `subq llm-server`
 
 
 @dataclass
 class TrainConfig:
-    algo: str = "bc"  # bc | filtered-bc | ilql | ilql-sparse (ILQL with correctness reward only)
-    init: str = "embedded:smollm2-135m-instruct"  # model spec or a checkpoint dir (BC for the others)
+    algo: str = "bc"  # bc | filtered-bc | ilql | ilql-sparse (ILQL, correctness reward only) | dpo | solver-bc
+    init: str = "embedded:smollm2-135m-instruct"  # model spec or a checkpoint dir (BC's for FROM_BC algorithms)
     store: str = ".subq/store"  # the store to read samples (or reference decompositions) from
     out: str = "runs/train"  # output directory (absolute or relative to the working directory)
     source: str = "samples"  # samples: teacher decompositions | reference: GSM8K socratic (problems)
@@ -39,7 +41,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False  # one GPU per worker, nccl, bf16 autocast
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
-    batch_size: int = 8  # episodes per worker per micro-batch (an optimizer step: x num_workers x grad_accum)
+    batch_size: int = 8  # episodes (DPO: pairs) per worker per micro-batch (a step: x num_workers x grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step (an epoch's last step takes those left)
     max_steps: int = 100  # optimizer steps (the run ends earlier if epochs run out)
     epochs: int = 1  # passes over the episodes, each in its own shuffled order
@@ -55,7 +57,7 @@ class TrainConfig:
     max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
     lora_r: int = 0  # > 0: train LoRA adapters of this rank instead of the full model
     wandb_project: str | None = None  # log to wandb (offline unless WANDB_MODE says otherwise)
-    algo_config: dict[str, Any] = field(default_factory=dict)  # overrides of BCConfig / ILQLConfig / ...
+    algo_config: dict[str, Any] = field(default_factory=dict)  # overrides of BCConfig / ILQLConfig / DPOConfig / ...
     progress: bool = True  # a progress bar on the driver (fed by rank 0's metrics.jsonl)
 
 
@@ -66,11 +68,14 @@ def algo_config(cfg: TrainConfig, decay_steps: int | None = None):
     without saying when it ends.
     """
     from learner.bc import BCConfig
+    from learner.dpo import DPOConfig
     from learner.filtered_bc import FilteredBCConfig
     from learner.ilql import ILQLConfig
     from learner.optim import DRIVER_FIELDS
+    from learner.solver_bc import SolverBCConfig
 
-    cls = {"bc": BCConfig, "filtered-bc": FilteredBCConfig, "ilql": ILQLConfig, "ilql-sparse": ILQLConfig}[cfg.algo]
+    cls = {"bc": BCConfig, "filtered-bc": FilteredBCConfig, "ilql": ILQLConfig, "ilql-sparse": ILQLConfig,
+           "dpo": DPOConfig, "solver-bc": SolverBCConfig}[cfg.algo]
     driver = set(DRIVER_FIELDS) & set(cfg.algo_config)
     if driver:
         raise ValueError(f"{sorted(driver)} are driver settings: set TrainConfig.{'/'.join(sorted(driver))} "
@@ -102,6 +107,17 @@ def check_config(cfg: TrainConfig) -> None:
         from learner.filtered_bc import check_config as check_filter
 
         check_filter(acfg)
+    if cfg.algo == "dpo":
+        from learner.dpo import check_config as check_dpo
+
+        check_dpo(acfg)
+    if cfg.algo == "solver-bc":
+        from learner.solver_bc import check_config as check_solver
+
+        check_solver(acfg)
+    if cfg.algo in ("dpo", "solver-bc") and cfg.source != "samples":
+        raise ValueError(f"{cfg.algo} trains on teacher samples (ranked decompositions, stored answers): "
+                         f"source must be 'samples', not {cfg.source!r}")
     for name in ("num_workers", "batch_size", "grad_accum", "max_steps", "epochs", "checkpoint_every",
                  "report_every"):
         if getattr(cfg, name) < 1:
@@ -170,7 +186,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     from learner.batches import steps_per_epoch
     from learner.checkpoint import strip_secrets
-    from learner.data import DATA_DIR, prepare_data
+    from learner.data import DATA_DIR, prepare_data, training_units
     from learner.train_loop import STATE_FILE, train_loop_per_worker
 
     check_config(cfg)
@@ -181,10 +197,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         init = os.path.join(init, "final")  # a previous `subq train --out DIR` was given as --init
     if os.path.isdir(init):
         init = str(Path(init).resolve())  # workers may start in another directory
-    selection = algo_config(cfg) if cfg.algo == "filtered-bc" else None
-    manifest = prepare_data(cfg, init, out, selection)
+    if cfg.algo in SOLVERS:  # before the data step tokenises anything with its chat template
+        from learner.models import load_tokenizer
+        from learner.solver_bc import check_tokenizer
+
+        check_tokenizer(load_tokenizer(init))
+    manifest = prepare_data(cfg, init, out, algo_config(cfg))
     stats = manifest["stats"]
-    per_epoch = steps_per_epoch(stats["episodes"], cfg.batch_size, cfg.num_workers, cfg.grad_accum)
+    per_epoch = steps_per_epoch(training_units(stats), cfg.batch_size, cfg.num_workers, cfg.grad_accum)
     planned = min(cfg.max_steps, cfg.epochs * per_epoch)
     resolved = {**asdict(cfg), "init": init, "out": str(out)}
     (out / "train_config.json").write_text(json.dumps(strip_secrets(resolved), indent=2, default=str))

@@ -9,7 +9,8 @@
 - Reports (every ``report_every`` steps; each is a Ray Train call, so never per step): the window's
   metrics averaged over the ranks with one small all-reduce; rank 0 appends them to ``metrics.jsonl``.
 - Validation every ``val_every`` steps and at the end, on held-out problems: ``*/val_*`` metrics,
-  token-weighted over all validation episodes; optional early stopping on one of them.
+  token-weighted over all validation episodes (DPO: pair-weighted over all validation pairs);
+  optional early stopping on one of them.
 - Checkpoints every ``checkpoint_every`` steps and at the end; resume is exact (``learner/train_state.py``).
 
 ``WorkerLoop`` holds it all and also runs in a plain process (world 1, no Ray), which is how the tests
@@ -109,6 +110,7 @@ class WorkerLoop:
                  device: torch.device | None = None, resume_dir: Path | None = None,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m, report: Report | None = None) -> None:
         from learner.bc import BC
+        from learner.dpo import DPO
         from learner.ilql import ILQL
 
         self.cfg, self.data, self.rank, self.world = cfg, data, rank, world
@@ -125,8 +127,10 @@ class WorkerLoop:
         model, self.tokenizer, heads = _load(cfg, self.acfg, self.device, resume_dir, state)
         _seed(cfg.seed + rank)  # dropout and sampling differ between ranks
         self.model, self.heads = model, heads  # unwrapped, for saving
-        self.algo = ILQL(prepare(model), prepare(heads), self.acfg) if heads is not None else BC(prepare(model),
-                                                                                                  self.acfg)
+        if heads is not None:
+            self.algo = ILQL(prepare(model), prepare(heads), self.acfg)
+        else:  # solver-bc's update is BC's; only its episodes differ
+            self.algo = (DPO if cfg.algo == "dpo" else BC)(prepare(model), self.acfg)
         self.ddp_modules = [self.algo.model] + ([self.algo.heads] if heads is not None else [])
         self.step, self.epoch, self.position = 0, 0, 0  # position: episodes of this epoch's order trained on
         self.early: dict[str, Any] = {"best": None, "best_step": None, "bad": 0, "stopped": False}
@@ -148,7 +152,14 @@ class WorkerLoop:
     # ------------------------------------------------------------------------------------ training
 
     def _batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return collate(self.data.episodes(rows), self.tokenizer.pad_token_id)
+        """The batch of these units: episodes, or (DPO) [k, 2] pairs with their reference log-probs."""
+        if not self.data.pairs:
+            return collate(self.data.episodes(rows), self.tokenizer.pad_token_id)
+        from learner.dpo import collate_pairs
+
+        ref = self.data.ref_logp
+        return collate_pairs(self.data.episodes(rows[:, 0]), self.data.episodes(rows[:, 1]), ref[rows[:, 0]],
+                             ref[rows[:, 1]], self.tokenizer.pad_token_id)
 
     def _log(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -203,7 +214,8 @@ class WorkerLoop:
         for i in range(0, len(rows), self.cfg.batch_size):
             with self.autocast:
                 metrics = self.algo.evaluate(self._batch(rows[i: i + self.cfg.batch_size]))
-            w = metrics.pop("charts/val_action_tokens")
+            w = metrics.pop("charts/val_pairs", None)  # DPO's loss is per pair
+            w = metrics.pop("charts/val_action_tokens") if w is None else w
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * w
             mine += w

@@ -155,3 +155,10 @@ def numbers_match(pred: float | None, gold: float | None, rel_tol: float = 1e-6)
     if pred is None or gold is None or not (math.isfinite(pred) and math.isfinite(gold)):
         return False
     return math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def format_number(value: float) -> str:
+    """A gold value as an answer text: "72" for 72.0, "0.5", "-3.25" (shortest round-trip form)."""
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value}")
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

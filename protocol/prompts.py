@@ -139,12 +139,17 @@ def _answer_user(problem: str, subquestions: list[str]) -> str:
     return _problem(problem) + "\n\n" + format_subquestions(subquestions)
 
 
+def answer_reply(subanswers: list[str] | tuple[str, ...], final: str) -> str:
+    """The answer format: "A1: ..." lines, then "Final answer: <final>" (what the teacher's answer stage
+    and the solver prompts ask for, and what a distilled solver learns to write)."""
+    return "\n".join([*(f"A{i}: {a}" for i, a in enumerate(subanswers, 1)), f"Final answer: {final}"])
+
+
 def answer_messages(problem: str, subquestions: list[str]) -> Messages:
     """Chat messages asking the teacher to answer the sub-questions in order, then the problem."""
     messages = [_system(ANSWER_SYSTEM)]
     for ex in _EXAMPLES:
-        reply = "\n".join(f"A{i}: {a}" for i, a in enumerate(ex.subanswers, 1))
-        messages += _pair(_answer_user(ex.problem, list(ex.subquestions)), f"{reply}\nFinal answer: {ex.final}")
+        messages += _pair(_answer_user(ex.problem, list(ex.subquestions)), answer_reply(ex.subanswers, ex.final))
     messages.append({"role": "user", "content": _answer_user(problem, subquestions)})
     return messages
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from protocol.prompts import _EXAMPLES, format_subquestions
+from protocol.prompts import _EXAMPLES, answer_reply, format_subquestions
 
 SOLVE_PROMPT_VERSION = "solve-v1"
 ANSWER_TYPES = ("number", "choice", "yesno", "text")
@@ -126,7 +126,7 @@ def solve_messages(problem: str, subquestions: list[str], answer_type: str,
     """Chat messages asking the solver to answer the sub-questions in order, then the problem."""
     _check(answer_type)
     ex = _SHOTS[answer_type]
-    reply = "\n".join(f"A{i}: {a}" for i, a in enumerate(ex.subanswers, 1)) + f"\nFinal answer: {ex.final}"
+    reply = answer_reply(ex.subanswers, ex.final)
     return [
         {"role": "system", "content": SOLVE_SYSTEM + FINAL_INSTRUCTIONS[answer_type]},
         {"role": "user", "content": _solve_user(ex.problem, list(ex.subquestions), ex.choices)},
@@ -145,3 +145,27 @@ def cot_messages(problem: str, answer_type: str, choices: list[str] | None = Non
         {"role": "assistant", "content": f"{ex.reasoning}\nFinal answer: {ex.final}"},
         {"role": "user", "content": _problem_block(problem, choices)},
     ]
+
+
+# --- the distilled solver (paper 2's SE-T / SE-A): what `subq train --algo solver-bc` teaches ------------
+
+SOLVER_TARGETS = ("teacher", "gold")  # whose final answer ends the target (see solver_reply)
+SOLVER_ANSWER_TYPE = "number"  # the teacher's answer stage asks for a number: every stored sample is one
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def solver_reply(subanswers: list[str], final: str) -> str:
+    """What a distilled solver learns to write after ``solve_messages(problem, subquestions, "number")``:
+    ``answer_reply`` with each answer and the final answer on one line (the prompt asks for one line
+    each; line breaks inside a stored answer become spaces). The two targets of paper 2:
+
+    - ``"teacher"`` (SE-T): the teacher's stored sub-answers, then "Final answer: <the teacher's final
+      answer text>";
+    - ``"gold"`` (SE-A): the same teacher sub-answers, then "Final answer: <gold>", the gold value written
+      by ``protocol.answers.format_number`` ("72", "0.5"); the sub-answers may then disagree with it
+      when the teacher was wrong, as in paper 2.
+    """
+    return answer_reply([_one_line(a) for a in subanswers], _one_line(final))

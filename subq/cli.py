@@ -96,10 +96,15 @@ def cmd_llm_server(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from learner.train import ALGOS, TrainConfig
+    from protocol.solve_prompts import SOLVER_TARGETS
 
-    p = sub.add_parser("train", help="fit the student decomposer (BC, filtered BC, ILQL) on Ray Train")
+    p = sub.add_parser("train", help="fit the student decomposer (BC, filtered BC, ILQL, DPO) or a distilled solver "
+                                     "(solver-bc) on Ray Train")
     p.add_argument("--algo", choices=ALGOS, default="bc")
-    p.add_argument("--init", default=EMBEDDED_MODEL, help="model spec, HF dir, or a checkpoint (filtered BC/ILQL: BC's)")
+    p.add_argument("--target", choices=SOLVER_TARGETS,
+                   help="solver-bc: end the answers with the teacher's final answer (SE-T) or the gold one (SE-A)")
+    p.add_argument("--init", default=EMBEDDED_MODEL,
+                   help="model spec, HF dir, or a checkpoint (filtered BC / ILQL / DPO: BC's)")
     p.add_argument("--store", default=".subq/store")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--source", choices=["samples", "reference"], default="samples",
@@ -145,9 +150,14 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from learner.train import TrainConfig, run_train
+    from learner.train import SOLVERS, TrainConfig, check_config, run_train
     from subq.runtime import init_ray
 
+    algo_config = _parse_sets(args.set)
+    if args.target is not None:
+        if args.algo not in SOLVERS:
+            raise UserError(f"--target is for --algo {'/'.join(SOLVERS)}, not {args.algo}")
+        algo_config["target"] = args.target
     cfg = TrainConfig(
         algo=args.algo, init=args.init, store=args.store, out=args.out, source=args.source,
         teacher_model=args.teacher_model, num_workers=args.num_workers, use_gpu=args.use_gpu,
@@ -157,8 +167,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, val_fraction=args.val_fraction,
         val_every=args.val_every, early_stopping_patience=args.early_stopping_patience,
         early_stopping_metric=args.early_stopping_metric,
-        wandb_project=args.wandb_project, algo_config=_parse_sets(args.set),
+        wandb_project=args.wandb_project, algo_config=algo_config,
     )
+    try:
+        check_config(cfg)  # a bad setting is one line, before Ray starts
+    except ValueError as e:
+        raise UserError(str(e)) from None
     init_ray(args.ray_address)
     summary = run_train(cfg)
     print(json.dumps(summary, indent=2))

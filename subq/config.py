@@ -20,6 +20,7 @@ import yaml
 from actors.collect import CollectConfig
 from evaluation.run import EvalConfig
 from learner.train import ALGOS, TrainConfig
+from learner.train import check_config as check_train_config
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -226,8 +227,13 @@ def _train_section(raw: dict[str, Any], where: str) -> TrainSection:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: algos, defaults, {', '.join(ALGOS)}")
     section = TrainSection(algos=algos, defaults=raw.get("defaults") or {}, per_algo=per_algo)
-    for a in algos:  # every algorithm's merged settings must build a TrainConfig now
-        train_config(section, a, "/tmp/x", "/tmp/x", where)
+    for a in algos:  # every algorithm's merged settings must build a valid TrainConfig now
+        try:
+            check_train_config(train_config(section, a, "/tmp/x", "/tmp/x", where))
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"{where}.{a}: {e}") from None
     return section
 
 

@@ -1,4 +1,4 @@
-"""``subq pipeline``: collect -> import -> train (BC, filtered BC, ILQL) -> serve + evaluate -> report.
+"""``subq pipeline``: collect -> import -> train (BC, filtered BC, ILQL, DPO) -> serve + evaluate -> report.
 
 Every stage is skipped when its output already exists, so re-running the same command resumes a
 killed run where it stopped (collection and evaluation also resume *inside* a stage, key by key).
@@ -26,6 +26,7 @@ from data_store.store import Store
 from evaluation.plan import RunKey, check_labels, failures, format_failures, pending
 from evaluation.run import EvalConfig, report
 from learner.models import model_display_name
+from learner.train import FROM_BC, SOLVERS, TrainConfig
 from subq.config import ConfigError, PipelineConfig, ServeSection, dump, section_config, train_config
 from subq.eval_setup import (
     ServeOptions,
@@ -83,6 +84,12 @@ class Pipeline:
     def train_dir(self, algo: str) -> Path:
         return self.out / "train" / algo
 
+    def algo_train_config(self, algo: str) -> TrainConfig:
+        """``algo``'s TrainConfig; filtered BC, ILQL and DPO start from this run's BC (paper 1; DPO's
+        reference model) unless their own section names an ``init``."""
+        init = str(self.train_dir("bc") / "final") if algo in FROM_BC and "bc" in self.cfg.train.algos else None
+        return train_config(self.cfg.train, algo, self.cfg.store_uri, str(self.train_dir(algo)), init=init)
+
     def eval_config(self) -> EvalConfig:
         return section_config(EvalConfig, self.cfg.eval.settings, "eval", "eval", out_dir=str(self.out / "eval"),
                               progress=self.progress)
@@ -91,7 +98,9 @@ class Pipeline:
         e = self.cfg.eval
         if e.decomposers is not None:
             return list(e.decomposers)
-        specs = [f"{a}={self.train_dir(a) / 'final'}" for a in self.cfg.train.algos if "train" in self.cfg.stages]
+        # the trained decomposers; a distilled solver (solver-bc) is not one
+        specs = [f"{a}={self.train_dir(a) / 'final'}" for a in self.cfg.train.algos
+                 if "train" in self.cfg.stages and a not in SOLVERS]
         if e.teacher_decomposes:
             specs.append(f"teacher:{self.teacher_model()}")
         if e.baseline:
@@ -118,7 +127,8 @@ class Pipeline:
             model_dir = None
             for algo in self.cfg.train.algos:
                 tc = train_config(self.cfg.train, algo, self.cfg.store_uri, str(self.train_dir(algo)))
-                own_init = algo == "bc" or "init" in (self.cfg.train.per_algo.get(algo) or {})
+                own_init = (algo not in FROM_BC or "bc" not in self.cfg.train.algos
+                            or "init" in (self.cfg.train.per_algo.get(algo) or {}))
                 if own_init:  # otherwise it starts from BC's final/, a model of the same size
                     if is_checkpoint(tc.init):
                         model_dir = tc.init
@@ -242,11 +252,7 @@ class Pipeline:
                 if is_checkpoint(out / "final"):
                     res.status, res.note = "skipped", f"{out / 'final'} exists"
                     continue
-                init = None
-                if algo != "bc" and "bc" in self.cfg.train.algos:
-                    init = str(self.train_dir("bc") / "final")  # paper 1: filtered BC and ILQL start from BC
-                tc = train_config(self.cfg.train, algo, self.cfg.store_uri, str(out), init=init)
-                summary = run_train(dataclasses.replace(tc, progress=self.progress))
+                summary = run_train(dataclasses.replace(self.algo_train_config(algo), progress=self.progress))
                 metrics = summary.get("metrics") or {}
                 loss = next((v for k, v in metrics.items() if k.endswith("loss")), None)
                 res.note = (f"{summary['step']} steps on {summary['episodes']} episodes"
