@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evaluation.similarity import aggregate_similarity
-from learner.episodes import build_episode
-from protocol.prompts import SUBQ_SEPARATOR, decompose_messages, format_subquestions
+from learner.episodes import build_episode, subquestion_mask
+from protocol.prompts import decompose_messages, format_subquestions
 
 FORMATS = ("student", "chat")
 
@@ -47,27 +47,16 @@ class Scored:
     score_mask: list[int]  # 1 on the sub-question text tokens: their NLL is what is measured
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def student_scored(tokenizer: PreTrainedTokenizerBase, problem: str, subquestions: Sequence[str]) -> Scored:
     """The student's episode (prompt + target, tokenised as in training) with its sub-question tokens marked.
 
-    The target is ``q1 SEP q2 SEP ... <end>``, each piece tokenised on its own (``build_episode``), so
-    sub-question i spans from the token after the previous separator to ``subq_end_positions[i]``.
+    The target is ``q1 SEP q2 SEP ... <end>``, each piece tokenised on its own (``build_episode``); the
+    scored tokens are the episode's ``subquestion_mask``, what the learner's validation scores too.
     """
     ep = build_episode(tokenizer, problem, list(subquestions), usefulness=None, correct=0.0, placement="sparse",
                        max_length=1 << 30)
     assert ep is not None  # only None when the target does not fit max_length
-    n_sep = len(_encode(tokenizer, SUBQ_SEPARATOR))
-    mask = [0] * len(ep.input_ids)
-    start = ep.action_mask.index(1)  # the first action token: the first sub-question's first token
-    for end in ep.subq_end_positions:
-        for t in range(start, end + 1):
-            mask[t] = 1
-        start = end + 1 + n_sep
-    return Scored(ep.input_ids, mask)
+    return Scored(ep.input_ids, subquestion_mask(ep))
 
 
 def chat_scored(tokenizer: PreTrainedTokenizerBase, problem: str, subquestions: Sequence[str]) -> Scored:
