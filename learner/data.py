@@ -113,6 +113,14 @@ def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max
     return pa.Table.from_pylist(out, schema=EPISODE_SCHEMA)
 
 
+def placement(algo: str) -> str:
+    """How an algorithm's episodes place rewards. Only ILQL reads per-sub-question rewards ("full", which
+    needs every sample's usefulness); BC and filtered BC read none, so a sample without usefulness (e.g.
+    GSM8K-AI-SubQ's test split, or a run that collected no feedback) still trains them ("sparse" keeps a
+    complete usefulness list for filtered BC's return, and stores [] otherwise)."""
+    return "full" if algo == "ilql" else "sparse"
+
+
 def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path) -> None:
     """Tokenise the store's rows on Ray Data, streaming them into ``target/*.parquet``."""
     from data_store.store import Store
@@ -122,7 +130,7 @@ def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path) -> None:
     dataset.map_batches(
         episode_rows, batch_format="pandas", batch_size=256, num_cpus=0.5,
         fn_kwargs={"tokenizer_spec": tokenizer_spec, "source": cfg.source, "max_length": cfg.max_length,
-                   "placement": "sparse" if cfg.algo == "ilql-sparse" else "full",
+                   "placement": placement(cfg.algo),
                    "teacher_model": cfg.teacher_model},
     ).write_parquet(str(target))
 
@@ -138,7 +146,7 @@ def write_val_episodes(cfg: TrainConfig, tokenizer_spec: str, data_dir: Path) ->
     if not problems:
         raise ValueError(f"val_problems {cfg.val_problems!r} has no problem with human sub-questions")
     table = episode_rows(pd.DataFrame(problems), tokenizer_spec=tokenizer_spec, source="reference",
-                         placement="sparse" if cfg.algo == "ilql-sparse" else "full", max_length=cfg.max_length,
+                         placement=placement(cfg.algo), max_length=cfg.max_length,
                          teacher_model=None)
     (data_dir / "val").mkdir(parents=True, exist_ok=True)
     pq.write_table(table, data_dir / "val" / "episodes.parquet")
@@ -193,7 +201,7 @@ def build_settings(cfg: TrainConfig, tokenizer_spec: str, selection: FilteredBCC
     return {"store": cfg.store, "source": cfg.source, "teacher_model": cfg.teacher_model,
             "tokenizer": tokenizer_spec, "max_length": cfg.max_length,
             "val_fraction": 0.0 if cfg.val_problems else cfg.val_fraction, "val_problems": cfg.val_problems,
-            "placement": "sparse" if cfg.algo == "ilql-sparse" else "full", "selection": rule}
+            "placement": placement(cfg.algo), "selection": rule}
 
 
 def _checkpoints(out: Path) -> list[Path]:

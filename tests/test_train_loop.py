@@ -322,3 +322,20 @@ def test_validation_problems_never_train(ray_session, tmp_path):
     manifest = prepare_data(cfg, cfg.init, tmp_path / "out")
     assert manifest["stats"]["excluded"] == {"validation_problem": 1}
     assert manifest["stats"]["episodes"] == 3 and manifest["stats"]["val_episodes"] == 1
+
+
+def test_samples_without_usefulness_train_bc_and_filtered_bc_but_not_full_ilql(ray_session, tmp_path):
+    """Paper 1's published test split (and a run without feedback) has correctness but no usefulness:
+    BC and filtered BC read no per-sub-question reward, so they keep those samples."""
+    rows = [{**r, "usefulness": None} for r in sample_rows(problems=4)]
+    Store(str(tmp_path / "s")).append("samples", rows)
+    kept = {}
+    for algo in ("bc", "filtered-bc", "ilql-sparse", "ilql"):
+        cfg = _cfg(str(tmp_path / "s"), tmp_path / algo, algo=algo)
+        try:
+            kept[algo] = prepare_data(cfg, cfg.init, tmp_path / algo,
+                                      algo_config(cfg) if algo == "filtered-bc" else None)["stats"]["episodes"]
+        except ValueError as e:
+            assert "no_usefulness" in str(e)
+            kept[algo] = 0
+    assert kept == {"bc": 8, "filtered-bc": 4, "ilql-sparse": 8, "ilql": 0}  # filtered BC: the correct half
