@@ -233,44 +233,75 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def plot_accuracy_vs_cost(summaries: Sequence[RunSummary], path: str | Path) -> None:
-    """One panel per benchmark: accuracy (95% CI bars) against $ per 1k problems, a point per run.
+def _cost_axis(runs: Sequence[RunSummary]) -> tuple[str, list[float | None]]:
+    """What the x axis shows for these runs: $ per 1k problems when any run has a positive known cost;
+    otherwise (every $ is 0 or unknown, e.g. a self-hosted run) tokens per problem, and median seconds
+    per problem when there are no tokens either. A $ axis keeps None (unknown price) per run."""
+    dollars = [s.cost_per_1k_usd for s in runs]
+    if any(d for d in dollars):
+        return "$ per 1k problems (decomposition + solving)", dollars
+    tokens = [(s.decompose_tokens_in + s.decompose_tokens_out + s.solve_tokens_in + s.solve_tokens_out) / s.n
+              for s in runs]
+    if any(tokens):
+        return "tokens per problem (decomposition + solving; every $ is 0 or unknown)", list(tokens)
+    return "median seconds per problem (decomposition + solving)", [
+        (s.decompose_latency_p50_s or 0.0) + (s.solve_latency_p50_s or 0.0) for s in runs]
 
-    The x axis is symlog so that $0 runs (a self-hosted decomposer and solver) sit at 0 next to paid
-    ones; a run whose price is unknown is drawn hollow at $0 and its label ends in "($?)".
+
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def accuracy_vs_cost_figure(summaries: Sequence[RunSummary]):
+    """One panel per benchmark: accuracy (95% CI bars) against cost, a point per run.
+
+    Cost is $ per 1k problems; when no run of a panel has a positive known $ (self-hosted runs bill
+    $0), it is tokens per problem instead, so the points still spread out. Runs are told apart by
+    marker and colour in a legend, never by text next to the points (labels would overlap), and
+    runs at the same spot are nudged apart sideways. A run whose price is unknown is drawn hollow at
+    $0 and its legend entry ends in "($?)". The x axis never shows negative cost.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend
+    from matplotlib.transforms import offset_copy
 
     benches = _ordered(s.benchmark for s in summaries) or ["no runs"]
-    fig = Figure(figsize=(6.5 * len(benches), 4.8), layout="constrained")
+    fig = Figure(figsize=(7.5 * len(benches), 4.8), layout="constrained")
     axes = fig.subplots(1, len(benches), squeeze=False)[0]
     for ax, bench in zip(axes, benches, strict=True):
         runs = [s for s in summaries if s.benchmark == bench]
-        for s in runs:
-            unknown = s.cost_per_1k_usd is None
-            x = 0.0 if unknown else s.cost_per_1k_usd
-            ax.errorbar([x], [s.accuracy], yerr=[[s.accuracy - s.ci_low], [s.ci_high - s.accuracy]], fmt="o",
-                        capsize=3, mfc="none" if unknown else None)
-            label = f"{s.decomposer} / {s.solver}" + (" ($?)" if unknown else "")
-            ax.annotate(_plain(label), (x, s.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        positive = [s.cost_per_1k_usd for s in runs if s.cost_per_1k_usd]
+        label, xs = _cost_axis(runs)
+        seen: dict[tuple[float, float], int] = {}
+        for i, (s, x) in enumerate(zip(runs, xs, strict=True)):
+            unknown = x is None
+            x = 0.0 if unknown else float(x)
+            spot = (round(x, 6), round(s.accuracy, 6))
+            k = seen[spot] = seen.get(spot, -1) + 1  # k-th run at this spot: nudge by 7 points per run
+            shift = offset_copy(ax.transData, fig=fig, x=7.0 * ((k + 1) // 2) * (1 if k % 2 else -1), units="points")
+            color = f"C{i % 10}"
+            ax.errorbar([x], [s.accuracy], yerr=[[s.accuracy - s.ci_low], [s.ci_high - s.accuracy]],
+                        fmt=_MARKERS[i % len(_MARKERS)], color=color, capsize=3, transform=shift, clip_on=False,
+                        mfc="none" if unknown else color,
+                        label=_plain(f"{s.decomposer} / {s.solver}" + (" ($?)" if unknown else "")))
+        known = [float(x) for x in xs if x is not None]
+        top = max(known, default=0.0)
+        ax.set_xlim(0.0, top * 1.15 if top > 0 else 1.0)  # cost is never negative
         notes = []
-        if positive:
-            ax.set_xscale("symlog", linthresh=min(positive))
-            notes.append("symlog x")
-        else:
-            ax.set_xlim(-0.5, 1.0)
-        if any(s.cost_per_1k_usd == 0 for s in runs):
+        if label.startswith("$") and any(s.cost_per_1k_usd == 0 for s in runs):
             notes.append("self-hosted = $0")
-        if any(s.cost_per_1k_usd is None for s in runs):
+        if any(x is None for x in xs):
             notes.append("hollow = price unknown, drawn at $0")
         ax.set_title(_plain(bench + (f"\n({'; '.join(notes)})" if notes else "")), fontsize=9)
-        ax.margins(x=0.2)  # room for the labels right of the points
-        ax.set_xlabel("$ per 1k problems (decomposition + solving)")
+        ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel("accuracy (95% CI)")
-        ax.set_ylim(-0.02, 1.08)  # room for a label above accuracy 1
+        ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
+        if runs:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return fig
+
+
+def plot_accuracy_vs_cost(summaries: Sequence[RunSummary], path: str | Path) -> None:
+    """:func:`accuracy_vs_cost_figure` as a PNG."""
+    accuracy_vs_cost_figure(summaries).savefig(path, dpi=120)
 
 
 # --- all three files -------------------------------------------------------------------------

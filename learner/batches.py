@@ -30,7 +30,7 @@ from learner.episodes import Episode
 MANIFEST = "manifest.json"  # the data directory's description, written last (its presence = complete)
 INDEX = "index.npz"  # row positions of the training and validation episodes, in canonical order
 EPISODE_COLUMNS = ("input_ids", "action_mask", "rewards", "dones", "subq_end_positions", "correct",
-                   "usefulness", "sample_key", "problem_id", "cut_words")
+                   "usefulness", "sample_key", "problem_id", "cut_words", "subq_start_positions")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -34,13 +34,15 @@ class BCConfig(OptimConfig):
 
 
 def action_token_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor]
+    model: nn.Module, batch: dict[str, torch.Tensor], logits: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over action tokens; also (number of action tokens, accuracy).
 
-    Only the positions that predict an action are sent through the softmax, in float32.
+    Only the positions that predict an action are sent through the softmax, in float32. ``logits``:
+    the model's output on the batch, when the caller has it already.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if logits is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = batch["action_mask"][:, 1:] > 0  # token t + 1 is an action ...
     pred = logits[:, :-1][mask].float()  # ... predicted by the logits at t
     target = batch["input_ids"][:, 1:][mask]
@@ -50,6 +52,20 @@ def action_token_loss(
     loss = F.cross_entropy(pred, target)
     accuracy = (pred.argmax(-1) == target).float().mean()
     return loss, n_tokens, accuracy
+
+
+def subquestion_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Validation fidelity: the mean NLL of the sub-questions' own text tokens (``subq_mask``: no
+    separators, no end marker), what ``evaluation.fidelity`` measures on held-out references, and
+    their count (the weight for averaging over batches). Empty when the batch has no sub-question tokens."""
+    if "subq_mask" not in batch:
+        return {}
+    mask = batch["subq_mask"][:, 1:] > 0  # token t + 1 is scored, predicted by the logits at t
+    n = int(mask.sum())
+    if not n:  # e.g. a distilled solver's episodes: no sub-question is written
+        return {}
+    nll = F.cross_entropy(logits[:, :-1][mask].float(), batch["input_ids"][:, 1:][mask])
+    return {"losses/val_nll_subq": float(nll), "charts/val_subq_tokens": float(n)}
 
 
 class BC:
@@ -94,10 +110,13 @@ class BC:
 
     def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Validation metrics of a held-out batch (eval mode, no gradients); train mode is restored."""
+        batch = self._to_device(batch)
         with self.evaluating() as model:
-            loss, n_tokens, accuracy = action_token_loss(model, self._to_device(batch))
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, n_tokens, accuracy = action_token_loss(model, batch, logits)
+            subq = subquestion_nll(logits, batch)
         return {"losses/val_bc": loss.item(), "charts/val_token_accuracy": float(accuracy),
-                "charts/val_action_tokens": float(n_tokens)}
+                "charts/val_action_tokens": float(n_tokens), **subq}
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip the accumulated gradients, step the optimizer and the schedule, zero the gradients."""

@@ -47,7 +47,8 @@ EPISODE_SCHEMA = pa.schema([
     ("sample_key", pa.string()), ("problem_id", pa.string()), ("excluded", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("action_mask", pa.list_(pa.int8())), ("rewards", pa.list_(pa.float32())),
     ("dones", pa.list_(pa.int8())), ("subq_end_positions", pa.list_(pa.int32())), ("correct", pa.float32()),
-    ("usefulness", pa.list_(pa.float32())), ("cut_words", pa.int32()), ("n_actions", pa.int32()),
+    ("usefulness", pa.list_(pa.float32())), ("cut_words", pa.int32()),
+    ("subq_start_positions", pa.list_(pa.int32())), ("n_actions", pa.int32()),
     ("n_tokens", pa.int32()), ("token_hash", pa.string()),
 ])
 RULE_FIELDS = ("correct_only", "fraction", "return_kind", "rank_within")  # what of FilteredBCConfig selects
@@ -113,10 +114,19 @@ def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max
         ids = np.asarray(ep.input_ids, dtype=np.int32)
         out.append({**{k: getattr(ep, k) for k in ("sample_key", "problem_id", "input_ids", "action_mask", "rewards",
                                                    "dones", "subq_end_positions", "correct", "usefulness",
-                                                   "cut_words")},
+                                                   "cut_words", "subq_start_positions")},
                     "excluded": None, "n_actions": int(sum(ep.action_mask)), "n_tokens": len(ids),
                     "token_hash": hashlib.sha1(ids.tobytes()).hexdigest()[:16]})
     return pa.Table.from_pylist(out, schema=EPISODE_SCHEMA)
+
+
+def placement(algo: str) -> str:
+    """How an algorithm's episodes place rewards. ILQL reads per-sub-question rewards and DPO ranks by a
+    return that includes usefulness by default ("full", which needs every sample's usefulness); BC, filtered
+    BC and solver-bc read none, so a sample without usefulness (e.g. GSM8K-AI-SubQ's test split, or a run
+    that collected no feedback) still trains them ("sparse" keeps a complete usefulness list for filtered
+    BC's return, and stores [] otherwise)."""
+    return "full" if algo in ("ilql", "dpo") else "sparse"
 
 
 def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path, solver_target: str | None = None) -> None:
@@ -128,17 +138,36 @@ def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path, solver_t
     dataset.map_batches(
         episode_rows, batch_format="pandas", batch_size=256, num_cpus=0.5,
         fn_kwargs={"tokenizer_spec": tokenizer_spec, "source": cfg.source, "max_length": cfg.max_length,
-                   "placement": "sparse" if cfg.algo == "ilql-sparse" else "full",
+                   "placement": placement(cfg.algo),
                    "teacher_model": cfg.teacher_model, "solver_target": solver_target},
     ).write_parquet(str(target))
+
+
+def write_val_episodes(cfg: TrainConfig, tokenizer_spec: str, data_dir: Path) -> str:
+    """``cfg.val_problems``' human sub-questions as episodes in one file (a few hundred problems at most:
+    built on the driver); returns its name relative to ``data_dir``."""
+    import pandas as pd
+
+    from data_store.datasets import load_problems
+
+    problems = [p for p in load_problems(cfg.val_problems) if p.get("reference_subquestions")]
+    if not problems:
+        raise ValueError(f"val_problems {cfg.val_problems!r} has no problem with human sub-questions")
+    table = episode_rows(pd.DataFrame(problems), tokenizer_spec=tokenizer_spec, source="reference",
+                         placement=placement(cfg.algo), max_length=cfg.max_length,
+                         teacher_model=None)
+    (data_dir / "val").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, data_dir / "val" / "episodes.parquet")
+    return "val/episodes.parquet"
 
 
 # ------------------------------------------------------------------- driver: split, select, describe
 
 
-def read_records(data_dir: Path, files: list[str]) -> tuple[list[Record], Counter[str]]:
-    """The small columns of every row (valid episodes) and the exclusion counts."""
-    records, excluded, row = [], Counter(), 0
+def read_records(data_dir: Path, files: list[str], first_row: int = 0) -> tuple[list[Record], Counter[str]]:
+    """The small columns of every row (valid episodes) and the exclusion counts; ``first_row``: the
+    position of the first file's first row in the whole table."""
+    records, excluded, row = [], Counter(), first_row
     for name in files:
         cols = pq.read_table(data_dir / name, columns=_META).to_pydict()
         for i in range(len(cols["sample_key"])):
@@ -197,8 +226,9 @@ def build_settings(cfg: TrainConfig, tokenizer_spec: str, acfg: Any = None) -> d
 
     rule = selection_rule(cfg, algo_config(cfg) if acfg is None else acfg)
     return {"store": cfg.store, "source": cfg.source, "teacher_model": cfg.teacher_model,
-            "tokenizer": tokenizer_spec, "max_length": cfg.max_length, "val_fraction": cfg.val_fraction,
-            "placement": "sparse" if cfg.algo == "ilql-sparse" else "full", "selection": rule}
+            "tokenizer": tokenizer_spec, "max_length": cfg.max_length,
+            "val_fraction": 0.0 if cfg.val_problems else cfg.val_fraction, "val_problems": cfg.val_problems,
+            "placement": placement(cfg.algo), "selection": rule}
 
 
 def training_units(stats: dict[str, Any]) -> int:
@@ -251,7 +281,18 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = N
     write_episodes(cfg, tokenizer_spec, data_dir / "episodes", acfg.target if cfg.algo == "solver-bc" else None)
     files = sorted(f"episodes/{p.name}" for p in (data_dir / "episodes").glob("*.parquet"))
     records, excluded = read_records(data_dir, files)
-    train, val = split_problems(records, cfg.val_fraction)
+    if cfg.val_problems:  # given validation problems, after the training files: rows keep counting on
+        val_file = write_val_episodes(cfg, tokenizer_spec, data_dir)
+        val, _ = read_records(data_dir, [val_file], first_row=sum(pq.read_metadata(data_dir / f).num_rows
+                                                                    for f in files))
+        files.append(val_file)
+        held_out = {r.problem_id for r in val}
+        train = [r for r in sorted(records, key=lambda r: (r.sample_key or "", r.token_hash))
+                 if r.problem_id not in held_out]
+        if len(train) < len(records):
+            excluded["validation_problem"] += len(records) - len(train)
+    else:
+        train, val = split_problems(records, cfg.val_fraction)
     n_split = len(train) + len(val)
     if cfg.algo in ("filtered-bc", "solver-bc"):
         rule = acfg if cfg.algo == "filtered-bc" else FilteredBCConfig(correct_only=acfg.correct_only)

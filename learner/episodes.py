@@ -14,6 +14,8 @@ Every tensor is ``[B, T]``, right-padded:
   first token of an episode is never an action (every episode keeps >= 1 context token);
 - ``rewards`` (float), ``dones`` (float): ``rewards[t]`` / ``dones[t]`` belong to the action at t.
   ``dones`` is 1 on the last action token only.
+- ``subq_mask`` (float): 1 on the tokens of the sub-questions' own text (the actions minus the
+  separators and the end marker): what a fidelity measure such as held-out NLL scores.
 
 Reward placement (DESIGN §1, paper 1):
 - ``"full"``: ``usefulness_i`` on the last token of sub-question i (the token before its separator),
@@ -35,7 +37,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,6 +63,7 @@ class Episode:
     sample_key: str | None = None  # the samples-table key it came from ("reference:<problem_id>" for references)
     problem_id: str | None = None  # the problem it decomposes (filtered BC ranks within it; the val split by it)
     cut_words: int = 0  # problem words cut from the middle of the context to fit max_length (0: none)
+    subq_start_positions: list[int] = field(default_factory=list)  # index of each sub-question's first token
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: str) -> list[int]:
@@ -143,10 +146,13 @@ def build_episode(
         raise ValueError("blank sub-question")
 
     actions: list[int] = []
-    subq_ends: list[int] = []  # relative to the first action token
+    subq_starts: list[int] = []  # relative to the first action token
+    subq_ends: list[int] = []
     for i, piece in enumerate(pieces):
         if i > 0:
             actions += _encode(tokenizer, SUBQ_SEPARATOR)
+        if i < len(subquestions):
+            subq_starts.append(len(actions))
         actions += _encode(tokenizer, piece)
         if i < len(subquestions):
             subq_ends.append(len(actions) - 1)
@@ -174,6 +180,7 @@ def build_episode(
         sample_key=sample_key,
         problem_id=problem_id,
         cut_words=cut_words,
+        subq_start_positions=[n_ctx + start for start in subq_starts],
     )
 
 
@@ -286,7 +293,16 @@ def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
         "action_mask": pad([ep.action_mask for ep in episodes], 0, torch.float32),
         "rewards": pad([ep.rewards for ep in episodes], 0.0, torch.float32),
         "dones": pad([ep.dones for ep in episodes], 0, torch.float32),
+        "subq_mask": pad([subquestion_mask(ep) for ep in episodes], 0, torch.float32),
     }
+
+
+def subquestion_mask(ep: Episode) -> list[int]:
+    """1 on the tokens of the sub-questions' own text: the actions without separators and end marker."""
+    mask = [0] * len(ep.input_ids)
+    for start, end in zip(ep.subq_start_positions, ep.subq_end_positions, strict=True):
+        mask[start:end + 1] = [1] * (end + 1 - start)
+    return mask
 
 
 def episode_return(ep: Episode, kind: str) -> float:

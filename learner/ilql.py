@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from learner.bc import subquestion_nll
 from learner.optim import OptimConfig, adamw_with_schedule, clip_and_step
 
 
@@ -296,13 +297,13 @@ class ILQL:
         was_training = model.training
         model.eval()
         try:
-            _, metrics = self._loss(self._to_device(batch), model, heads)
+            _, metrics = self._loss(self._to_device(batch), model, heads, fidelity=True)
         finally:
             model.train(was_training)
-        return {k.replace("/", "/val_", 1): v for k, v in metrics.items()}
+        return {k if "/val_" in k else k.replace("/", "/val_", 1): v for k, v in metrics.items()}
 
     def _loss(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None,
-              heads: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              heads: nn.Module | None = None, fidelity: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         model = self.model if model is None else model
         heads = self.heads if heads is None else heads
@@ -348,6 +349,8 @@ class ILQL:
                 "charts/advantage_mean": float(_mean(target_q_sa - v_s)),  # what beta scales at decoding
                 "charts/action_tokens": float(actions.numel()),
             }
+            if fidelity:  # validation: the policy's fidelity to the held-out sub-questions
+                metrics.update(subquestion_nll(out.logits, batch))
         return total, metrics
 
     def target_rate(self) -> float:

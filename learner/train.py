@@ -49,6 +49,9 @@ class TrainConfig:
     seed: int = 0  # model / RNG seeding (+ rank) and the data order of every epoch
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
     val_fraction: float = 0.01  # share of the problems held out for validation (paper 1: 1%); 0: none
+    val_problems: str | None = None  # a dataset spec (e.g. "gsm8k:test[:64]"): validate on these problems'
+    #                                    human sub-questions instead of a split of the training data (its
+    #                                    problems never train); val_fraction is then ignored
     val_every: int = 50  # optimizer steps between validations (and at the end); 0: only at the end
     early_stopping_patience: int = 0  # > 0: stop after this many validations without a new best; 0: off
     early_stopping_metric: str = "losses/val_bc"  # the validation metric to minimise for early stopping
@@ -126,8 +129,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_every < 0 or cfg.early_stopping_patience < 0:
         raise ValueError("val_every and early_stopping_patience must be >= 0")
-    if cfg.early_stopping_patience and not cfg.val_fraction:
-        raise ValueError("early stopping needs a validation split: set val_fraction > 0")
+    if cfg.early_stopping_patience and not (cfg.val_fraction or cfg.val_problems):
+        raise ValueError("early stopping needs validation data: set val_fraction > 0 or val_problems")
+    if cfg.val_problems:
+        from data_store.datasets import parse_problem_spec
+
+        if cfg.algo in ("dpo", "solver-bc"):  # one human decomposition per problem: no pairs, no solver replies
+            raise ValueError(f"val_problems validates decomposers on human sub-questions; {cfg.algo} cannot use "
+                             "it: set val_fraction instead")
+
+        parse_problem_spec(cfg.val_problems)  # a bad spec fails before any work
     if not cfg.early_stopping_metric.startswith(("losses/val_", "charts/val_")):
         raise ValueError(f"early_stopping_metric must be a validation metric (losses/val_* or charts/val_*), "
                          f"got {cfg.early_stopping_metric!r}")

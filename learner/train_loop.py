@@ -210,22 +210,24 @@ class WorkerLoop:
         weighted by action tokens; updates the early-stopping record."""
         rows = np.array_split(self.data.val_rows, self.world)[self.rank]
         sums: dict[str, float] = {}
-        mine = 0.0  # this rank's action tokens
+        weights: dict[str, float] = {}  # per metric: the tokens it was averaged over in this rank's batches
         for i in range(0, len(rows), self.cfg.batch_size):
             with self.autocast:
                 metrics = self.algo.evaluate(self._batch(rows[i: i + self.cfg.batch_size]))
-            w = metrics.pop("charts/val_pairs", None)  # DPO's loss is per pair
-            w = metrics.pop("charts/val_action_tokens") if w is None else w
+            pairs = metrics.pop("charts/val_pairs", None)  # DPO's loss is per pair
+            actions = metrics.pop("charts/val_action_tokens") if pairs is None else pairs
+            subqs = metrics.pop("charts/val_subq_tokens", 0.0)
             for k, v in metrics.items():
+                w = subqs if k.endswith("_subq") else actions  # the sub-question NLL is over their tokens only
                 sums[k] = sums.get(k, 0.0) + v * w
-            mine += w
+                weights[k] = weights.get(k, 0.0) + w
         totals: dict[str, float] = {}
-        weight = 0.0
-        for part, part_weight in all_gather((sums, mine)):  # a rank without validation rows sends nothing
-            weight += part_weight
+        weight: dict[str, float] = {}
+        for part, part_weights in all_gather((sums, weights)):  # a rank without validation rows sends nothing
             for k, v in part.items():
                 totals[k] = totals.get(k, 0.0) + v
-        val = {k: v / max(weight, 1e-9) for k, v in totals.items()}
+                weight[k] = weight.get(k, 0.0) + part_weights[k]
+        val = {k: v / max(weight[k], 1e-9) for k, v in totals.items()}
         name = self.cfg.early_stopping_metric
         if name not in val:
             raise ValueError(f"early_stopping_metric {name!r} is not a validation metric; these are: {sorted(val)}")

@@ -160,10 +160,10 @@ def test_collate_pads_right_with_the_contract_dtypes(tok):
     a = build_episode(tok, PROBLEM, SUBQS, usefulness=[0.25, 0.75], correct=1.0)
     b = build_episode(tok, PROBLEM, ["Ab?"], usefulness=[0.5], correct=0.0)
     batch = collate([a, b], pad_id=tok.pad_token_id)
-    assert set(batch) == {"input_ids", "attention_mask", "action_mask", "rewards", "dones"}
+    assert set(batch) == {"input_ids", "attention_mask", "action_mask", "rewards", "dones", "subq_mask"}
     assert all(v.shape == (2, N) for v in batch.values())
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
-    assert all(batch[k].dtype == torch.float32 for k in ("action_mask", "rewards", "dones"))
+    assert all(batch[k].dtype == torch.float32 for k in ("action_mask", "rewards", "dones", "subq_mask"))
     assert batch["input_ids"][1, 38:].tolist() == [tok.pad_token_id] * 3
     assert batch["attention_mask"][1].tolist() == [1] * 38 + [0] * 3
     assert batch["action_mask"][1].tolist() == [0.0] * N_CTX + [1.0] * 9 + [0.0] * 3
@@ -197,3 +197,17 @@ def test_smollm2_tokenizer_has_no_bos_and_exact_boundaries():
     assert tok.decode(ep.input_ids[n_ctx:]) == student_target(SUBQS)
     for end, text in zip(ep.subq_end_positions, ["Ab?", "Ab?\nC?"], strict=True):
         assert tok.decode(ep.input_ids[n_ctx: end + 1]) == text
+
+
+def test_subquestion_mask_covers_exactly_the_subquestion_text():
+    from learner.episodes import build_episode, collate, subquestion_mask
+    from learner.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-random:llama")
+    subqs = ["How many apples?", "How many now?"]
+    ep = build_episode(tok, "Tom has 3 apples.", subqs, usefulness=None, correct=1.0, placement="sparse")
+    mask = subquestion_mask(ep)
+    assert tok.decode([t for t, m in zip(ep.input_ids, mask, strict=True) if m]) == "".join(subqs)
+    assert all(a for a, m in zip(ep.action_mask, mask, strict=True) if m)  # only actions
+    assert sum(mask) < sum(ep.action_mask)  # separators and the end marker are actions but not scored
+    assert collate([ep], tok.pad_token_id)["subq_mask"][0].tolist() == mask

@@ -163,3 +163,33 @@ def test_format_table_for_the_terminal() -> None:
     assert " ? " in lines[2]  # unknown price
     assert lines[0].index("accuracy") == lines[1].index("0.500 [") == lines[5].index("1.000 [")  # aligned
     assert format_table([]).startswith("benchmark")
+
+
+def test_plot_is_readable_when_every_dollar_is_zero() -> None:
+    """The quickstart's case: four self-hosted runs at $0 with the same accuracy. The x axis switches to
+    tokens, never spans negative values, and the runs are told apart (legend, nudged markers)."""
+    from evaluation.report import accuracy_vs_cost_figure
+
+    g = "gsm8k:test[:3]"
+    runs = [summarize([record(i, False, cost=0.0) for i in range(3)], name, "smollm", g, "strict")
+            for name in ("bc", "filtered-bc", "ilql")]
+    runs.append(summarize([record(i, False, cost=0.0, subquestions=None, decompose_tokens_in=0,
+                                  decompose_tokens_out=0) for i in range(3)], "none (CoT)", "smollm", g, "strict"))
+    ax = accuracy_vs_cost_figure(runs).axes[0]
+    assert ax.get_xlim()[0] >= 0
+    assert "tokens per problem" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "bc / smollm", "filtered-bc / smollm", "ilql / smollm", "none (CoT) / smollm"]
+    assert not ax.texts  # no annotations that could overlap
+    # the three decomposers sit at the same (tokens, accuracy): their markers are drawn apart
+    markers = [line for line in ax.lines if line.get_marker() not in (None, "None", "", "_")]
+    screen = {tuple(line.get_transform().transform(line.get_xydata()[0]).round(1)) for line in markers[:3]}
+    assert len(screen) == 3
+
+
+def test_plot_uses_dollars_when_some_run_costs_money() -> None:
+    from evaluation.report import accuracy_vs_cost_figure
+
+    ax = accuracy_vs_cost_figure(_runs()[:4]).axes[0]
+    assert ax.get_xlabel().startswith("$ per 1k problems") and ax.get_xlim()[0] == 0
+    assert any(t.get_text().endswith(r"(\$?)") for t in ax.get_legend().get_texts())  # "$" escaped for mathtext

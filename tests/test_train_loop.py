@@ -287,3 +287,55 @@ def test_gradient_checkpointing_changes_memory_not_results(ray_session, store, t
     assert checkpointed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_weights(plain), _weights(checkpointed),
                                                                strict=True))
+
+
+@pytest.mark.parametrize("algo", ["bc", "ilql"])
+def test_validation_on_given_problems_measures_what_the_quality_benchmark_measures(ray_session, store, tmp_path,
+                                                                                    algo):
+    """``val_problems``: the human sub-questions of held-out benchmark problems validate, and (uncut:
+    max_length fits them; the byte tokenizer makes long episodes) their
+    ``losses/val_nll_subq`` is exactly ``evaluation.fidelity.reference_nll`` of the same model."""
+    from data_store.datasets import load_problems
+    from evaluation.fidelity import reference_nll
+
+    cfg = _cfg(store, tmp_path, algo=algo, val_problems="gsm8k:test[:5]", val_every=2, max_steps=2, max_length=1000,
+               algo_config={"lr": 1e-3})
+    data = _data(cfg)
+    assert len(data.val_rows) == 5 and len(data.train_rows) == 16  # the store's 16 episodes all train
+    loop, reports, _ = _run(cfg, data)
+    (last,) = [m for m in reports if "losses/val_nll_subq" in m]
+    held_out = [(p["question"], p["reference_subquestions"]) for p in load_problems("gsm8k:test[:5]")]
+    expected = reference_nll(loop.model, loop.tokenizer, held_out, "student")
+    assert last["losses/val_nll_subq"] == pytest.approx(expected["nll_per_token"], rel=1e-4)
+    assert last["losses/val_bc"] != pytest.approx(last["losses/val_nll_subq"])  # separators, end marker
+
+
+def test_validation_problems_never_train(ray_session, tmp_path):
+    """A training sample of a validation problem is dropped (and counted), not trained on."""
+    from data_store.datasets import load_problems
+
+    (p,) = load_problems("gsm8k:test[:1]")
+    rows = sample_rows(problems=2)
+    rows[0] = {**rows[0], "problem_id": p["problem_id"], "question": p["question"]}
+    Store(str(tmp_path / "s")).append("samples", rows)
+    cfg = _cfg(str(tmp_path / "s"), tmp_path / "out", val_problems="gsm8k:test[:1]")
+    manifest = prepare_data(cfg, cfg.init, tmp_path / "out")
+    assert manifest["stats"]["excluded"] == {"validation_problem": 1}
+    assert manifest["stats"]["episodes"] == 3 and manifest["stats"]["val_episodes"] == 1
+
+
+def test_samples_without_usefulness_train_bc_and_filtered_bc_but_not_full_ilql(ray_session, tmp_path):
+    """Paper 1's published test split (and a run without feedback) has correctness but no usefulness:
+    BC and filtered BC read no per-sub-question reward, so they keep those samples."""
+    rows = [{**r, "usefulness": None} for r in sample_rows(problems=4)]
+    Store(str(tmp_path / "s")).append("samples", rows)
+    kept = {}
+    for algo in ("bc", "filtered-bc", "ilql-sparse", "ilql"):
+        cfg = _cfg(str(tmp_path / "s"), tmp_path / algo, algo=algo)
+        try:
+            kept[algo] = prepare_data(cfg, cfg.init, tmp_path / algo,
+                                      algo_config(cfg) if algo == "filtered-bc" else None)["stats"]["episodes"]
+        except ValueError as e:
+            assert "no_usefulness" in str(e)
+            kept[algo] = 0
+    assert kept == {"bc": 8, "filtered-bc": 4, "ilql-sparse": 8, "ilql": 0}  # filtered BC: the correct half
