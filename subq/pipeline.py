@@ -114,6 +114,7 @@ class Pipeline:
         """Fail before any work: datasets, model paths, endpoints the remaining work needs."""
         from learner.checkpoint import is_checkpoint, training_disk_estimate
         from learner.models import resolve_model_path
+        from learner.train import final_dtype
 
         cc = self.collect_config()
         if cc is not None:
@@ -137,7 +138,8 @@ class Pipeline:
                     else:
                         model_dir = resolve_model_path(tc.init)  # a wrong path fails now, not after collection
                 if model_dir and not (self.train_dir(algo) / "final").is_dir():
-                    need.append((algo, training_disk_estimate(model_dir, algo)))
+                    per_weight = 1.0 if final_dtype(tc.final_dtype, tc.init).itemsize == 4 else 0.5
+                    need.append((algo, *training_disk_estimate(model_dir, algo, tc.keep_checkpoints, per_weight)))
             self._check_disk(need)
         if "eval" in self.cfg.stages:
             solvers = plan_solvers(self.cfg.eval.solvers, self.cfg.teacher.local_model, self.cfg.teacher.api_key_env)
@@ -149,16 +151,20 @@ class Pipeline:
                     sv = parse_solver(s, None, self.cfg.teacher.api_key_env)
                     check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
 
-    def _check_disk(self, need: list[tuple[str, int]]) -> None:
-        """Checkpoints are GBs: a full disk should stop the run now, not halfway through training."""
+    def _check_disk(self, need: list[tuple[str, int, int]]) -> None:
+        """Checkpoints are GBs: a full disk should stop the run now, not halfway through training. Runs go
+        one after the other: the need is what the earlier ones leave plus the largest peak."""
         if not need:
             return
         path = self.out
         while not path.exists():
             path = path.parent
-        free, total = shutil.disk_usage(path).free, sum(n for _, n in need)
+        left = [0, *[after for _, _, after in need]]
+        free = shutil.disk_usage(path).free
+        total = max(sum(left[:i + 1]) + peak for i, (_, peak, _) in enumerate(need))
         if free < total:
-            parts = ", ".join(f"{algo} {n / 1e9:.1f}" for algo, n in need)
+            parts = ", ".join(f"{algo} {peak / 1e9:.1f} while it runs, {after / 1e9:.1f} after" for algo, peak, after
+                              in need)
             raise ConfigError(f"not enough disk for the training checkpoints under {self.out}: about "
                               f"{total / 1e9:.1f} GB needed ({parts}), {free / 1e9:.1f} GB free; free some "
                               "space or set `out` (--out) to a larger disk")
@@ -265,6 +271,7 @@ class Pipeline:
                 return
             ec = self.eval_config()
             specs = self.decomposer_specs()
+            self._fidelity(ec, specs)
             if self._eval_todo(ec) == 0:
                 res.status, res.note = "skipped", "every answer is stored"
                 return
@@ -275,6 +282,25 @@ class Pipeline:
                                          local_teacher_model=True)
             failed = sum(failures(ec, self._keys(ec)).values())
             res.note = f"{added} answers" + (f", {failed} failed at the API (re-run to retry)" if failed else "")
+
+    def _fidelity(self, ec: EvalConfig, specs: list[str]) -> None:
+        """The held-out NLL of every decomposer with weights here: checkpoints in the student format, a
+        teacher that is the local model (the zero-shot base model) in the teacher's prompt format."""
+        from evaluation.fidelity_report import update_fidelity
+        from learner.checkpoint import is_checkpoint
+
+        if not ec.fidelity_problems:
+            return
+        t = self.cfg.teacher
+        solvers = plan_solvers(self.cfg.eval.solvers, t.local_model, t.api_key_env)
+        scored = []
+        for raw in specs:
+            spec = split_label(raw)[1]
+            if spec.startswith("teacher") and t.local_model and not t.base_url:
+                scored.append((decomposer_label(raw, solvers), t.local_model, "chat"))
+            elif is_checkpoint(spec):
+                scored.append((decomposer_label(raw, solvers), spec, "student"))
+        update_fidelity(ec.out_dir, ec.fidelity_problems, scored, echo=self.echo)
 
     def report(self) -> None:
         from evaluation.report import format_table
