@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from actors.prices import PriceTable
 from actors.teacher import CallResult, TeacherClient, TeacherConfig, api_key_from_env, redact
-from protocol.parse import parse_subquestions
+from protocol.parse import cap_subquestions, parse_subquestions
 from protocol.prompts import SUBQ_END, decompose_messages, parse_student_output, student_prompt
 from protocol.solve_prompts import cot_messages, solve_messages
 
@@ -250,7 +250,7 @@ class DecomposerClient:
             return Decomposition(error=f"api_error: {resp}", latency_s=time.monotonic() - start)
         raw = resp.choices[0].text if resp.choices else ""
         found = parse_student_output(raw)
-        subqs = found[:self.max_subquestions] if self.max_subquestions else found
+        subqs = cap_subquestions(found, self.max_subquestions)  # a student's plan keeps its last step, as served
         tokens_in = int(getattr(resp.usage, "prompt_tokens", 0) or 0)
         tokens_out = int(getattr(resp.usage, "completion_tokens", 0) or 0)
         return Decomposition(subquestions=subqs, raw=raw, error=None if subqs else NO_SUBQUESTIONS,
