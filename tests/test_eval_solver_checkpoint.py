@@ -121,3 +121,33 @@ def test_solver_spec_mistakes_fail_in_one_clear_line(tmp_path, capsys):
         for word in words:
             assert word in err, (args, err)
     assert not (tmp_path / "eval").exists()  # nothing was started or written
+
+
+def test_the_report_of_paper_2s_table_has_every_solver_as_a_column_and_a_legend_entry():
+    """3 decomposers x 3 solvers, the distilled solvers self-hosted ($0 to solve), the API one paid: one
+    row per decomposer, one column per solver, and nine runs told apart on a $ axis."""
+    from evaluation.report import accuracy_vs_cost_figure, markdown, summarize
+
+    def recs(correct: int, dec_cost: float, solve_cost: float) -> list[dict]:
+        return [dict(problem_id=f"p{i}", answer_type="number", subquestions=["q?"] if dec_cost >= 0 else None,
+                     decompose_tokens_in=10, decompose_tokens_out=5, decompose_cost_usd=max(dec_cost, 0.0),
+                     solve_tokens_in=50, solve_tokens_out=20, solve_cost_usd=solve_cost, solver_text="Final answer: 1",
+                     decompose_error=None, solve_error=None, correct=i < correct, score_error=None)
+                for i in range(4)]
+
+    decs = {"none (CoT)": -1.0, "teacher (gpt-3.5-turbo)": 0.001, "bc": 0.0}
+    solvers = {"gpt-3.5-turbo": 0.002, "se-t": 0.0, "se-a": 0.0}
+    runs = [summarize(recs(k % 4, dc, sc), d, s, "gsm8k:test[:4]", "strict")
+            for k, ((d, dc), (s, sc)) in enumerate((x, y) for x in decs.items() for y in solvers.items())]
+    md = markdown(runs)
+    table = [line for line in md.split("## gsm8k:test[:4]\n", 1)[1].splitlines() if line.startswith("| ")]
+    assert table[0] == "| decomposer \\ solver | gpt-3.5-turbo | se-t | se-a |"
+    assert [row.split(" | ")[0].removeprefix("| ") for row in table[1:4]] == list(decs)
+    assert all(row.count(" [") == 3 for row in table[1:4])  # a cell per solver, none missing
+    ax = accuracy_vs_cost_figure(runs).axes[0]
+    assert ax.get_xlabel().startswith("$ per 1k problems")
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [f"{d} / {s}" for d in decs for s in solvers]
+    styles = {(line.get_marker(), line.get_color()) for line in ax.lines
+              if line.get_marker() not in (None, "None", "", "_")}
+    assert len(styles) == 9  # every run has its own marker and colour
