@@ -104,7 +104,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-actors", type=int, default=4)
     p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model behind solver 'local'")
     p.add_argument("--local-port", type=int, default=8011)
-    p.add_argument("--serve-num-gpus", type=float, default=0.0, help="GPUs per served decomposer replica")
+    p.add_argument("--serve-num-gpus", type=float, default=0.0, help="GPUs per replica of a served decomposer or solver checkpoint")
     p.add_argument("--ray-address")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
