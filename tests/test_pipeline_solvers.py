@@ -5,6 +5,7 @@ distilled solvers (served from their checkpoints), and a re-run that serves and 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ from tests.teacher_server import TeacherServer
 
 # ctx / max_length: with a byte tokenizer the solve prompt and its few-shot example are ~1,500 tokens
 TINY = "tiny-random:llama?layers=1&hidden=32&heads=2&ctx=2048&seed=0"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, teacher_url: str) -> Path:
@@ -32,7 +39,8 @@ def _config(tmp_path: Path, teacher_url: str) -> Path:
                                "checkpoint_every": 1, "report_every": 1, "val_fraction": 0.0},
                   "se-t": {**solver, "algo_config": {"target": "teacher"}},
                   "se-a": {**solver, "algo_config": {"target": "gold"}}},
-        "serve": {"max_batch_size": 4, "max_new_tokens": 16, "num_cpus": 0.1},
+        # a port of its own: another Serve on this machine (8011 is the default) must not answer for ours
+        "serve": {"port": _free_port(), "max_batch_size": 4, "max_new_tokens": 16, "num_cpus": 0.1},
         "eval": {"solvers": [f"test-teacher@{teacher_url}"], "baseline": True, "teacher_decomposes": True,
                  "benchmarks": ["gsm8k:test[:2]"], "solve_max_tokens": 8, "batch_size": 2, "max_actors": 1},
     }
