@@ -269,12 +269,16 @@ class DecomposerClient:
 @dataclass
 class SolverSpec:
     base_url: str  # OpenAI-compatible root, e.g. http://127.0.0.1:8000/v1
-    model: str
+    model: str  # the model name sent with every request
     api_key_env: str = "OPENAI_API_KEY"
     label: str | None = None  # the column name in the report; default: the model name
+    served: str | None = None  # a checkpoint / model that subq serves for the run (a distilled solver); None: an API
+    identity: dict[str, Any] | None = None  # what the settings fingerprint calls it; None: {"model": model}
 
     def __post_init__(self) -> None:
         self.label = self.label or self.model
+        if self.identity is None:
+            self.identity = {"model": self.model}
 
 
 async def solve(client: TeacherClient, problem: dict, subquestions: list[str], *, temperature: float,
