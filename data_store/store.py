@@ -41,6 +41,14 @@ class StoreError(RuntimeError):
     """A store problem a user can act on (bad root, corrupt part file, unknown table, locked)."""
 
 
+class _Vanished(Exception):
+    """A part file listed a moment ago is gone: the writer compacted it into a new one. Reads list
+    the files again and retry (a reader never holds the writer's lock)."""
+
+
+_VANISHED_RETRIES = 5
+
+
 @dataclass
 class AppendResult:
     path: str | None  # the part file written, None if every row was already stored
@@ -136,6 +144,8 @@ class Store:
     def _read_part(self, table: str, path: str, columns: list[str] | None = None) -> pa.Table:
         try:
             return pq.read_table(path, filesystem=self.fs, columns=columns, schema=SCHEMAS[table])
+        except FileNotFoundError as e:
+            raise _Vanished(path) from e
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"corrupt part file {path} in table {table!r}: {e}") from e
 
@@ -149,6 +159,21 @@ class Store:
 
     def _refresh(self, table: str) -> _TableIndex:
         """Bring the table's index up to date, reading the key columns of new part files only."""
+        return self._retrying(lambda: self._refresh_once(table))
+
+    def _retrying(self, read: Callable[[], _T]) -> _T:
+        """``read()``, again while a part file it listed was compacted away in the meantime."""
+        for _ in range(_VANISHED_RETRIES - 1):
+            try:
+                return read()
+            except _Vanished:
+                continue
+        try:
+            return read()
+        except _Vanished as e:
+            raise StoreError(f"part file {e} keeps vanishing while it is read (a compaction loop?)") from None
+
+    def _refresh_once(self, table: str) -> _TableIndex:
         files = self.part_files(table)
         with self._mutex:
             idx = self._index.setdefault(table, _TableIndex())
@@ -265,6 +290,9 @@ class Store:
     def read_table(self, table: str, columns: list[str] | None = None, *, history: bool = False) -> pa.Table:
         """The table as one Arrow table: the latest attempt of each key, or every stored row
         with ``history=True`` (driver-side; use :meth:`dataset` for big reads)."""
+        return self._retrying(lambda: self._read_table_once(table, columns, history))
+
+    def _read_table_once(self, table: str, columns: list[str] | None, history: bool) -> pa.Table:
         files, masks = self._snapshot(table, history)
         if not files:
             schema = SCHEMAS[table]
@@ -293,6 +321,9 @@ class Store:
         """Rows of ``table`` whose key is in ``keys`` (their latest attempts unless ``history``),
         reading only the part files that hold them, in parallel."""
         wanted = set(keys)
+        return self._retrying(lambda: self._filter_keys_once(table, wanted, history))
+
+    def _filter_keys_once(self, table: str, wanted: set[str], history: bool) -> pa.Table:
         files, masks = self._snapshot(table, history)
         idx = self._index[table]
         picks: dict[str, list[int]] = {}

@@ -291,3 +291,29 @@ def test_the_lock_works_on_object_stores():
         store.lock("second").acquire()
     with store.lock("third"):  # released
         pass
+
+
+def test_a_read_that_races_a_compaction_lists_the_files_again(tmp_path):
+    """Another process compacts the part files between this reader's listing and its reads (the
+    collect benchmark's poller hit it: FileNotFoundError as 'corrupt part file'): it lists again."""
+    writer = Store(str(tmp_path))
+    for i in range(4):
+        writer.append("samples", [_sample(i)])
+    reader = Store(str(tmp_path))
+    stale = reader.part_files("samples")
+    assert writer.compact("samples") == (4, 1)
+    listings = []
+    real = reader.part_files
+
+    def listing(table: str) -> list[str]:
+        listings.append(table)
+        return stale if len(listings) == 1 else real(table)
+
+    reader.part_files = listing
+    assert sorted(r["sample_key"] for r in reader.read_rows("samples")) == sorted(
+        _sample(i)["sample_key"] for i in range(4))
+    assert len(listings) >= 2
+    reader.part_files = lambda table: stale  # a listing that never catches up: a clear error, not a hang
+    reader.refresh()
+    with pytest.raises(StoreError, match="keeps vanishing"):
+        reader.read_rows("samples")
