@@ -70,6 +70,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from tests.batch_routes import BatchPlan, BatchStats, add_batch_routes
+
 STAGES = ("decompose", "answer", "feedback")
 FAULT_KINDS = ("429", "500", "hang", "malformed", "400", "disconnect", "few_choices", "no_usage", "truncated",
                "slow")
@@ -312,6 +314,8 @@ def create_app(
     account: AccountFaults | None = None,
     api_key: str | None = None,
     quota: int | None = None,
+    batch: BatchPlan | None = None,
+    batch_stats: BatchStats | None = None,
 ) -> FastAPI:
     plan = faults or FaultPlan()
     acct = account or AccountFaults()
@@ -601,6 +605,8 @@ def create_app(
             "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
         })
 
+    app.state.batch_stats = batch_stats or BatchStats()
+    add_batch_routes(app, batch or BatchPlan(), app.state.batch_stats, content_key)  # files + batches
     return app
 
 
@@ -706,16 +712,19 @@ class TeacherServer(ThreadedServer):
         account: AccountFaults | None = None,
         api_key: str | None = None,
         quota: int | None = None,
+        batch: BatchPlan | None = None,
     ) -> None:
         self.model = model
         self.faults = faults or FaultPlan()
         self.account = account or AccountFaults()
         self._stats = _Stats()
         self._bind(create_app(model, latency_s, self.faults, answer_fn, latency_per_token_s,
-                              max_concurrency, self._stats, self.account, api_key=api_key, quota=quota), host, port)
+                              max_concurrency, self._stats, self.account, api_key=api_key, quota=quota,
+                              batch=batch), host, port)
 
     def stats(self) -> dict[str, Any]:
-        return self._stats.snapshot()
+        """Chat counters, and the batch ones (``batch_lines``: custom_id -> times submitted)."""
+        return {**self._stats.snapshot(), **self.app.state.batch_stats.snapshot()}
 
     def start_outage(self, seconds: float, status: int = 503) -> None:
         """Every request gets ``status`` for the next ``seconds`` (503, or 429 without Retry-After)."""
