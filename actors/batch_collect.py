@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import openai
+
 from actors.batch_jobs import TERMINAL, BatchJobs, BatchLimits, items_of, jsonl, split
 from actors.batch_requests import (
     BatchRequest,
@@ -47,6 +49,7 @@ from actors.collect import CollectConfig, CollectReport, plan_keys, stage_report
 from actors.collect_plan import Plan, plan_work
 from actors.stage_worker import STAGE_OUTPUT, ledger_rows
 from actors.stages import StageSettings
+from actors.teacher import error_text
 from data_store.datasets import load_problems
 from data_store.schema import STAGES
 from data_store.store import Store
@@ -259,7 +262,13 @@ class _BatchRun:
                 todo = fits
             for group in split(todo, self.limits) if todo else []:
                 job = self.jobs.register(stage, group, self.settings, self.run_id)
-                job = self.jobs.upload(job, group)
+                try:
+                    job = self.jobs.upload(job, group)
+                except openai.APIStatusError as e:  # refused for good (e.g. no Batch API there): free its keys
+                    self.jobs.abandon(job, error_text(e, [self.jobs.key]))
+                    raise ValueError(f"the teacher at {job['base_url']} refused the batch job: "
+                                     f"{error_text(e, [self.jobs.key])[:300]} (an endpoint without the Batch "
+                                     "API: use --export-requests / --import-results)") from None
                 self.report.submitted.append(_job_view(job))
 
     # ---- offline ---------------------------------------------------------------------------

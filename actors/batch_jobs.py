@@ -76,9 +76,10 @@ class BatchJobs:
     def __init__(self, store: Store, teacher: TeacherConfig | None):
         self.store, self.teacher = store, teacher
         self.client: openai.OpenAI | None = None
+        self.key = ""  # the API key (scrubbed from every stored error)
         if teacher is not None:
-            self._key = api_key_from_env(teacher.api_key_env, teacher.base_url)
-            self.client = openai.OpenAI(base_url=teacher.base_url, api_key=self._key, timeout=teacher.timeout_s,
+            self.key = api_key_from_env(teacher.api_key_env, teacher.base_url)
+            self.client = openai.OpenAI(base_url=teacher.base_url, api_key=self.key, timeout=teacher.timeout_s,
                                         max_retries=teacher.max_attempts - 1)
 
     # ---- reads -----------------------------------------------------------------------------
@@ -160,6 +161,10 @@ class BatchJobs:
     def mark_ingested(self, job: Row) -> Row:
         return self._save(job, ingested=True)
 
+    def abandon(self, job: Row, error: str) -> Row:
+        """A job the endpoint refused before it ran: done with, so its requests are free again."""
+        return self._save(job, status="failed", error=error, ingested=True)
+
     def _api(self, fn: Any, *args: Any, **kw: Any) -> Any:
         """One API call; an account error stops the run (TeacherFatalError, key never shown)."""
         assert self.teacher is not None
@@ -168,7 +173,7 @@ class BatchJobs:
         except openai.APIStatusError as e:
             reason = fatal_reason(e)
             if reason is not None:
-                raise TeacherFatalError(fatal_message(self.teacher, e, reason, self._key)) from None
+                raise TeacherFatalError(fatal_message(self.teacher, e, reason, self.key)) from None
             raise
 
 

@@ -43,6 +43,9 @@ Semantics, in short:
 - ``api_key``: requests without ``Authorization: Bearer <api_key>`` get 401 ``invalid_api_key``.
 - ``quota``: once that many requests were let through, every further request gets 429
   ``insufficient_quota`` (an account that ran dry mid-run); ``set_quota`` sets a fresh allowance.
+- The Batch API (``/v1/files``, ``/v1/batches``): ``tests.batch_routes``; every line is answered by
+  the chat route above, so faults and billing are the same, and ``stats()["batch_lines"]`` counts
+  every line submitted, by custom_id.
 - ``POST /v1/completions`` answers a student-format prompt (``protocol.prompts.student_prompt``) with
   deterministic sub-questions, ``SUBQ_END`` and an invented next problem (cut at ``stop`` strings, which
   are left out as vLLM does); faults 429/500/400/malformed as for chat, counted as stage "student".
@@ -328,6 +331,7 @@ def create_app(
     app.state.account = acct
     app.state.quota = quota  # requests let through; None: unlimited (TeacherServer.set_quota changes it)
     app.state.quota_used = 0
+    app.state.batch_stats = batch_stats or BatchStats()  # the Batch API's counters (tests.batch_routes)
 
     def refused(request: Request) -> Response | None:
         """401 for a wrong key, 429 insufficient_quota for an empty account; None: go on."""
@@ -431,7 +435,7 @@ def create_app(
 
     @app.get("/stats")
     async def get_stats() -> dict[str, Any]:
-        return st.snapshot()
+        return {**st.snapshot(), **app.state.batch_stats.snapshot()}
 
     @app.post("/stats/reset")
     async def reset_stats(attempts: bool = False) -> dict[str, Any]:
@@ -605,7 +609,6 @@ def create_app(
             "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
         })
 
-    app.state.batch_stats = batch_stats or BatchStats()
     add_batch_routes(app, batch or BatchPlan(), app.state.batch_stats, content_key)  # files + batches
     return app
 

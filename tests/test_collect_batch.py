@@ -273,3 +273,48 @@ def test_bad_results_file_is_a_clear_error_and_stores_nothing(tmp_path):
         with pytest.raises(ValueError, match="line 2 is not JSON"):
             run_batch_collect(cfg, BatchConfig(import_results=str(bad)))
     assert Store(str(tmp_path / "store")).count("samples") == 0
+
+
+def test_budget_reserves_worst_cases_at_batch_prices(tmp_path):
+    """A budget that holds 4 decompose requests' worst cases at batch prices (2 at online prices):
+    4 are submitted, 2 wait; a larger budget later submits the rest; spend never passes it."""
+    expensive = PriceTable().with_price(MODEL, 2000.0, 2000.0)
+    with TeacherServer(model=MODEL, batch=BatchPlan()) as srv:
+        cfg = config(srv, tmp_path, prices=expensive)
+        settings = stage_settings(cfg, "r")
+        plan = plan_work(Store(str(tmp_path)), load_problems(PROBLEMS), settings, 2)
+        worst = [r.worst_usd for r in build_requests("decompose", plan.decompose, settings, cfg.teacher,
+                                                     expensive.for_batch())[0]]
+        online_worst = [r.worst_usd for r in build_requests("decompose", plan.decompose, settings, cfg.teacher,
+                                                            expensive)[0]]
+        assert online_worst[0] == pytest.approx(2 * worst[0])
+        budget = sum(worst[:4]) * 1.001
+        assert sum(online_worst[:3]) > budget  # at online prices at most 2 would fit
+        first = run_batch_collect(config(srv, tmp_path, prices=expensive, budget_usd=budget),
+                                  BatchConfig())  # submit only
+        assert [j["requests"] for j in first.submitted] == [4] and first.budget_left_out == 2
+        assert first.stopped == "budget"
+        done = run_batch_collect(config(srv, tmp_path, prices=expensive, budget_usd=1000.0), FAST)
+        stats = srv.stats()
+    assert done.complete and Store(str(tmp_path)).spent_usd() <= 1000.0
+    _lines_submitted_once(stats)
+
+
+def test_an_endpoint_without_the_batch_api_is_a_clear_error_and_frees_the_requests(tmp_path):
+    from fastapi import FastAPI
+
+    from tests.teacher_server import ThreadedServer
+
+    class NoBatchApi(ThreadedServer):
+        def __init__(self) -> None:
+            self._bind(FastAPI())
+
+    with NoBatchApi() as srv:
+        cfg = config(srv, tmp_path)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="refused the batch job.*NotFoundError.*--export-requests"):
+            run_batch_collect(cfg, BatchConfig())
+    jobs = Store(str(tmp_path)).read_rows("batch_jobs")
+    assert len(jobs) == 1 and jobs[0]["status"] == "failed" and jobs[0]["ingested"]
+    cfg.teacher.base_url = "offline"
+    exported = run_batch_collect(cfg, BatchConfig(export_requests=str(tmp_path / "r.jsonl")))
+    assert exported.exported == 6  # the refused job holds no keys
