@@ -213,8 +213,8 @@ class _BatchRun:
     # ---- 2: what is left to do -------------------------------------------------------------
     def _plan(self, retry: bool) -> Plan:
         plan = plan_work(self.store, self.problems, self.settings, self.cfg.samples_per_problem, retry)
-        busy = self.held | {k for r in self.jobs.requests_of({j["job_key"] for j in self.jobs.live()})
-                            for k in r["sample_keys"]}
+        live = self.jobs.requests_of({j["job_key"] for j in self.jobs.live()}, ["sample_keys"])
+        busy = self.held | {k for r in live for k in r["sample_keys"]}
         self.report.retried += plan.retried
         if not busy:
             return plan
@@ -249,7 +249,7 @@ class _BatchRun:
     def _submit(self, requests: dict[str, list[BatchRequest]]) -> None:
         budget = None
         if self.cfg.budget_usd is not None:
-            live = self.jobs.requests_of({j["job_key"] for j in self.jobs.live()})
+            live = self.jobs.requests_of({j["job_key"] for j in self.jobs.live()}, ["worst_usd"])
             reserved = sum(r["worst_usd"] or 0.0 for r in live)  # live jobs may still bill their worst case
             spent = 0.0 if self.cfg.budget_per_run else self.store.spent_usd()
             budget = Budget(self.cfg.budget_usd, spent + reserved)

@@ -90,9 +90,10 @@ class BatchJobs:
         """Jobs whose results are not stored yet."""
         return [j for j in self.jobs() if not j["ingested"]]
 
-    def requests_of(self, job_keys: set[str]) -> list[Row]:
-        """The current submission of every request of these jobs."""
-        return [r for r in self.store.read_rows("batch_requests") if r["job_key"] in job_keys]
+    def requests_of(self, job_keys: set[str], columns: list[str] | None = None) -> list[Row]:
+        """The current submission of every request of these jobs (``columns``: only these, and job_key)."""
+        cols = None if columns is None else list(dict.fromkeys([*columns, "job_key"]))
+        return [r for r in self.store.read_rows("batch_requests", cols) if r["job_key"] in job_keys]
 
     def submissions(self) -> dict[str, int]:
         """custom_id -> its latest submission number."""

@@ -188,11 +188,13 @@ def cmd_collect_batch(args: argparse.Namespace, problems: list[dict], prices) ->
         print(format_batch_report(report, args, cfg))
     if report.failed_jobs:
         return EXIT_FAILED_ROWS
-    return 0 if (report.complete or report.live) and not report.retryable else EXIT_FAILED_ROWS
+    in_progress = report.live or report.exported or args.import_results  # more rounds will follow
+    return 0 if (report.complete or in_progress) and not report.retryable else EXIT_FAILED_ROWS
 
 
 def format_batch_report(report, args: argparse.Namespace, cfg) -> str:
-    lines = [format_collect_report(report, args.store, cfg).replace("collected into", "batch collection into", 1)]
+    text = format_collect_report(report, args.store, cfg).replace("collected into", "batch collection into", 1)
+    lines = [text.replace("; run the same command again to finish", "")]  # the next step is said below
     if report.ingested_jobs or report.unanswered:
         lines.append(f"stored the results of {report.ingested_jobs} ended jobs (priced at batch prices)"
                      + (f"; {report.unanswered} requests they left unanswered go into the next batch"

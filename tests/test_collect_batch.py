@@ -318,3 +318,21 @@ def test_an_endpoint_without_the_batch_api_is_a_clear_error_and_frees_the_reques
     cfg.teacher.base_url = "offline"
     exported = run_batch_collect(cfg, BatchConfig(export_requests=str(tmp_path / "r.jsonl")))
     assert exported.exported == 6  # the refused job holds no keys
+
+
+def test_cli_batch_mode_errors_and_export(tmp_path, capsys):
+    from subq.cli import main
+
+    store, out = tmp_path / "store", tmp_path / "requests.jsonl"
+    base = ["collect", "--problems", PROBLEMS, "--store", str(store), "--samples-per-problem", "2", "--no-progress"]
+    assert main([*base, "--mode", "batch", "--teacher-model", MODEL]) == 2
+    assert "needs --teacher-base-url" in capsys.readouterr().err
+    assert main([*base, "--wait"]) == 2
+    assert "need --mode batch" in capsys.readouterr().err
+    assert main([*base, "--mode", "batch", "--teacher-model", MODEL, "--export-requests", str(out),
+                 "--import-results", str(out)]) == 2
+    assert "one per run" in capsys.readouterr().err
+    assert main([*base, "--mode", "batch", "--teacher-model", MODEL, "--export-requests", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 6 requests" in printed and f"vllm run-batch -i {out} -o results.jsonl" in printed, printed
+    assert len(out.read_text().splitlines()) == 6 and not Store(str(store)).read_rows("batch_jobs")
