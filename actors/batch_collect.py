@@ -49,7 +49,7 @@ from actors.collect import CollectConfig, CollectReport, plan_keys, stage_report
 from actors.collect_plan import Plan, plan_work
 from actors.stage_worker import STAGE_OUTPUT, ledger_rows
 from actors.stages import StageSettings
-from actors.teacher import error_text
+from actors.teacher import error_text, is_transient
 from data_store.datasets import load_problems
 from data_store.schema import STAGES
 from data_store.store import Store
@@ -155,7 +155,7 @@ class _BatchRun:
             if job["batch_id"] is None:  # registered by a run that died before the batch id was stored
                 items = [item for _, item in items_of(self.jobs.requests_of({job["job_key"]})).values()]
                 requests, _ = build_requests(job["stage"], items, self._job_settings(job), teacher, self.prices)
-                self.jobs.upload(job, requests, adopt=True)
+                self._upload(job, requests, adopt=True)
                 continue
             job, api = self.jobs.poll(job)
             if job["status"] in TERMINAL:
@@ -185,18 +185,19 @@ class _BatchRun:
         """Store the rows of the result lines that answer ``items``; returns their custom_ids."""
         teacher = self.cfg.teacher
         assert teacher is not None
-        work, ids = [], []
+        work, ids, seen = [], [], set()
+        secrets = [self.jobs.key, os.environ.get(teacher.api_key_env, "")]
         for line in lines:
             cid = line["custom_id"]
             if never_ran(line):  # expired before it ran: not the request's failure; the next batch sends it
                 continue
-            if cid not in items or cid in ids:
+            if cid not in items or cid in seen:
                 self.report.unmatched += 1
                 continue
             stage, item = items[cid]
-            outcome = line_outcome(line, self.prices, teacher.model, latency_s, [os.environ.get(teacher.api_key_env, "")])
-            work.append((stage, item, outcome))
+            work.append((stage, item, line_outcome(line, self.prices, teacher.model, latency_s, secrets)))
             ids.append(cid)
+            seen.add(cid)
         by_table: dict[str, list[Row]] = {}
         ledger: list[Row] = []
         for cid, (stage, item, _), (rows, calls) in zip(ids, work, read_results(work, settings), strict=True):
@@ -208,7 +209,7 @@ class _BatchRun:
             self.store.append("calls", ledger)
         for table, rows in by_table.items():
             self.store.append(table, rows)
-        return set(ids)
+        return seen
 
     # ---- 2: what is left to do -------------------------------------------------------------
     def _plan(self, retry: bool) -> Plan:
@@ -262,14 +263,18 @@ class _BatchRun:
                 todo = fits
             for group in split(todo, self.limits) if todo else []:
                 job = self.jobs.register(stage, group, self.settings, self.run_id)
-                try:
-                    job = self.jobs.upload(job, group)
-                except openai.APIStatusError as e:  # refused for good (e.g. no Batch API there): free its keys
-                    self.jobs.abandon(job, error_text(e, [self.jobs.key]))
-                    raise ValueError(f"the teacher at {job['base_url']} refused the batch job: "
-                                     f"{error_text(e, [self.jobs.key])[:300]} (an endpoint without the Batch "
-                                     "API: use --export-requests / --import-results)") from None
-                self.report.submitted.append(_job_view(job))
+                self.report.submitted.append(_job_view(self._upload(job, group)))
+
+    def _upload(self, job: Row, requests: list[BatchRequest], adopt: bool = False) -> Row:
+        try:
+            return self.jobs.upload(job, requests, adopt=adopt)
+        except openai.APIStatusError as e:
+            if is_transient(e):  # the batch may exist after all: the next run looks for it (adopt)
+                raise
+            why = error_text(e, [self.jobs.key])  # refused for good (e.g. no Batch API there): free its keys
+            self.jobs.abandon(job, why)
+            raise ValueError(f"the teacher at {job['base_url']} refused the batch job: {why[:300]} (an endpoint "
+                             "without the Batch API: use --export-requests / --import-results)") from None
 
     # ---- offline ---------------------------------------------------------------------------
     def _export(self, path: str, requests: dict[str, list[BatchRequest]]) -> None:
