@@ -35,6 +35,8 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 @dataclass(frozen=True)
 class BatchPlan:
     delay_s: float = 0.0  # a job answers nothing for this long (status "validating")
+    slow_jobs: tuple[int, ...] = ()  # jobs (creation order) that wait slow_s instead
+    slow_s: float = 10.0
     expire: tuple[int, ...] = ()  # jobs (0-based creation order, over the server's life) that expire
     cancel: tuple[int, ...] = ()  # jobs the server cancels part way
     answered_share: float = 0.5  # of an expiring / cancelled job's lines, the share answered first
@@ -165,7 +167,7 @@ def add_batch_routes(app: FastAPI, plan: BatchPlan, stats: BatchStats, content_k
                 "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
 
     async def run(batch: dict[str, Any], lines: list[dict[str, Any]], index: int, auth: str | None) -> None:
-        await asyncio.sleep(plan.delay_s)
+        await asyncio.sleep(plan.slow_s if index in plan.slow_jobs else plan.delay_s)
         if batch["id"] in cancel_asked:
             return finish(batch, [], "cancelled")
         batch.update(status="in_progress", in_progress_at=int(time.time()))

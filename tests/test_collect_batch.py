@@ -154,7 +154,7 @@ def test_kill_9_while_jobs_run_then_resume_submits_no_line_twice(tmp_path):
     says what to run next; `subq store stats` lists the jobs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     store = tmp_path / "store"
-    with TeacherServer(model=MODEL, batch=BatchPlan(delay_s=1.5)) as srv:
+    with TeacherServer(model=MODEL, batch=BatchPlan(delay_s=0.1, slow_jobs=(0,), slow_s=12.0)) as srv:
         proc = subprocess.Popen(_batch_cmd(srv, store, "--wait", "--poll-interval", "0.1"), cwd=ROOT, env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
@@ -166,6 +166,8 @@ def test_kill_9_while_jobs_run_then_resume_submits_no_line_twice(tmp_path):
         assert len(srv.stats()["batches"]) == 1 and srv.stats()["batches"][0]["status"] != "completed"
         first = subprocess.run(_batch_cmd(srv, store), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert first.returncode == 0, first.stderr[-3000:]
+        if "stored the results of" not in first.stdout:  # the job was still running: nothing submitted again
+            assert "submitted" not in first.stdout and len(srv.stats()["batches"]) == 1, first.stdout
         assert "next: run the same command again later" in first.stdout, first.stdout
         stats_out = subprocess.run([sys.executable, "-m", "subq.cli", "store", "stats", "--store", str(store)],
                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout
@@ -178,6 +180,16 @@ def test_kill_9_while_jobs_run_then_resume_submits_no_line_twice(tmp_path):
     _lines_submitted_once(stats)
     assert stats["billed"] == 30  # 6 decompose + 12 answer + 12 feedback calls, each once
     assert all(b["status"] == "completed" for b in stats["batches"]) and len(stats["batches"]) == 3
+
+
+def test_a_rerun_while_jobs_run_polls_them_and_submits_nothing(tmp_path):
+    with TeacherServer(model=MODEL, batch=BatchPlan(delay_s=30.0)) as srv:
+        first = run_batch_collect(config(srv, tmp_path), BatchConfig())
+        again = run_batch_collect(config(srv, tmp_path), BatchConfig())
+        stats = srv.stats()
+    assert [j["requests"] for j in first.submitted] == [6] and not again.submitted
+    assert [j["batch_id"] for j in again.live] == [first.submitted[0]["batch_id"]]
+    assert len(stats["batches"]) == 1 and max(stats["batch_lines"].values()) == 1
 
 
 def test_error_file_lines_are_retried_by_the_next_run(tmp_path):
