@@ -25,6 +25,7 @@ class Admission:
     wait_s: float = 0.0  # sleep this long first
     again: bool = False  # after the sleep, ask again (the breaker is open)
     refused: str | None = None  # REFUSED_*: send nothing
+    ticket: int = 0  # the call's admission number (pool-wide order), handed back to ``settle``
 
 
 @dataclass
@@ -47,7 +48,9 @@ class Governor:
         self.refusals: dict[str, int] = {}
         self.spent_usd = 0.0  # this run's settled spend (worst cases where the cost is unknown)
         self.calls = 0
-        self.successes = 0  # healthy answers: a failure that outlives one is the call's, not an outage
+        self.last_success = 0  # ticket of the latest-admitted healthy answer: a failure that outlives one
+        #                        is the call's, not an outage
+        self.streak_from: int | None = None  # ticket of the first failed call of the current failure streak
         self.last_failure: str | None = None  # what the endpoint last failed with (for the stop message)
 
     def admit(self, est_tokens: int = 0, worst_usd: float = 0.0) -> Admission:
@@ -62,21 +65,31 @@ class Governor:
             return self._refuse(REFUSED_BUDGET)
         self.breaker.claim()
         self.calls += 1
-        return Admission(wait_s=self.limiter.reserve(est_tokens).wait_s if self.limiter else 0.0)
+        return Admission(wait_s=self.limiter.reserve(est_tokens).wait_s if self.limiter else 0.0, ticket=self.calls)
 
-    def settle(self, worst_usd: float, charged_usd: float, healthy: bool, error: str | None = None) -> tuple[bool, int]:
-        """Release the reservation, count the spend and tell the breaker. Returns (the pool is in
-        an outage, successes so far): a caller holds a failure against its own attempts unless
-        the pool is in an outage and no call has succeeded since its first failure."""
+    def settle(self, worst_usd: float, charged_usd: float, healthy: bool, error: str | None = None,
+               ticket: int | None = None) -> tuple[bool, int]:
+        """Release the reservation, count the spend and tell the breaker. Returns (the pool is in an
+        outage, the ticket of the latest-admitted success): a caller holds a failure against its own
+        attempts unless the pool is in an outage and no call admitted after its first failure succeeded.
+
+        A success admitted before the current failure streak began is a straggler (it was answered
+        before the outage, but settled late from another actor): it neither closes the breaker nor
+        counts as a success, or the race would burn rows into errors during an outage."""
         if self.budget is not None:
             self.budget.settle(worst_usd, charged_usd)
         self.spent_usd += charged_usd
+        ticket = self.calls if ticket is None else ticket
         if healthy:
-            self.successes += 1
+            if self.streak_from is not None and ticket < self.streak_from:
+                return self.breaker.state != "closed", self.last_success
+            self.last_success, self.streak_from = max(self.last_success, ticket), None
             self.breaker.success()
-            return False, self.successes
+            return False, self.last_success
         self.last_failure = error
-        return self.breaker.failure(), self.successes
+        if self.streak_from is None:
+            self.streak_from = ticket
+        return self.breaker.failure(), self.last_success
 
     def stop(self, message: str) -> None:
         """A fatal account error: refuse every further call of the run."""
@@ -107,17 +120,17 @@ class GovernorClient:
         return self.g.admit(est_tokens, worst_usd)
 
     async def settle(self, worst_usd: float, charged_usd: float, healthy: bool,
-                     error: str | None = None) -> tuple[bool, int]:
+                     error: str | None = None, ticket: int | None = None) -> tuple[bool, int]:
         if self.remote:
-            return await self.g.settle.remote(worst_usd, charged_usd, healthy, error)
-        return self.g.settle(worst_usd, charged_usd, healthy, error)
+            return await self.g.settle.remote(worst_usd, charged_usd, healthy, error, ticket)
+        return self.g.settle(worst_usd, charged_usd, healthy, error, ticket)
 
-    def settle_nowait(self, worst_usd: float, charged_usd: float) -> None:
+    def settle_nowait(self, worst_usd: float, charged_usd: float, ticket: int | None = None) -> None:
         """A success (or a cancelled call): nothing to wait for (the actor applies calls in order)."""
         if self.remote:
-            self.g.settle.remote(worst_usd, charged_usd, True)
+            self.g.settle.remote(worst_usd, charged_usd, True, None, ticket)
         else:
-            self.g.settle(worst_usd, charged_usd, True)
+            self.g.settle(worst_usd, charged_usd, True, None, ticket)
 
     async def stop(self, message: str) -> None:
         if self.remote:

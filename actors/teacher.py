@@ -261,7 +261,7 @@ class TeacherClient:
         est_tokens = sum(len(m["content"]) for m in messages) // 4 + n * max_tokens  # for tokens/min
         worst = self.prices.worst_case(self.cfg.model, max_prompt_tokens(messages), n * max_tokens) or 0.0
         failures = 0
-        first_failure_at: int | None = None  # the pool's success count at this call's first failure
+        first_failure: int | None = None  # the admission ticket of this call's first failed attempt
         start = time.monotonic()
         async with self._sem:
             while True:
@@ -283,13 +283,13 @@ class TeacherClient:
                     if not response.choices:
                         raise RetryableError("the endpoint returned no choices")
                 except asyncio.CancelledError:  # the caller gave up: the API may still bill it
-                    self.governor.settle_nowait(worst, worst)
+                    self.governor.settle_nowait(worst, worst, admission.ticket)
                     raise
                 except Exception as e:
                     charged = worst if _maybe_billed(e) else 0.0
                     result.charged_usd += charged
-                    outage, successes = await self.governor.settle(worst, charged, not _unhealthy(e),
-                                                                   self._error(e)[:200])
+                    outage, last_success = await self.governor.settle(worst, charged, not _unhealthy(e),
+                                                                      self._error(e)[:200], admission.ticket)
                     reason = fatal_reason(e)
                     if reason is not None:
                         message = self._fatal_message(e, reason)
@@ -300,11 +300,11 @@ class TeacherClient:
                     result.error = self._error(e)
                     if not is_transient(e):
                         break
-                    if first_failure_at is None:
-                        first_failure_at = successes
-                    # a pool-wide outage with no success since this call first failed is not
-                    # the call's fault; a request that fails while others succeed is
-                    failures += 0 if outage and successes == first_failure_at else 1
+                    if first_failure is None:
+                        first_failure = admission.ticket
+                    # a pool-wide outage with no success of a call sent since this one first failed
+                    # is not the call's fault; a request that fails while others succeed is
+                    failures += 0 if outage and last_success < first_failure else 1
                     if failures >= self.cfg.max_attempts:
                         break
                     await asyncio.sleep(self._backoff_s(e, max(failures, 1)))
@@ -312,7 +312,7 @@ class TeacherClient:
                 read_response(response, result, self.prices, self.cfg.model)
                 charged = result.cost_usd if result.cost_usd is not None else worst
                 result.charged_usd += charged
-                self.governor.settle_nowait(worst, charged)
+                self.governor.settle_nowait(worst, charged, admission.ticket)
                 break
         result.latency_s = time.monotonic() - start
         return result

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from actors.prices import PriceTable
 from actors.teacher import CallResult, TeacherClient, TeacherConfig, api_key_from_env, redact
-from protocol.parse import parse_subquestions
+from protocol.parse import cap_subquestions, parse_subquestions
 from protocol.prompts import SUBQ_END, decompose_messages, parse_student_output, student_prompt
 from protocol.solve_prompts import cot_messages, solve_messages
 
@@ -250,7 +250,7 @@ class DecomposerClient:
             return Decomposition(error=f"api_error: {resp}", latency_s=time.monotonic() - start)
         raw = resp.choices[0].text if resp.choices else ""
         found = parse_student_output(raw)
-        subqs = found[:self.max_subquestions] if self.max_subquestions else found
+        subqs = cap_subquestions(found, self.max_subquestions)  # a student's plan keeps its last step, as served
         tokens_in = int(getattr(resp.usage, "prompt_tokens", 0) or 0)
         tokens_out = int(getattr(resp.usage, "completion_tokens", 0) or 0)
         return Decomposition(subquestions=subqs, raw=raw, error=None if subqs else NO_SUBQUESTIONS,
@@ -269,12 +269,16 @@ class DecomposerClient:
 @dataclass
 class SolverSpec:
     base_url: str  # OpenAI-compatible root, e.g. http://127.0.0.1:8000/v1
-    model: str
+    model: str  # the model name sent with every request
     api_key_env: str = "OPENAI_API_KEY"
     label: str | None = None  # the column name in the report; default: the model name
+    served: str | None = None  # a checkpoint / model that subq serves for the run (a distilled solver); None: an API
+    identity: dict[str, Any] | None = None  # what the settings fingerprint calls it; None: {"model": model}
 
     def __post_init__(self) -> None:
         self.label = self.label or self.model
+        if self.identity is None:
+            self.identity = {"model": self.model}
 
 
 async def solve(client: TeacherClient, problem: dict, subquestions: list[str], *, temperature: float,

@@ -221,3 +221,22 @@ def auc(scores: Sequence[float], labels: Sequence[bool]) -> dict[str, Any]:
     var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a)) / (n1 * n2)
     half = 1.959964 * math.sqrt(max(var, 0.0))
     return {"auc": a, "low": max(0.0, a - half), "high": min(1.0, a + half), "positives": n1, "negatives": n2}
+
+
+# --- a decomposer's held-out NLL, for the evaluation report ----------------------------------
+
+
+def held_out_nll(spec: str, fmt: str, problems: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`reference_nll` of ``problems``' human sub-questions under a checkpoint (student format) or a
+    base model spec (``fmt="chat"``: the zero-shot decomposer, prompted as the teacher is), on CPU."""
+    from learner.checkpoint import is_checkpoint, load_checkpoint
+    from learner.models import load_model_and_tokenizer
+
+    if is_checkpoint(spec):
+        loaded = load_checkpoint(spec)
+        model, tok = loaded.model, loaded.tokenizer
+    else:
+        model, tok = load_model_and_tokenizer(spec)
+    with torch.no_grad():
+        return reference_nll(model, tok, [(p["question"], p["reference_subquestions"]) for p in problems
+                                          if p.get("reference_subquestions")], fmt)

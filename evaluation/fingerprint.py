@@ -3,7 +3,8 @@
 A record is keyed by (benchmark, decomposer label, solver label, fingerprint). The fingerprint hashes
 ``run_settings``: the decomposer's identity (kind, model, for a checkpoint a hash of its files' content,
 beta, prompt version) and decoding settings (temperature, max tokens, max sub-questions), and the
-solver's model, temperature, max tokens and prompt version. Left out on purpose: URLs of model
+solver's identity (its model name; for a distilled solver served from a checkpoint, a hash of the
+checkpoint's files), temperature, max tokens and prompt version. Left out on purpose: URLs of model
 endpoints (the same model behind another address answers the same), API keys, timeouts and retry
 counts (they change whether a call fails, not what it returns) and the scorer (records are re-scored
 on every report). A run with other settings therefore writes other files: it never resumes, reuses
@@ -45,8 +46,10 @@ def decomposer_settings(identity: dict[str, Any], *, temperature: float, max_tok
     return out
 
 
-def solver_settings(model: str, *, temperature: float, max_tokens: int) -> dict[str, Any]:
-    return {"model": model, "prompt": SOLVE_PROMPT_VERSION, "temperature": float(temperature),
+def solver_settings(identity: dict[str, Any], *, temperature: float, max_tokens: int) -> dict[str, Any]:
+    """The solver's part: its identity (``{"model": name}`` for an API model; for a checkpoint served
+    for the run, the content hash of its files) plus how it is asked to decode."""
+    return {**identity, "prompt": SOLVE_PROMPT_VERSION, "temperature": float(temperature),
             "max_tokens": int(max_tokens)}
 
 

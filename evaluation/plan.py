@@ -64,7 +64,7 @@ def run_keys(cfg: EvalConfig, decomposer: str, identity: dict[str, Any], solvers
                               max_subquestions=cfg.max_subquestions)
     keys = []
     for sv in solvers:
-        settings = run_settings(dec, solver_settings(sv.model, temperature=cfg.solve_temperature,
+        settings = run_settings(dec, solver_settings(sv.identity, temperature=cfg.solve_temperature,
                                                      max_tokens=cfg.solve_max_tokens))
         keys.append(RunKey(decomposer, sv.label, settings, fingerprint(settings)))
     return keys

@@ -81,6 +81,8 @@ class RunSummary:
     api_failures: int = 0  # records that failed at the API: not final, a re-run retries them
     fingerprint: str | None = None  # evaluation.fingerprint of the settings every record of this run shares
     settings: dict[str, Any] | None = None  # those settings: decomposer identity and decoding, solver model...
+    nll_human: float | None = None  # the decomposer's held-out NLL per token of human sub-questions (fidelity)
+    nll_problems: str | None = None  # ... of these problems (EvalConfig.fidelity_problems)
 
 
 def _total(values: Iterable[Any]) -> float | None:
@@ -99,7 +101,8 @@ def _p50(values: Iterable[Any]) -> float | None:
 
 
 def summarize(records: Sequence[dict[str, Any]], decomposer: str, solver: str, benchmark: str,
-              mode: str, *, fingerprint: str | None = None, settings: dict[str, Any] | None = None) -> RunSummary:
+              mode: str, *, fingerprint: str | None = None, settings: dict[str, Any] | None = None,
+              nll_human: float | None = None, nll_problems: str | None = None) -> RunSummary:
     """One run's summary from its per-problem records (see the module docstring for the contract)."""
     if not records:
         raise ValueError(f"no records for {decomposer} / {solver} on {benchmark}")
@@ -129,6 +132,7 @@ def summarize(records: Sequence[dict[str, Any]], decomposer: str, solver: str, b
         solve_failures=sum(bool(r.get("solve_error")) for r in records),
         similarity=similarity if similarity["n"] else None,
         api_failures=sum(failure(r) is not None for r in records), fingerprint=fingerprint, settings=settings,
+        nll_human=nll_human, nll_problems=nll_problems,
     )
 
 
@@ -161,7 +165,7 @@ def _ordered(values: Iterable[str]) -> list[str]:
 _DETAIL_HEAD = (
     "| decomposer | solver | n | accuracy [95% CI] | F1 | sub-q / problem | decomp tokens in / out "
     "| solve tokens in / out | decomp p50 s | solve p50 s | $/1k decomp | $/1k solve | $/1k total "
-    "| parse fail | decomp fail | solve fail | sub-q − ref | ROUGE-L |"
+    "| parse fail | decomp fail | solve fail | sub-q − ref | ROUGE-L | held-out NLL |"
 )
 
 
@@ -175,7 +179,7 @@ def _detail_row(s: RunSummary) -> str:
         _usd(s.decompose_cost_usd, s.n), _usd(s.solve_cost_usd, s.n),
         "?" if s.cost_per_1k_usd is None else ("0" if s.cost_per_1k_usd == 0 else f"{s.cost_per_1k_usd:.3g}"),
         str(s.parse_failures), str(s.decompose_failures), str(s.solve_failures),
-        _num(sim.get("count_diff"), "+.2f"), _num(sim.get("rougeL"), ".3f"),
+        _num(sim.get("count_diff"), "+.2f"), _num(sim.get("rougeL"), ".3f"), _num(s.nll_human, ".3f"),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -206,19 +210,40 @@ def markdown(summaries: Sequence[RunSummary]) -> str:
             out.append(f"| {_esc(d)} | " + " | ".join(cells) + " |")
         out += ["", "Runs:", "", _DETAIL_HEAD, "|---" * (_DETAIL_HEAD.count("|") - 1) + "|"]
         out += [_detail_row(s) for s in runs]
+        out += _fidelity_lines(runs)
     if not summaries:
         out += ["", "No runs."]
     return "\n".join(out) + "\n"
 
 
+def _fidelity_lines(runs: Sequence[RunSummary]) -> list[str]:
+    """What training changed, in one sentence: held-out NLL of the zero-shot decomposer vs. the students."""
+    nll = {s.decomposer: s.nll_human for s in runs if s.nll_human is not None}
+    zero = [d for d in nll if d.startswith("teacher")]
+    students = {d: v for d, v in nll.items() if not d.startswith("teacher")}
+    if not students:
+        return []
+    where = next(s.nll_problems for s in runs if s.nll_problems)
+    parts = ", ".join(f"{_esc(d)} {v:.3f}" for d, v in students.items())
+    line = f"Held-out NLL of the human sub-questions of {where} (nats/token, lower is more faithful): {parts}"
+    if zero:
+        best = min(students, key=students.get)
+        change = students[best] - nll[zero[0]]
+        line += (f"; the zero-shot base model ({_esc(zero[0])}, prompted as the teacher) {nll[zero[0]]:.3f}: "
+                 f"training {'lowered' if change < 0 else 'did not lower'} it by {abs(change):.3f} at best "
+                 f"({_esc(best)})")
+    return ["", line + "."]
+
+
 def format_table(summaries: Sequence[RunSummary]) -> str:
     """A fixed-width plain-text table of the runs, one line each, for a terminal."""
     head = ("benchmark", "decomposer", "solver", "n", "accuracy [95% CI]", "F1", "sub-q", "$/1k",
-            "fail parse/dec/solve")
+            "fail parse/dec/solve", "ROUGE-L", "held-out NLL")
     rows = [head] + [
         (s.benchmark, s.decomposer, s.solver, str(s.n), _cell(s), _num(s.f1_mean, ".3f"), _num(s.subq_per_problem),
          "?" if s.cost_per_1k_usd is None else f"{s.cost_per_1k_usd:.3g}",
-         f"{s.parse_failures}/{s.decompose_failures}/{s.solve_failures}")
+         f"{s.parse_failures}/{s.decompose_failures}/{s.solve_failures}",
+         _num((s.similarity or {}).get("rougeL"), ".3f"), _num(s.nll_human, ".3f"))
         for s in summaries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

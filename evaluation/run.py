@@ -76,6 +76,8 @@ class EvalConfig:
     max_actors: int = 4
     actor_num_cpus: float = 0.25  # fractional: an actor pool taking every CPU deadlocks Ray Data
     actor_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"collect_node": 0.01}
+    fidelity_problems: str | None = None  # held-out problems with human sub-questions ("gsm8k:test[:32]"): a
+    #                                        held-out NLL column for decomposers with weights (evaluation.fidelity)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ class EvalConfig:
             raise ValueError(f"scorer must be 'strict' or 'paper1', got {self.scorer!r}")
         if self.max_attempts < 1 or self.batch_size < 1:
             raise ValueError("max_attempts and batch_size must be >= 1")
-        for spec in self.benchmarks:
+        for spec in [*self.benchmarks, *([self.fidelity_problems] if self.fidelity_problems else [])]:
             parse_problem_spec(spec)  # a bad spec fails before any work
 
 
@@ -297,6 +299,9 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
 
 def report(cfg: EvalConfig, keys: list[RunKey]) -> list[RunSummary]:
     """Re-score every stored record with ``cfg.scorer`` and write results.json / .md / .png."""
+    from evaluation.fidelity_report import read_fidelity
+
+    nll = read_fidelity(cfg.out_dir) if cfg.fidelity_problems else {}
     summaries = []
     for bench in cfg.benchmarks:
         for key in keys:
@@ -307,6 +312,7 @@ def report(cfg: EvalConfig, keys: list[RunKey]) -> list[RunSummary]:
                 s = score(rec["solver_text"], rec["problem"], cfg.scorer)
                 rec.update(prediction=s.prediction, correct=bool(s.correct), f1=s.f1, score_error=s.error)
             summaries.append(summarize(recs, key.decomposer, key.solver, bench, cfg.scorer,
-                                       fingerprint=key.fingerprint, settings=key.settings))
+                                       fingerprint=key.fingerprint, settings=key.settings,
+                                       nll_human=nll.get(key.decomposer), nll_problems=cfg.fidelity_problems))
     write_report(summaries, cfg.out_dir, config={k: v for k, v in asdict(cfg).items()})
     return summaries

@@ -152,16 +152,22 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (p / META_FILE).is_file() and (p / "config.json").is_file()
 
 
-def training_disk_estimate(model_dir: str | os.PathLike, algo: str) -> int:
-    """Rough bytes one training run leaves on disk, from the size of the initial weights.
+def training_disk_estimate(model_dir: str | os.PathLike, algo: str, keep_checkpoints: bool = False,
+                           final_bytes_per_weight_byte: float = 0.5) -> tuple[int, int]:
+    """Rough bytes of one training run from the size of the initial (fp32) weights W: (at its peak while it
+    runs, left when it completes).
 
-    Ray's resumable checkpoint holds the weights and AdamW's two moments (3x), ``final/`` the weights
-    again; ILQL's Q/V heads add the rest. Measured on SmolLM2-135M (0.52 GB of fp32 weights): BC
-    1.6 + 0.5 GB (4.1x), ILQL 2.4 + 1.0 GB (6.5x).
+    Ray keeps two resumable checkpoints, each the weights and AdamW's two moments (3 W); ILQL's Q/V heads
+    add up to 1.5 W (full rank, SmolLM2-135M). ``final/`` holds the weights in ``final_dtype``
+    (``final_bytes_per_weight_byte``: 0.5 for bf16) and the heads in fp32. Measured on SmolLM2-135M (0.52 GB
+    of fp32 weights) with full-rank heads: a Ray checkpoint 1.6 GB (BC), 2.4 GB (ILQL).
     """
     weights = sum(f.stat().st_size for f in Path(model_dir).iterdir()
                   if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt"))
-    return int(weights * (6.5 if algo.startswith("ilql") else 4.1))
+    heads = 0.5 * weights if algo.startswith("ilql") else 0.0
+    ray_ckpt = 3 * weights + 3 * heads
+    final = final_bytes_per_weight_byte * weights + heads
+    return int(2 * ray_ckpt + final), int(final + (2 * ray_ckpt if keep_checkpoints else 0))
 
 
 def load_checkpoint(

@@ -71,6 +71,7 @@ class EmbeddedModel:
     package: str  # importable name of the wheel's package (found, never imported)
     wheel: str  # pip name, for the error message
     gguf_file: str  # file name inside the package directory
+    dtype: str = "bfloat16"  # the upstream model's published dtype (the GGUF's is a quantisation of it)
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -112,6 +113,19 @@ def model_display_name(spec: str) -> str:
     if _is_local_dir(spec):
         return Path(spec).expanduser().resolve().name
     return spec
+
+
+def native_dtype(spec: str) -> str:
+    """The dtype a model is published in: an embedded model's upstream one, a local directory's config
+    (``dtype`` / ``torch_dtype``); float32 when unknown (tiny random models, hub ids)."""
+    spec = spec.strip()
+    if spec.startswith(EMBEDDED_PREFIX) and spec[len(EMBEDDED_PREFIX):] in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[spec[len(EMBEDDED_PREFIX):]].dtype
+    config = Path(spec) / "config.json"
+    if config.is_file():
+        raw = json.loads(config.read_text())
+        return str(raw.get("dtype") or raw.get("torch_dtype") or "float32").removeprefix("torch.")
+    return "float32"
 
 
 def resolve_model_path(spec: str) -> str:

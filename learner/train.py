@@ -23,7 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ALGOS = ("bc", "filtered-bc", "ilql", "ilql-sparse", "dpo", "solver-bc")
 FROM_BC = ("filtered-bc", "ilql", "ilql-sparse", "dpo")  # start from the BC checkpoint (paper 1; DPO's reference)
@@ -58,6 +61,11 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints (and at the end)
     report_every: int = 10  # optimizer steps between metric reports (each costs Ray Train time)
     max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
+    keep_checkpoints: bool = False  # keep Ray's resumable checkpoints (weights + optimizer state, 3x the
+    #                                  weights each) once the run completes; False: only final/ stays, so a
+    #                                  finished run cannot be extended in place (train on with --init OUT)
+    final_dtype: str = "auto"  # final/'s weights: "auto" = the initial model's own dtype (SmolLM2: bfloat16,
+    #                             half the disk), or float32 / bfloat16 / float16; training itself is fp32
     lora_r: int = 0  # > 0: train LoRA adapters of this rank instead of the full model
     wandb_project: str | None = None  # log to wandb (offline unless WANDB_MODE says otherwise)
     algo_config: dict[str, Any] = field(default_factory=dict)  # overrides of BCConfig / ILQLConfig / DPOConfig / ...
@@ -125,6 +133,8 @@ def check_config(cfg: TrainConfig) -> None:
                  "report_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.final_dtype not in FINAL_DTYPES:
+        raise ValueError(f"final_dtype must be one of {', '.join(FINAL_DTYPES)}, got {cfg.final_dtype!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_every < 0 or cfg.early_stopping_patience < 0:
@@ -203,6 +213,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     check_config(cfg)
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if (done := finished_run(cfg, out)) is not None:
+        return done
     init = cfg.init
     if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")  # a previous `subq train --out DIR` was given as --init
@@ -239,9 +251,75 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if target.exists():
         shutil.rmtree(target)
     # final/ is for loading and serving; the optimizer state stays with Ray's checkpoints (for resume)
-    shutil.copytree(final, target, ignore=shutil.ignore_patterns(STATE_FILE))
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+    cast_weights(tmp, final_dtype(cfg.final_dtype, init))
+    os.rename(tmp, target)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    (target / SUMMARY_FILE).write_text(json.dumps({"planned_steps": planned, "metrics": metrics}))
+    if not cfg.keep_checkpoints:  # the run is complete: its resumable state (GBs of AdamW moments) goes
+        shutil.rmtree(out / "ray", ignore_errors=True)
+    return _summary(target, stats, planned, metrics)
+
+
+SUMMARY_FILE = "train_summary.json"  # in final/: what run_train returned, for a re-run that finds it done
+
+
+def _summary(target: Path, stats: dict[str, Any], planned: int, metrics: dict[str, float]) -> dict[str, Any]:
     meta = json.loads((target / "subq_checkpoint.json").read_text())
-    return {"out": str(out), "final": str(target), "step": meta["step"], "episodes": stats["episodes"],
+    return {"out": str(target.parent), "final": str(target), "step": meta["step"], "episodes": stats["episodes"],
             "val_episodes": stats["val_episodes"], "excluded": stats["excluded"], "data": stats,
-            "planned_steps": planned, "early_stopping": meta["extra"].get("early_stopping"),
-            "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}}
+            "planned_steps": planned, "early_stopping": meta["extra"].get("early_stopping"), "metrics": metrics}
+
+
+def finished_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """The summary of a run that already completed in ``out`` with these settings (None: train). A run
+    whose resumable state was removed (``keep_checkpoints`` off) cannot continue: changed settings are an
+    error that says how to train on, not a silent restart from the initial model."""
+    from learner.checkpoint import strip_secrets
+    from learner.data import DATA_DIR, MANIFEST, has_checkpoint
+
+    target = out / "final"
+    if has_checkpoint(out) or not (target / SUMMARY_FILE).is_file():
+        return None  # nothing finished, or Ray's checkpoints are there to resume (or extend) from
+    saved = json.loads((out / "train_config.json").read_text())
+    now = strip_secrets({**asdict(cfg), "init": saved.get("init"), "out": str(out)})
+    changed = sorted(k for k in now if k not in ("progress", "keep_checkpoints", "final_dtype")
+                     and json.dumps(now[k], default=str) != json.dumps(saved.get(k), default=str))
+    if changed:
+        raise ValueError(f"{out} holds a finished run whose resumable checkpoints were removed (keep_checkpoints "
+                         f"is off) and these settings changed: {changed}. Train on from it with --init {target} "
+                         f"and a new --out, or delete {out} to start over")
+    summary = json.loads((target / SUMMARY_FILE).read_text())
+    stats = json.loads((out / DATA_DIR / MANIFEST).read_text())["stats"]
+    return _summary(target, stats, summary["planned_steps"], summary["metrics"])
+
+
+FINAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def final_dtype(name: str, init: str) -> torch.dtype:
+    """``final_dtype`` as a torch dtype; "auto": the initial model's published one."""
+    import torch
+
+    from learner.models import native_dtype
+
+    name = native_dtype(init) if name == "auto" else name
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def cast_weights(ckpt: Path, dtype: torch.dtype) -> None:
+    """The model's floating-point weights in ``dtype`` (its config says so); ILQL heads stay float32."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if dtype == torch.float32:
+        return
+    for f in ckpt.glob("model*.safetensors"):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(f)).items()}
+        save_file(state, str(f), metadata={"format": "pt"})
+    config = json.loads((ckpt / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (ckpt / "config.json").write_text(json.dumps(config, indent=2))

@@ -263,7 +263,7 @@ class Decomposer:
         room = self.decoder.context - len(prompt)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context holds "
-                                f"{self.decoder.context}", code="context_length_exceeded")
+                                f"{self.decoder.context}: no room to generate", code="context_length_exceeded")
         params = req.sampling(min(req.max_tokens or self.max_new_tokens, room), beta)
         if self.decoder.student:  # the learner's targets end with the marker: a row stops as soon as it writes it
             params = replace(params, stop=(SUBQ_END, *params.stop))

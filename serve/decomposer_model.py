@@ -98,21 +98,16 @@ def checkpoint_beta(meta: dict[str, Any] | None) -> float:
 
 
 def heads_from_state(state: dict[str, torch.Tensor], model: PreTrainedModel) -> ILQLHeads | None:
-    """Rebuild ``ILQLHeads`` from its saved state dict (shapes say two_q and hidden_mult); None when the
-    state is not ILQL heads. On the model's device and dtype, in eval mode."""
-    if "q1_head.weight" in state and "v_head.weight" in state:  # hidden_mult 0: single Linear heads
-        hidden, mult, vocab = state["v_head.weight"].shape[1], 0, state["q1_head.weight"].shape[0]
-    elif "v_head.0.weight" in state and "q1_head.2.weight" in state:
-        width, hidden = state["v_head.0.weight"].shape
-        mult, vocab = width // hidden, state["q1_head.2.weight"].shape[0]
-    else:
+    """Rebuild ``ILQLHeads`` from its saved state dict (``ILQLHeads.from_state_dict``: the shapes give
+    two_q, hidden_mult and a low-rank Q); None when the state is not ILQL heads. On the model's device
+    and dtype, in eval mode."""
+    if not any(k.startswith("v_head.") for k in state) or not any(k.startswith("q1_head.") for k in state):
         return None
+    heads = ILQLHeads.from_state_dict(state)  # strict: a missing or extra tensor means a broken checkpoint
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if (hidden, vocab) != (config.hidden_size, config.vocab_size):
-        raise ValueError(f"the checkpoint's ILQL heads are for hidden size {hidden} and vocabulary {vocab}, "
-                         f"the model has {config.hidden_size} and {config.vocab_size}")
-    heads = ILQLHeads(hidden, vocab, two_q=any(k.startswith("q2_head.") for k in state), hidden_mult=mult)
-    heads.load_state_dict(state)  # strict: a missing or extra tensor means a broken checkpoint
+    if (heads.hidden_size, heads.vocab_size) != (config.hidden_size, config.vocab_size):
+        raise ValueError(f"the checkpoint's ILQL heads are for hidden size {heads.hidden_size} and vocabulary "
+                         f"{heads.vocab_size}, the model has {config.hidden_size} and {config.vocab_size}")
     param = next(model.parameters())
     return heads.to(device=param.device, dtype=param.dtype).eval()
 

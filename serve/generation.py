@@ -205,7 +205,7 @@ class BatchDecoder:
             return False
         if self.context is not None and len(request.prompt) >= self.context:
             self._fail(request, f"the prompt has {len(request.prompt)} tokens; the model's context holds "
-                                f"{self.context}", status=400)
+                                f"{self.context}: no room to generate", status=400)
             return False
         return True
 

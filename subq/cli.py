@@ -129,6 +129,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--early-stopping-patience", type=int, default=TrainConfig.early_stopping_patience,
                    help="stop after this many validations without a new best (0: off)")
     p.add_argument("--early-stopping-metric", default=TrainConfig.early_stopping_metric)
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep Ray's resumable checkpoints (with the optimizer state) after the run completes")
+    p.add_argument("--final-dtype", default=TrainConfig.final_dtype, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="final/'s weights (auto: the initial model's published dtype)")
     p.add_argument("--wandb-project")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="algorithm setting, e.g. --set lr=1e-5 --set fraction=0.3 --set beta=2 (JSON values)")
@@ -165,6 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, epochs=args.epochs, max_length=args.max_length, seed=args.seed,
         checkpoint_every=args.checkpoint_every, report_every=args.report_every, lora_r=args.lora_r,
         gradient_checkpointing=args.gradient_checkpointing, val_fraction=args.val_fraction,
+        keep_checkpoints=args.keep_checkpoints, final_dtype=args.final_dtype,
         val_every=args.val_every, early_stopping_patience=args.early_stopping_patience,
         early_stopping_metric=args.early_stopping_metric,
         wandb_project=args.wandb_project, algo_config=algo_config,

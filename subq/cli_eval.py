@@ -79,8 +79,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="none | teacher[:MODEL] | URL of a running decomposer | openai:MODEL@BASE_URL (a student "
                         "behind vLLM or any OpenAI-compatible server, prompted in its training format) | "
                         "checkpoint/model to serve; NAME=SPEC sets the row label; repeat for several")
-    p.add_argument("--solver", action="append", default=[], metavar="MODEL@BASE_URL",
-                   help="an OpenAI-compatible solver, or 'local' (the embedded model on our own server); repeat")
+    p.add_argument("--solver", action="append", default=[], metavar="SPEC",
+                   help="MODEL@BASE_URL (an OpenAI-compatible solver) | local (the embedded model on our own "
+                        "server) | a checkpoint/model dir to serve for the run, e.g. a distilled solver from "
+                        "`subq train --algo solver-bc`; NAME=SPEC sets the column label; repeat for several")
     p.add_argument("--benchmark", action="append", default=[], metavar="SPEC",
                    help="e.g. gsm8k:test[:100], svamp, aqua, strategyqa:dev, bamboogle; repeat")
     p.add_argument("--out", default="runs/eval", help="records/, results.json, results.md, accuracy_vs_cost.png")
@@ -102,7 +104,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-actors", type=int, default=4)
     p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model behind solver 'local'")
     p.add_argument("--local-port", type=int, default=8011)
-    p.add_argument("--serve-num-gpus", type=float, default=0.0, help="GPUs per served decomposer replica")
+    p.add_argument("--serve-num-gpus", type=float, default=0.0, help="GPUs per replica of a served decomposer or solver checkpoint")
     p.add_argument("--ray-address")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -117,10 +119,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from subq.cli import UserError
     from subq.eval_setup import (
         ServeOptions,
+        check_solver_spec,
         decomposer_label,
         evaluate_decomposers,
+        hash_cache_file,
         parse_openai_decomposer,
-        parse_solver,
         plan_run_keys,
         plan_solvers,
         split_label,
@@ -137,14 +140,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          timeout_s=args.timeout, retry_failed=not args.no_retry_failed,
                          batch_size=args.batch_size, max_actors=args.max_actors, progress=not args.no_progress)
         for s in solvers_raw:
-            if split_label(s)[1] != "local":
-                parse_solver(s, None, args.api_key_env)  # malformed specs fail before Ray starts
+            check_solver_spec(s)  # malformed specs and missing checkpoints fail before Ray starts
         for d in decomposers:
             if split_label(d)[1].startswith("openai:"):
                 parse_openai_decomposer(split_label(d)[1])
         prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
         # Labels and settings fingerprints (so what is already stored) are known before any server starts.
-        planned = plan_solvers(solvers_raw, args.local_model, args.api_key_env)
+        planned = plan_solvers(solvers_raw, args.local_model, args.api_key_env, hash_cache_file(cfg))
         check_labels([decomposer_label(d, planned) for d in decomposers], [sv.label for sv in planned])
         keys = [k for _, ks in plan_run_keys(cfg, decomposers, planned, serve_opts) for k in ks]
     except ValueError as e:

@@ -9,6 +9,7 @@ key, before any work starts. ``--set section.key=value`` overrides any value (YA
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,9 +52,12 @@ class ImportSection:
 
 @dataclass
 class TrainSection:
-    algos: list[str] = field(default_factory=lambda: ["bc", "filtered-bc", "ilql"])  # run in this order
-    defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every algorithm
-    per_algo: dict[str, dict[str, Any]] = field(default_factory=dict)  # {algo: TrainConfig fields}
+    # Training runs, in this order. A run named after an algorithm runs it; any other name is a named
+    # run whose section says which (`se-a: {algo: solver-bc, ...}`): two runs of one algorithm with
+    # other settings. Each run writes <out>/train/<name>/.
+    algos: list[str] = field(default_factory=lambda: ["bc", "filtered-bc", "ilql"])
+    defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run
+    per_algo: dict[str, dict[str, Any]] = field(default_factory=dict)  # {run name: TrainConfig fields (+ algo)}
 
 
 @dataclass
@@ -72,6 +76,7 @@ class EvalSection:
     solvers: list[str] = field(default_factory=lambda: ["local"])  # MODEL@BASE_URL or local
     baseline: bool = True  # the single-stage (CoT) solver alone
     teacher_decomposes: bool = False  # also the teacher's own decompositions (paper 1's last column)
+    trained_solvers: bool = True  # also every solver trained in this run (solver-bc), as columns after `solvers`
     settings: dict[str, Any] = field(default_factory=dict)  # EvalConfig fields (benchmarks, scorer, ...)
 
 
@@ -215,19 +220,44 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> tuple[P
     return cfg, raw
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+def run_algo(section: TrainSection, name: str) -> str:
+    """The algorithm a training run runs: its section's ``algo``, else its name."""
+    return str((section.per_algo.get(name) or {}).get("algo", name))
+
+
 def _train_section(raw: dict[str, Any], where: str) -> TrainSection:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping")
     algos = _check_type(raw.get("algos", TrainSection().algos), list[str], f"{where}.algos")
-    for a in algos:
-        if a not in ALGOS:
-            raise ConfigError(f"{where}.algos: unknown algorithm {a!r}; choose from {list(ALGOS)}")
-    per_algo = {a: raw[a] for a in ALGOS if a in raw}
-    unknown = set(raw) - {"algos", "defaults", *ALGOS}
+    if len(set(algos)) != len(algos):
+        raise ConfigError(f"{where}.algos: run names must be distinct (each writes train/<name>/): {algos}")
+    per_algo = {k: v for k, v in raw.items() if k not in ("algos", "defaults")}
+    for name, values in per_algo.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}.{name}: expected a mapping, got {type(values).__name__} {values!r}")
+    # a section with `algo:` defines a named run, also while it is left out of algos
+    unknown = {k for k, v in per_algo.items() if k not in ALGOS and k not in algos and "algo" not in v}
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: algos, defaults, {', '.join(ALGOS)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: algos, defaults, {', '.join(ALGOS)} "
+                          "and named runs (a section with `algo:`)")
+    for name in algos:
+        algo = (per_algo.get(name) or {}).get("algo")
+        if name in ALGOS:
+            if algo not in (None, name):
+                raise ConfigError(f"{where}.{name}.algo: a run named after an algorithm runs it ({name!r}, not "
+                                  f"{algo!r}); give the run another name")
+        elif not _RUN_NAME.match(name):
+            raise ConfigError(f"{where}.algos: run name {name!r} must be letters, digits, '.', '_' or '-'")
+        elif algo is None:
+            raise ConfigError(f"{where}.algos: {name!r} is not an algorithm ({', '.join(ALGOS)}); a named run "
+                              f"needs a section saying which, e.g. {name}: {{algo: solver-bc}}")
+        elif algo not in ALGOS:
+            raise ConfigError(f"{where}.{name}.algo: unknown algorithm {algo!r}; choose from {list(ALGOS)}")
     section = TrainSection(algos=algos, defaults=raw.get("defaults") or {}, per_algo=per_algo)
-    for a in algos:  # every algorithm's merged settings must build a valid TrainConfig now
+    for a in algos:  # every run's merged settings must build a valid TrainConfig now
         try:
             check_train_config(train_config(section, a, "/tmp/x", "/tmp/x", where))
         except ConfigError:
@@ -247,14 +277,15 @@ def _eval_section(raw: dict[str, Any], where: str) -> EvalSection:
     return section
 
 
-def train_config(section: TrainSection, algo: str, store: str, out: str, where: str = "train",
+def train_config(section: TrainSection, name: str, store: str, out: str, where: str = "train",
                  init: str | None = None) -> TrainConfig:
-    """TrainConfig for one algorithm: defaults, then the algorithm's own keys, then the wiring."""
-    values = {**section.defaults, **(section.per_algo.get(algo) or {})}
-    if init is not None and "init" not in (section.per_algo.get(algo) or {}):
+    """TrainConfig for one run: defaults, then the run's own keys, then the wiring."""
+    own = {k: v for k, v in (section.per_algo.get(name) or {}).items() if k != "algo"}
+    values = {**section.defaults, **own}
+    if init is not None and "init" not in own:
         values["init"] = init
-    cfg = build(TrainConfig, values, f"{where}.{algo}", exclude=_WIRED["train"])
-    return dataclasses.replace(cfg, algo=algo, store=store, out=out)
+    cfg = build(TrainConfig, values, f"{where}.{name}", exclude=_WIRED["train"])
+    return dataclasses.replace(cfg, algo=run_algo(section, name), store=store, out=out)
 
 
 def validate(cfg: PipelineConfig, where: str) -> None:

@@ -6,11 +6,14 @@ running subq decomposer, ``openai:MODEL@BASE_URL`` (a student checkpoint behind 
 server, e.g. ``vllm serve runs/x/final``, prompted in its training format over ``/v1/completions``), or
 anything ``serve/decomposer.py`` can load (a checkpoint dir, a HF dir, ``embedded:...``), which is
 served on Ray Serve for the duration of the block. ``NAME=SPEC`` sets the row label. Solver specs:
-``MODEL@BASE_URL``, or ``local`` for the embedded model on our own server.
+``MODEL@BASE_URL``, ``local`` for the embedded model on our own server, or a checkpoint / model
+directory (``embedded:...`` and ``tiny-random:...`` too), e.g. a distilled solver from ``subq train
+--algo solver-bc``: it is served by our OpenAI-compatible LLM server (``serve/llm_server.py``) while
+its column is evaluated, and gets the evaluation's normal solve prompts. ``NAME=SPEC`` sets the column.
 
-Every decomposer has an *identity* before anything is served (``decomposer_identity``): for a served
-directory it holds a content hash of its files, so records made with another checkpoint, beta or
-length limit never mix with these (``evaluation.fingerprint``).
+Every decomposer and solver has an *identity* before anything is served (``decomposer_identity``,
+``plan_solvers``): for a served directory it holds a content hash of its files, so records made with
+another checkpoint, beta or length limit never mix with these (``evaluation.fingerprint``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from evaluation.run import EvalConfig
 
 _LABEL = re.compile(r"^(?P<label>[\w.+-]+)=(?P<spec>.+)$")
+PLACEHOLDER_URL = "http://127.0.0.1/v1"  # a server of ours that is not running yet
 
 
 @dataclass
@@ -73,18 +77,59 @@ def parse_openai_decomposer(spec: str) -> tuple[str, str]:
                          "openai:runs/x/final@http://127.0.0.1:8000/v1")
 
 
-def parse_solver(spec: str, local: tuple[str, str] | None, api_key_env: str) -> SolverSpec:
-    """``MODEL@BASE_URL`` or ``local`` (needs ``local`` = (base_url, model) of our own server)."""
+SOLVER_FORMS = ("MODEL@BASE_URL (e.g. gpt-4o-mini@https://api.openai.com/v1), 'local', or a checkpoint / model "
+                "directory to serve (e.g. se=runs/se/final)")
+
+
+def _is_api_solver(body: str) -> bool:
+    return "@" in body and body.rpartition("@")[2].startswith(("http://", "https://"))
+
+
+def _model_identity(spec: str, hash_cache: Path | None) -> str:
+    """A served model as the fingerprint knows it: its files' content hash (a directory), else its spec."""
+    from evaluation.fingerprint import content_hash
+
+    path = Path(spec).expanduser()
+    return f"sha256:{content_hash(path, hash_cache)}" if path.is_dir() else spec
+
+
+def parse_solver(spec: str, local: tuple[str, str] | None, api_key_env: str,
+                 hash_cache: Path | None = None) -> SolverSpec:
+    """``MODEL@BASE_URL``, ``local`` (needs ``local`` = (base_url, model) of our own server), or anything
+    else: a checkpoint / model to serve, whose base_url is a placeholder until it runs
+    (``check_solver_spec`` says whether it exists; ``served_solver`` serves it)."""
     label, body = split_label(spec)
     if body == "local":
         if local is None:
             raise ValueError("solver 'local' needs the local server")
         return SolverSpec(base_url=local[0], model=local[1], api_key_env=api_key_env, label=label)
-    if "@" not in body:
-        raise ValueError(f"solver spec {spec!r}: expected MODEL@BASE_URL (e.g. gpt-4o-mini@https://api.openai.com/v1)"
-                         " or 'local'")
+    if not _is_api_solver(body):
+        label = label or default_label(body)
+        return SolverSpec(base_url=PLACEHOLDER_URL, model=f"served-{label}", api_key_env=api_key_env, label=label,
+                          served=body, identity={"kind": "served", "model": _model_identity(body, hash_cache)})
     model, url = _model_at_url(body, "solver spec", "gpt-4o-mini@https://api.openai.com/v1")
     return SolverSpec(base_url=url, model=model, api_key_env=api_key_env, label=label)
+
+
+def check_solver_spec(spec: str) -> None:
+    """A solver spec that can work, checked without network: a served one must exist now."""
+    _, body = split_label(spec)
+    if body == "local" or _is_api_solver(body):
+        parse_solver(spec, ("http://127.0.0.1/v1", "local"), "")
+        return
+    if "@" in body and not Path(body).expanduser().is_dir():
+        _model_at_url(body, "solver spec", "gpt-4o-mini@https://api.openai.com/v1")  # a URL without http(s)://
+    if not (body.startswith(("embedded:", "tiny-random:")) or Path(body).expanduser().is_dir()):
+        raise ValueError(f"solver spec {spec!r}: expected {SOLVER_FORMS}; {body!r} is not a directory")
+
+
+def _api_solver(solvers: list[SolverSpec]) -> SolverSpec:
+    """The solver whose endpoint a ``teacher`` decomposer uses by default: the first one not served by us."""
+    for sv in solvers:
+        if sv.served is None:
+            return sv
+    raise ValueError("a 'teacher' decomposer uses the first API solver's endpoint, and every solver here is a "
+                     "served checkpoint: add an API solver (MODEL@BASE_URL or 'local')")
 
 
 def decomposer_label(raw: str, solvers: list[SolverSpec]) -> str:
@@ -95,7 +140,7 @@ def decomposer_label(raw: str, solvers: list[SolverSpec]) -> str:
     if spec == "none":
         return "none (CoT)"
     if spec == "teacher" or spec.startswith("teacher:"):
-        return f"teacher ({spec.split(':', 1)[1] if ':' in spec else solvers[0].model})"
+        return f"teacher ({spec.split(':', 1)[1] if ':' in spec else _api_solver(solvers).model})"
     if spec.startswith(("http://", "https://")):
         return spec.rstrip("/")
     if spec.startswith("openai:"):
@@ -103,13 +148,14 @@ def decomposer_label(raw: str, solvers: list[SolverSpec]) -> str:
     return default_label(spec)
 
 
-def plan_solvers(specs: list[str], local_model: str, api_key_env: str) -> list[SolverSpec]:
-    """Solver specs parsed before any server runs: right labels and models, with a placeholder URL
-    for ``local`` (its server starts only when work remains)."""
+def plan_solvers(specs: list[str], local_model: str, api_key_env: str,
+                 hash_cache: Path | None = None) -> list[SolverSpec]:
+    """Solver specs parsed before any server runs: right labels, models and identities, with a
+    placeholder URL for ``local`` and served checkpoints (their servers start only when work remains)."""
     from learner.models import model_display_name
 
-    placeholder = ("http://127.0.0.1/v1", model_display_name(local_model))
-    return [parse_solver(s, placeholder, api_key_env) for s in specs]
+    placeholder = (PLACEHOLDER_URL, model_display_name(local_model))
+    return [parse_solver(s, placeholder, api_key_env, hash_cache) for s in specs]
 
 
 def _needs_serving(spec: str) -> bool:
@@ -124,7 +170,7 @@ def _client_spec(raw: str, solvers: list[SolverSpec], serve_opts: ServeOptions, 
     if spec == "none":
         return DecomposerSpec("none", label)
     if spec == "teacher" or spec.startswith("teacher:"):
-        first = solvers[0]
+        first = _api_solver(solvers)
         model = spec.split(":", 1)[1] if ":" in spec else first.model
         base_url, key_env = teacher_endpoint or (first.base_url, first.api_key_env)
         teacher = TeacherConfig(base_url=base_url, model=model, api_key_env=key_env, timeout_s=timeout_s)
@@ -137,11 +183,8 @@ def _client_spec(raw: str, solvers: list[SolverSpec], serve_opts: ServeOptions, 
 
 def _served_identity(spec: str, opts: ServeOptions, hash_cache: Path | None) -> dict[str, Any]:
     """A served model: its files' content (a directory) or its registry name, and how it is served."""
-    from evaluation.fingerprint import content_hash
-
-    path = Path(spec).expanduser()
-    model = f"sha256:{content_hash(path, hash_cache)}" if path.is_dir() else spec
-    return {"kind": "served", "model": model, "beta": opts.beta, "max_new_tokens": opts.max_new_tokens}
+    return {"kind": "served", "model": _model_identity(spec, hash_cache), "beta": opts.beta,
+            "max_new_tokens": opts.max_new_tokens}
 
 
 def decomposer_identity(raw: str, solvers: list[SolverSpec], serve_opts: ServeOptions,
@@ -211,6 +254,35 @@ def _served(spec: str, index: int, opts: ServeOptions) -> Iterator[str]:
         stop_decomposer(cfg)
 
 
+@contextmanager
+def served_solver(solver: SolverSpec, index: int, opts: ServeOptions) -> Iterator[SolverSpec]:
+    """``solver`` with the URL of its checkpoint, served by our OpenAI-compatible LLM server until the
+    block ends (the decomposer's machinery: the same Serve proxy, its own route and app)."""
+    import os
+
+    from learner.models import resolve_model_path
+    from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+
+    resolve_model_path(solver.served)  # a wrong path fails here, in one line, not inside a replica
+    # Solving is the stage's real work: decode on every core (as the local server does), reserve little.
+    cfg = LLMServerConfig(model=solver.served, served_model_name=solver.model, port=opts.port,
+                          route_prefix=f"/solver-{index}", app_name=f"subq-solver-{index}",
+                          max_batch_size=opts.max_batch_size, num_gpus=opts.num_gpus, num_cpus=opts.num_cpus,
+                          torch_threads=os.cpu_count())
+    url = start_llm_server(cfg)
+    try:
+        yield replace(solver, base_url=url)
+    finally:
+        stop_llm_server(cfg)
+
+
+def solver_groups(solvers: list[SolverSpec]) -> list[list[int]]:
+    """Solver indices evaluated together: every API (and ``local``) solver at once, then each served
+    checkpoint alone, so at most one served solver holds memory beside the served decomposer."""
+    api = [i for i, sv in enumerate(solvers) if sv.served is None]
+    return ([api] if api else []) + [[i] for i, sv in enumerate(solvers) if sv.served is not None]
+
+
 def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: list[str], *, local_model: str,
                          local_port: int, api_key_env: str, prices: PriceTable, serve_opts: ServeOptions,
                          teacher_base_url: str | None = None, local_teacher_model: bool = False,
@@ -221,8 +293,10 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
     The local server (``local_model`` on ``local_port``) runs for the whole loop when a solver is
     ``local``, or when a ``teacher`` decomposer needs it (``local_teacher_model``: the teacher is that
     model). ``teacher`` decomposers call ``teacher_base_url``, else that local server, else the first
-    solver's endpoint. Our own server bills nothing. Raises a client's FatalEndpointError (bad key, no
-    quota) after storing what finished.
+    API solver's endpoint. Per decomposer, the API solvers answer first, then each served checkpoint
+    solver in turn (started for its pass, stopped after); later passes reuse the stored plans, so a
+    decomposition is still paid once. Our own servers bill nothing. Raises a client's
+    FatalEndpointError (bad key, no quota) after storing what finished.
     """
     from actors.teacher import check_endpoint
     from evaluation.plan import pending
@@ -232,25 +306,38 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
     wants_teacher = any(split_label(d)[1].split(":")[0] == "teacher" for d in decomposers)
     need_local = any(split_label(s)[1] == "local" for s in solver_specs) or (
         wants_teacher and local_teacher_model and not teacher_base_url)
-    # Keys from the planned solvers: the local server's URL is not part of any fingerprint.
-    planned = plan_run_keys(cfg, decomposers, plan_solvers(solver_specs, local_model, api_key_env), serve_opts)
-    todo = [(i, raw, identity) for i, (raw, (identity, keys)) in enumerate(zip(decomposers, planned, strict=True))
-            if pending(cfg, keys)]  # every answer stored: do not even start its server
+    # Keys from the planned solvers: the URLs of our own servers are not part of any fingerprint.
+    planned_solvers = plan_solvers(solver_specs, local_model, api_key_env, hash_cache_file(cfg))
+    planned = plan_run_keys(cfg, decomposers, planned_solvers, serve_opts)
+    groups = solver_groups(planned_solvers)
+    todo = []  # (index, spec, identity, solver groups with answers to do): the rest is not even served
+    for i, (raw, (identity, keys)) in enumerate(zip(decomposers, planned, strict=True)):
+        busy = [g for g in groups if pending(cfg, [keys[j] for j in g])]
+        if busy:
+            todo.append((i, raw, identity, busy))
     if not todo:
         return 0
     server = local_teacher(None, local_model, local_port) if need_local else nullcontext((None, None))
     added = 0
     with server as (url, served):
-        solvers = [parse_solver(s, (url, served) if served else None, api_key_env) for s in solver_specs]
+        solvers = [replace(sv, base_url=url) if split_label(raw)[1] == "local" else sv
+                   for raw, sv in zip(solver_specs, planned_solvers, strict=True)]
         if check_endpoints:
             for sv in solvers:
-                check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
-        if served:
-            prices = prices.with_price(served, 0.0, 0.0)
+                if sv.served is None:
+                    check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
+        for model in [served] + [sv.model for sv in solvers if sv.served is not None]:
+            if model:
+                prices = prices.with_price(model, 0.0, 0.0)
         teacher_url = teacher_base_url or (url if local_teacher_model else None)
         teacher = (teacher_url, api_key_env) if teacher_url else None
-        for i, raw, identity in todo:
+        for i, raw, identity, busy in todo:
             with open_decomposer(raw, i, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
                                  teacher_endpoint=teacher, identity=identity) as spec:
-                added += evaluate(cfg, spec, solvers, prices)
+                for group in busy:
+                    if solvers[group[0]].served is None:
+                        added += evaluate(cfg, spec, [solvers[j] for j in group], prices)
+                        continue
+                    with served_solver(solvers[group[0]], group[0], serve_opts) as sv:
+                        added += evaluate(cfg, spec, [sv], prices)
     return added

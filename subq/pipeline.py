@@ -23,16 +23,26 @@ from actors.prices import PriceTable
 from actors.teacher import TeacherConfig, check_endpoint
 from data_store.datasets import load_problems
 from data_store.store import Store
+from evaluation.clients import SolverSpec
 from evaluation.plan import RunKey, check_labels, failures, format_failures, pending
 from evaluation.run import EvalConfig, report
 from learner.models import model_display_name
 from learner.train import FROM_BC, SOLVERS, TrainConfig
-from subq.config import ConfigError, PipelineConfig, ServeSection, dump, section_config, train_config
+from subq.config import (
+    ConfigError,
+    PipelineConfig,
+    ServeSection,
+    dump,
+    run_algo,
+    section_config,
+    train_config,
+)
 from subq.eval_setup import (
     ServeOptions,
+    check_solver_spec,
     decomposer_label,
     evaluate_decomposers,
-    parse_solver,
+    hash_cache_file,
     plan_run_keys,
     plan_solvers,
     split_label,
@@ -81,14 +91,23 @@ class Pipeline:
         return section_config(CollectConfig, c, "collect", "collect", store=self.cfg.store_uri, teacher=teacher,
                               prices=self.prices, progress=self.progress)
 
-    def train_dir(self, algo: str) -> Path:
-        return self.out / "train" / algo
+    def train_dir(self, name: str) -> Path:
+        return self.out / "train" / name
 
-    def algo_train_config(self, algo: str) -> TrainConfig:
-        """``algo``'s TrainConfig; filtered BC, ILQL and DPO start from this run's BC (paper 1; DPO's
-        reference model) unless their own section names an ``init``."""
-        init = str(self.train_dir("bc") / "final") if algo in FROM_BC and "bc" in self.cfg.train.algos else None
-        return train_config(self.cfg.train, algo, self.cfg.store_uri, str(self.train_dir(algo)), init=init)
+    def algo(self, name: str) -> str:
+        """The algorithm of the training run ``name`` (see ``TrainSection.algos``)."""
+        return run_algo(self.cfg.train, name)
+
+    def bc_run(self) -> str | None:
+        """The first BC run: filtered BC, ILQL and DPO start from its checkpoint."""
+        return next((n for n in self.cfg.train.algos if self.algo(n) == "bc"), None)
+
+    def algo_train_config(self, name: str) -> TrainConfig:
+        """Run ``name``'s TrainConfig; filtered BC, ILQL and DPO start from this pipeline's BC (paper 1;
+        DPO's reference model) unless their own section names an ``init``."""
+        bc = self.bc_run()
+        init = str(self.train_dir(bc) / "final") if self.algo(name) in FROM_BC and bc else None
+        return train_config(self.cfg.train, name, self.cfg.store_uri, str(self.train_dir(name)), init=init)
 
     def eval_config(self) -> EvalConfig:
         return section_config(EvalConfig, self.cfg.eval.settings, "eval", "eval", out_dir=str(self.out / "eval"),
@@ -100,12 +119,23 @@ class Pipeline:
             return list(e.decomposers)
         # the trained decomposers; a distilled solver (solver-bc) is not one
         specs = [f"{a}={self.train_dir(a) / 'final'}" for a in self.cfg.train.algos
-                 if "train" in self.cfg.stages and a not in SOLVERS]
+                 if "train" in self.cfg.stages and self.algo(a) not in SOLVERS]
         if e.teacher_decomposes:
             specs.append(f"teacher:{self.teacher_model()}")
         if e.baseline:
             specs.append("none")
         return specs
+
+    def solver_specs(self) -> list[str]:
+        """``eval.solvers``, then every solver this pipeline trains (served from its checkpoint)."""
+        trained = [f"{a}={self.train_dir(a) / 'final'}" for a in self.cfg.train.algos
+                   if self.cfg.eval.trained_solvers and "train" in self.cfg.stages and self.algo(a) in SOLVERS]
+        return list(self.cfg.eval.solvers) + trained
+
+    def planned_solvers(self, ec: EvalConfig) -> list[SolverSpec]:
+        """The solvers as evaluation.clients.SolverSpec, before any server runs."""
+        t = self.cfg.teacher
+        return plan_solvers(self.solver_specs(), t.local_model, t.api_key_env, hash_cache_file(ec))
 
     def teacher_model(self) -> str:
         return self.cfg.teacher.model or model_display_name(self.cfg.teacher.local_model)
@@ -114,6 +144,7 @@ class Pipeline:
         """Fail before any work: datasets, model paths, endpoints the remaining work needs."""
         from learner.checkpoint import is_checkpoint, training_disk_estimate
         from learner.models import resolve_model_path
+        from learner.train import final_dtype
 
         cc = self.collect_config()
         if cc is not None:
@@ -127,7 +158,7 @@ class Pipeline:
             model_dir = None
             for algo in self.cfg.train.algos:
                 tc = train_config(self.cfg.train, algo, self.cfg.store_uri, str(self.train_dir(algo)))
-                own_init = (algo not in FROM_BC or "bc" not in self.cfg.train.algos
+                own_init = (self.algo(algo) not in FROM_BC or self.bc_run() is None
                             or "init" in (self.cfg.train.per_algo.get(algo) or {}))
                 if own_init:  # otherwise it starts from BC's final/, a model of the same size
                     if is_checkpoint(tc.init):
@@ -137,28 +168,39 @@ class Pipeline:
                     else:
                         model_dir = resolve_model_path(tc.init)  # a wrong path fails now, not after collection
                 if model_dir and not (self.train_dir(algo) / "final").is_dir():
-                    need.append((algo, training_disk_estimate(model_dir, algo)))
+                    per_weight = 1.0 if final_dtype(tc.final_dtype, tc.init).itemsize == 4 else 0.5
+                    need.append((algo, *training_disk_estimate(model_dir, self.algo(algo), tc.keep_checkpoints,
+                                                               per_weight)))
             self._check_disk(need)
         if "eval" in self.cfg.stages:
-            solvers = plan_solvers(self.cfg.eval.solvers, self.cfg.teacher.local_model, self.cfg.teacher.api_key_env)
-            # labels name the record folders: two runs must not share one
-            check_labels([decomposer_label(d, solvers) for d in self.decomposer_specs()], [s.label for s in solvers])
+            try:
+                for s in self.cfg.eval.solvers:  # the trained ones exist only once trained
+                    check_solver_spec(s)
+                solvers = self.planned_solvers(self.eval_config())
+                # labels name the record folders: two runs must not share one
+                check_labels([decomposer_label(d, solvers) for d in self.decomposer_specs()],
+                             [s.label for s in solvers])
+            except ValueError as e:
+                raise ConfigError(f"eval: {e}") from None
         if "eval" in self.cfg.stages and self._eval_todo(self.eval_config()):
-            for s in self.cfg.eval.solvers:
-                if split_label(s)[1] != "local":
-                    sv = parse_solver(s, None, self.cfg.teacher.api_key_env)
+            for raw, sv in zip(self.solver_specs(), self.planned_solvers(self.eval_config()), strict=True):
+                if split_label(raw)[1] != "local" and sv.served is None:
                     check_endpoint(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env))
 
-    def _check_disk(self, need: list[tuple[str, int]]) -> None:
-        """Checkpoints are GBs: a full disk should stop the run now, not halfway through training."""
+    def _check_disk(self, need: list[tuple[str, int, int]]) -> None:
+        """Checkpoints are GBs: a full disk should stop the run now, not halfway through training. Runs go
+        one after the other: the need is what the earlier ones leave plus the largest peak."""
         if not need:
             return
         path = self.out
         while not path.exists():
             path = path.parent
-        free, total = shutil.disk_usage(path).free, sum(n for _, n in need)
+        left = [0, *[after for _, _, after in need]]
+        free = shutil.disk_usage(path).free
+        total = max(sum(left[:i + 1]) + peak for i, (_, peak, _) in enumerate(need))
         if free < total:
-            parts = ", ".join(f"{algo} {n / 1e9:.1f}" for algo, n in need)
+            parts = ", ".join(f"{algo} {peak / 1e9:.1f} while it runs, {after / 1e9:.1f} after" for algo, peak, after
+                              in need)
             raise ConfigError(f"not enough disk for the training checkpoints under {self.out}: about "
                               f"{total / 1e9:.1f} GB needed ({parts}), {free / 1e9:.1f} GB free; free some "
                               "space or set `out` (--out) to a larger disk")
@@ -168,8 +210,7 @@ class Pipeline:
 
     def _keys(self, ec: EvalConfig) -> list[RunKey]:
         """Every (decomposer, solver) run key with its settings fingerprint, known before any server."""
-        solvers = plan_solvers(self.cfg.eval.solvers, self.cfg.teacher.local_model, self.cfg.teacher.api_key_env)
-        planned = plan_run_keys(ec, self.decomposer_specs(), solvers, _serve_options(self.cfg.serve))
+        planned = plan_run_keys(ec, self.decomposer_specs(), self.planned_solvers(ec), _serve_options(self.cfg.serve))
         return [k for _, keys in planned for k in keys]
 
     def _eval_todo(self, ec: EvalConfig) -> int:
@@ -265,16 +306,36 @@ class Pipeline:
                 return
             ec = self.eval_config()
             specs = self.decomposer_specs()
+            self._fidelity(ec, specs)
             if self._eval_todo(ec) == 0:
                 res.status, res.note = "skipped", "every answer is stored"
                 return
             t = self.cfg.teacher
-            added = evaluate_decomposers(ec, specs, self.cfg.eval.solvers, local_model=t.local_model,
+            added = evaluate_decomposers(ec, specs, self.solver_specs(), local_model=t.local_model,
                                          local_port=t.local_port, api_key_env=t.api_key_env, prices=self.prices,
                                          serve_opts=_serve_options(self.cfg.serve), teacher_base_url=t.base_url,
                                          local_teacher_model=True)
             failed = sum(failures(ec, self._keys(ec)).values())
             res.note = f"{added} answers" + (f", {failed} failed at the API (re-run to retry)" if failed else "")
+
+    def _fidelity(self, ec: EvalConfig, specs: list[str]) -> None:
+        """The held-out NLL of every decomposer with weights here: checkpoints in the student format, a
+        teacher that is the local model (the zero-shot base model) in the teacher's prompt format."""
+        from evaluation.fidelity_report import update_fidelity
+        from learner.checkpoint import is_checkpoint
+
+        if not ec.fidelity_problems:
+            return
+        t = self.cfg.teacher
+        solvers = self.planned_solvers(ec)
+        scored = []
+        for raw in specs:
+            spec = split_label(raw)[1]
+            if spec.startswith("teacher") and t.local_model and not t.base_url:
+                scored.append((decomposer_label(raw, solvers), t.local_model, "chat"))
+            elif is_checkpoint(spec):
+                scored.append((decomposer_label(raw, solvers), spec, "student"))
+        update_fidelity(ec.out_dir, ec.fidelity_problems, scored, echo=self.echo)
 
     def report(self) -> None:
         from evaluation.report import format_table

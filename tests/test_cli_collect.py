@@ -43,15 +43,16 @@ def test_embedded_teacher_end_to_end(ray_session, tmp_path, capsys):
     rc = main(["collect", "--problems", "gsm8k:train[:2]", "--samples-per-problem", "1",
                "--feedback-samples", "1", "--max-tokens", "96", "--store", str(store),
                "--no-progress", "--json"])
-    assert rc == 0
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{"):])
+    # a reply cut at --max-tokens is stored as truncated: retryable, so the exit code says rows remain
+    assert rc == (1 if report["retryable"] else 0)
     assert report["complete"] and report["samples_total"] == 2 and report["cost_usd"] == 0.0
     rows = Store(str(store)).read_rows("samples")
     assert len(rows) == 2 and max(Counter(r["sample_key"] for r in rows).values()) == 1
     for r in rows:
         assert r["teacher_model"] == "smollm2-135m-instruct"
         assert r["decompose_raw"] and r["decompose_tokens_in"] > 0 and r["decompose_tokens_out"] > 0
-        assert r["decompose_status"] in ("ok", "parse_error")
-        assert r["status"] in ("ok", "parse_error")  # the model is weak, but never an API error
+        assert r["decompose_status"] in ("ok", "parse_error", "truncated")
+        assert r["status"] in ("ok", "parse_error", "truncated")  # the model is weak, but never an API error
         assert r["cost_usd"] == 0.0

@@ -62,7 +62,7 @@ def test_collect_stores_every_stage_and_prices_it(ray_session, tmp_path):
     rows = assert_unique_and_complete(tmp_path, 12)
     assert report.complete and report.samples_total == 12
     # 6 decompose calls (n=2 each), one answer and one feedback call (n=2) per sample
-    assert stats["by_stage"] == {"decompose": 6, "answer": 12, "feedback": 12, "unknown": 0}
+    assert stats["by_stage"] == {"decompose": 6, "answer": 12, "feedback": 12, "unknown": 0, "student": 0}
     assert stats["billed"] == 30 and max(stats["billed_by_content"].values()) == 1
     assert {r["status"] for r in rows} == {"ok"}
     for r in rows:

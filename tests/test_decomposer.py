@@ -579,10 +579,12 @@ def test_checkpoint_beta_and_heads_config(models, tmp_path):
     assert checkpoint_beta({"config": {"algo_config": {"beta": 3}}}) == 3.0
     assert checkpoint_beta({}) == ILQLConfig.beta
     model, tok = load_model_and_tokenizer(TINY)
-    for two_q, mult in ((False, 0), (True, 2)):
-        heads = ILQLHeads.for_model(model, two_q=two_q, hidden_mult=mult)
+    for two_q, mult, rank in ((False, 0, 0), (True, 2, 0), (True, 1, 8), (False, 0, 4)):  # + low-rank Q heads
+        heads = ILQLHeads.for_model(model, two_q=two_q, hidden_mult=mult, q_rank=rank)
         rebuilt = heads_from_state(heads.state_dict(), model)
-        assert (rebuilt.two_q, rebuilt.hidden_mult) == (two_q, mult)
+        assert (rebuilt.two_q, rebuilt.hidden_mult, rebuilt.q_rank) == (two_q, mult, rank)
+        for a, b in zip(heads.state_dict().values(), rebuilt.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
     assert heads_from_state({"q": torch.zeros(1)}, model) is None
 
 

@@ -146,3 +146,27 @@ def test_value_scores_read_the_heads(tiny):
                 target.bias[i] = 5.0
     out = value_scores(model, heads, tok, pairs, batch_size=1)
     assert out["q_last"] == pytest.approx([5.0, 5.0])
+
+
+def test_held_out_nll_for_the_report_is_reference_nll_and_kept_until_the_weights_change(tmp_path):
+    from evaluation.fidelity import held_out_nll, reference_nll
+    from evaluation.fidelity_report import read_fidelity, update_fidelity
+
+    problems = [{"question": "Tom has 3 apples and buys 2. How many now?", "reference_subquestions": [
+        "How many apples does Tom buy?", "How many apples does Tom have now?"]},
+        {"question": "No reference here.", "reference_subquestions": None}]
+    spec = "tiny-random:llama?layers=1&hidden=32&seed=0"
+    model, tok = load_model_and_tokenizer(spec)
+    want = reference_nll(model, tok, [(problems[0]["question"], problems[0]["reference_subquestions"])], "chat")
+    got = held_out_nll(spec, "chat", problems)
+    assert got["n"] == 1 and got["nll_per_token"] == pytest.approx(want["nll_per_token"], rel=1e-6)
+    said: list[str] = []
+    from unittest import mock
+
+    with mock.patch("data_store.datasets.load_problems", return_value=problems):
+        update_fidelity(str(tmp_path), "gsm8k:test[:2]", [("zero-shot", spec, "chat")], echo=said.append)
+        update_fidelity(str(tmp_path), "gsm8k:test[:2]", [("zero-shot", spec, "chat")], echo=said.append)
+        assert len(said) == 1  # the second run found the figure and computed nothing
+        update_fidelity(str(tmp_path), "gsm8k:test[:3]", [("zero-shot", spec, "chat")], echo=said.append)
+        assert len(said) == 2  # other problems: computed again
+    assert read_fidelity(str(tmp_path)) == {"zero-shot": pytest.approx(want["nll_per_token"], rel=1e-6)}

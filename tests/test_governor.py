@@ -84,3 +84,21 @@ def test_governor_refuses_after_a_fatal_error_and_on_an_empty_budget():
     assert g.admit(worst_usd=0.4).refused is None
     g.stop("quota exhausted")
     assert g.admit().refused == "fatal" and g.snapshot()["fatal"] == "quota exhausted"
+
+
+def test_a_straggling_success_does_not_end_an_outage():
+    """Calls 1-4 go out; 2, 3, 4 fail (the outage), then call 1's success is settled late (another
+    actor): it was sent before the streak began, so the breaker stays open and a failing call still
+    sees no success since its first failure. A success of a call admitted later closes it."""
+    g = Governor(GovernorConfig(breaker=BreakerConfig(failure_threshold=3, cooldown_s=5.0)))
+    tickets = [g.admit().ticket for _ in range(4)]
+    assert tickets == [1, 2, 3, 4]
+    for t in tickets[1:]:
+        outage, last = g.settle(0.0, 0.0, healthy=False, error="503", ticket=t)
+    assert outage and last == 0
+    assert g.settle(0.0, 0.0, healthy=True, ticket=1) == (True, 0)  # the straggler
+    assert g.breaker.state == "open"
+    g.breaker.open_until = 0.0  # the cooldown is over: the next admission is the probe
+    probe = g.admit().ticket
+    assert g.settle(0.0, 0.0, healthy=True, ticket=probe) == (False, probe)
+    assert g.breaker.state == "closed"

@@ -50,7 +50,7 @@ def test_overrides_reach_every_level(tmp_path):
         "eval.benchmarks=[svamp]", "collect.samples_per_problem=1", "serve.max_batch_size=2",
     ])
     assert cfg.out == str(tmp_path)
-    assert train_config(cfg.train, "bc", "/s", "/o").max_steps == 7
+    assert train_config(cfg.train, "filtered-bc", "/s", "/o").max_steps == 7  # bc sets its own
     assert train_config(cfg.train, "ilql", "/s", "/o").algo_config == {"beta": 2.5}
     assert cfg.eval.settings["benchmarks"] == ["svamp"]
     assert cfg.collect["samples_per_problem"] == 1

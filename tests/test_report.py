@@ -193,3 +193,37 @@ def test_plot_uses_dollars_when_some_run_costs_money() -> None:
     ax = accuracy_vs_cost_figure(_runs()[:4]).axes[0]
     assert ax.get_xlabel().startswith("$ per 1k problems") and ax.get_xlim()[0] == 0
     assert any(t.get_text().endswith(r"(\$?)") for t in ax.get_legend().get_texts())  # "$" escaped for mathtext
+
+
+def test_held_out_nll_column_and_what_training_changed() -> None:
+    g = "gsm8k:test[:10]"
+    runs = [summarize([record(i, False, cost=0.0) for i in range(4)], d, "smollm", g, "strict", nll_human=v,
+                      nll_problems="gsm8k:test[:32]")
+            for d, v in (("bc", 0.8), ("ilql", 0.9), ("teacher (smollm)", 0.95))]
+    runs.append(summarize([record(i, False, cost=0.0, subquestions=None) for i in range(4)], "none (CoT)", "smollm",
+                          g, "strict"))
+    md = markdown(runs)
+    head = _DETAIL_HEAD_CELLS(md)
+    rows = {r[0]: r for r in _detail_rows(md)}
+    col = head.index("held-out NLL")
+    assert (rows["bc"][col], rows["ilql"][col], rows["none (CoT)"][col]) == ("0.800", "0.900", "—")
+    assert ("zero-shot base model (teacher (smollm), prompted as the teacher) 0.950: training lowered it by "
+            "0.150 at best (bc)") in md
+    worse = [dataclasses.replace(r, nll_human=1.2) if r.decomposer == "bc" else r for r in runs if r.decomposer != "ilql"]
+    assert "training did not lower it by 0.250 at best (bc)" in markdown(worse)
+    assert "held-out NLL" not in markdown(_runs()).split("Runs:")[0]  # no figures: no sentence
+
+
+def _DETAIL_HEAD_CELLS(md: str) -> list[str]:  # noqa: N802
+    line = next(line for line in md.splitlines() if line.startswith("| decomposer | solver |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _detail_rows(md: str) -> list[list[str]]:
+    start = md.index("| decomposer | solver |")
+    rows = []
+    for line in md[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows

@@ -121,7 +121,7 @@ def test_rerun_resumes_a_finished_ilql_run_with_a_longer_budget(ray_session, tmp
     out = tmp_path / "out"
     cfg = TrainConfig(algo="ilql", init=TINY, store=store, out=str(out), num_workers=2, batch_size=2,
                       max_steps=3, epochs=10, checkpoint_every=2, report_every=1, max_length=128,
-                      val_fraction=0.0, algo_config={"lr": 1e-3}, progress=False)
+                      val_fraction=0.0, algo_config={"lr": 1e-3}, progress=False, keep_checkpoints=True)
     staging = os.path.join(tempfile.gettempdir(), "subq-ckpt-*")
     before = set(glob.glob(staging))
     first = run_train(cfg)
@@ -143,6 +143,32 @@ def test_rerun_resumes_a_finished_ilql_run_with_a_longer_budget(ray_session, tmp
     cfg.max_length = 96
     with pytest.raises(ValueError, match="max_length"):
         run_train(cfg)
+
+
+def test_a_finished_run_keeps_only_final_in_the_asked_dtype_and_a_rerun_does_not_train(ray_session, tmp_path):
+    """keep_checkpoints off (the default): Ray's resumable state (optimizer moments) is removed once final/
+    is written; final/ holds the weights in final_dtype; the same command again returns the run without
+    training, and changed settings are an error that names them, never a silent restart."""
+    store = _store(tmp_path / "store")
+    out = tmp_path / "out"
+    cfg = TrainConfig(algo="bc", init=TINY, store=store, out=str(out), batch_size=4, max_steps=2, epochs=3,
+                      checkpoint_every=1, report_every=1, val_fraction=0.0, progress=False,
+                      final_dtype="bfloat16", algo_config={"lr": 1e-2})
+    first = run_train(cfg)
+    assert first["step"] == 2 and not (out / "ray").exists()
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(str(out / "final" / "model.safetensors")).values()} == {torch.bfloat16}
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    trained = _weights(first["final"])  # loads as float32: the bf16 values, upcast
+    assert all(w.dtype == torch.float32 and torch.equal(w, w.to(torch.bfloat16).float()) for w in trained)
+    lines = len(_lines(out))
+    again = run_train(cfg)
+    assert len(_lines(out)) == lines and again["step"] == 2 and again["metrics"] == first["metrics"]
+    with pytest.raises(ValueError, match=r"\['max_steps'\].*--init"):
+        run_train(TrainConfig(**{**cfg.__dict__, "max_steps": 4}))
+    with pytest.raises(ValueError, match="final_dtype"):
+        run_train(TrainConfig(**{**cfg.__dict__, "final_dtype": "int8"}))
 
 
 def test_config_errors_fail_before_work(tmp_path):

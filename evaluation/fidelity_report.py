@@ -1,0 +1,55 @@
+"""The held-out NLL column of the evaluation report: one figure per decomposer that has weights.
+
+``EvalConfig.fidelity_problems`` names held-out problems with human sub-questions (e.g.
+``gsm8k:test[:32]``); each checkpoint decomposer is scored in the student format, the zero-shot
+decomposer (a ``teacher`` that is a local model) in the teacher's prompt format, by
+:func:`evaluation.fidelity.held_out_nll`. Figures are kept in ``OUT/fidelity.json`` by label, with
+what they were computed from, so a re-run recomputes only what changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FILE = "fidelity.json"
+
+
+def _identity(spec: str, fmt: str, problems: str) -> dict[str, Any]:
+    """What a figure depends on: the weights (a checkpoint's metadata, written last, changes with them)."""
+    meta = Path(spec) / "subq_checkpoint.json"
+    stamp = meta.stat().st_mtime_ns if meta.is_file() else None
+    return {"spec": spec, "fmt": fmt, "problems": problems, "stamp": stamp}
+
+
+def update_fidelity(out_dir: str, problems_spec: str, scored: list[tuple[str, str, str]],
+                    echo=print) -> dict[str, dict[str, Any]]:
+    """Compute what is missing or stale for ``scored`` = [(label, model spec, format)]; returns the file."""
+    from data_store.datasets import load_problems
+    from evaluation.fidelity import held_out_nll
+
+    path = Path(out_dir) / FILE
+    table: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    problems = None
+    for label, spec, fmt in scored:
+        ident = _identity(spec, fmt, problems_spec)
+        if table.get(label, {}).get("identity") == ident:
+            continue
+        problems = problems if problems is not None else load_problems(problems_spec)
+        nll = held_out_nll(spec, fmt, problems)
+        table[label] = {**nll, "identity": ident}
+        echo(f"held-out NLL of the human sub-questions of {problems_spec}, {label}: {nll['nll_per_token']:.3f} "
+             f"nats/token over {nll['tokens']} tokens")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=2))
+    return table
+
+
+def read_fidelity(out_dir: str) -> dict[str, float]:
+    """label -> held-out NLL per token, for the report ({} when none was computed)."""
+    path = Path(out_dir) / FILE
+    if not path.is_file():
+        return {}
+    return {label: v["nll_per_token"] for label, v in json.loads(path.read_text()).items()
+            if v.get("nll_per_token") is not None}
