@@ -182,7 +182,7 @@ class _Progress:
         self.bar.close()
 
 
-def _stage_report(store: Store, stage: str, wanted: set[str], run_id: str, todo: int, wall_s: float) -> StageReport:
+def stage_report(store: Store, stage: str, wanted: set[str], run_id: str, todo: int, wall_s: float) -> StageReport:
     rows = [r for r in store.filter_keys(STAGE_OUTPUT[stage], wanted).to_pylist() if r["run_id"] == run_id]
     report = StageReport(todo=todo, written=len(rows), wall_s=wall_s)
     report.failed = sum(r[f"{stage}_status"] not in (STATUS_OK, STATUS_SKIPPED) for r in rows)
@@ -263,12 +263,12 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
                 store.compact(table)
         store.refresh()
         for stage in STAGE_OUTPUT:
-            report.stages[stage] = _stage_report(store, stage, plan.wanted, settings.run_id, todo[stage], wall)
-        _summarise(report, store, plan.wanted, snapshot)
+            report.stages[stage] = stage_report(store, stage, plan.wanted, settings.run_id, todo[stage], wall)
+        summarise(report, store, plan.wanted, snapshot)
     return report
 
 
-def _summarise(report: CollectReport, store: Store, wanted: set[str], governor: dict[str, Any]) -> None:
+def summarise(report: CollectReport, store: Store, wanted: set[str], governor: dict[str, Any]) -> None:
     rows = store.filter_keys("samples", wanted).to_pylist()
     report.samples_total = len(rows)
     report.not_ok = dict(Counter(r["status"] for r in rows if r["status"] != STATUS_OK))

@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass, field
 
 PRICE_TABLE_VERSION = "2026-11-01"
+# The Batch API bills every token at this share of the standard price (OpenAI: 50%, answers
+# within 24 h). The one source of truth: ``PriceTable.for_batch`` applies it to every entry.
+BATCH_PRICE_FACTOR = 0.5
 
 # model -> (USD per 1M input tokens, per 1M output tokens, per 1M cached input tokens or None
 # when the model has no cache discount), list prices of the standard tier on PRICE_TABLE_VERSION.
@@ -54,6 +57,13 @@ def model_family(model: str) -> str:
 class PriceTable:
     prices: dict[str, tuple[float, float, float | None]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     version: str = PRICE_TABLE_VERSION
+
+    def for_batch(self) -> PriceTable:
+        """The same table at Batch API prices (``BATCH_PRICE_FACTOR`` of every rate); its version
+        says so, and is stored with every sample priced by it."""
+        f = BATCH_PRICE_FACTOR
+        prices = {m: (i * f, o * f, None if c is None else c * f) for m, (i, o, c) in self.prices.items()}
+        return PriceTable(prices, f"{self.version}+batch")
 
     def with_price(self, model: str, usd_in_per_m: float, usd_out_per_m: float,
                    usd_cached_in_per_m: float | None = None) -> PriceTable:

@@ -28,18 +28,22 @@ STAGE_FNS = {"decompose": decompose, "answer": answer, "feedback": feedback}
 Row = dict[str, Any]
 
 
-def ledger_rows(stage: str, item: Row, rows: list[Row], calls: list[CallResult], settings: StageSettings) -> list[Row]:
-    """One ``calls`` row per call that was billed or may have been (refused calls cost nothing)."""
+def ledger_rows(stage: str, item: Row, rows: list[Row], calls: list[CallResult], settings: StageSettings,
+                call_id: str | None = None) -> list[Row]:
+    """One ``calls`` row per call that was billed or may have been (refused calls cost nothing).
+
+    ``call_id``: a stable id for the calls (a batch result stored twice is one ledger row); by
+    default each call gets a random one."""
     keys = [r["sample_key"] for r in rows] or list(item.get("sample_keys") or [item.get("sample_key")])
     attempt = rows[0]["attempt"] if rows else (item.get("attempts") or [item.get("attempt") or 0])[0]
     now = datetime.now(timezone.utc)
     return [{
-        "call_id": uuid.uuid4().hex, "run_id": settings.run_id, "stage": stage, "problem_id": item["problem_id"],
+        "call_id": f"{call_id}#{i}" if call_id else uuid.uuid4().hex, "run_id": settings.run_id, "stage": stage, "problem_id": item["problem_id"],
         "sample_keys": keys, "attempt": attempt, "teacher_model": settings.teacher_model,
         "http_attempts": c.attempts, "ok": c.ok, "tokens_in": c.tokens_in if c.usage_known else None,
         "tokens_out": c.tokens_out if c.usage_known else None, "cached_tokens": c.cached_tokens,
         "cost_usd": c.cost_usd, "charged_usd": c.charged_usd, "created_at": now,
-    } for c in calls if c.ok or c.charged_usd > 0]
+    } for i, c in enumerate(calls) if c.ok or c.charged_usd > 0]
 
 
 class StageWorker:

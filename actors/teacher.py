@@ -102,7 +102,8 @@ def redact(text: str, secrets: list[str]) -> str:
     return _KEYLIKE.sub("[redacted]", text)
 
 
-def _transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
+    """429 / 5xx / timeouts / connection errors: worth sending again."""
     if isinstance(exc, openai.RateLimitError | openai.APITimeoutError | openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -115,7 +116,7 @@ def _unhealthy(exc: BaseException) -> bool:
     says when to come back (Retry-After) is a rate limit doing its job, not an outage."""
     if isinstance(exc, openai.RateLimitError) and _retry_after_s(exc) is not None:
         return False
-    return _transient(exc)
+    return is_transient(exc)
 
 
 def _maybe_billed(exc: BaseException) -> bool:
@@ -123,7 +124,8 @@ def _maybe_billed(exc: BaseException) -> bool:
     return isinstance(exc, openai.APIConnectionError | asyncio.TimeoutError)
 
 
-def _fatal_reason(exc: BaseException) -> str | None:
+def fatal_reason(exc: BaseException) -> str | None:
+    """Why the account (not the request) cannot be used, or None."""
     if isinstance(exc, openai.AuthenticationError):
         return "rejected the API key"
     if isinstance(exc, openai.PermissionDeniedError):
@@ -158,6 +160,48 @@ def max_prompt_tokens(messages: list[dict[str, str]]) -> int:
     return sum(len(m["content"].encode()) // 2 + 8 for m in messages) + 8
 
 
+def chat_params(cfg: TeacherConfig, n: int, temperature: float, max_tokens: int) -> dict:
+    """The sampling parameters of a chat request, in the style the model takes (online and batch)."""
+    return request_params(style_for(cfg.base_url, cfg.model), n, temperature, max_tokens)
+
+
+def read_response(response: Any, result: CallResult, prices: PriceTable, model: str) -> None:
+    """Fill ``result`` from a chat completion (texts, finish reasons, usage, $ from ``prices``)."""
+    result.ok, result.error = True, None
+    result.texts = [(c.message.content or "") for c in response.choices]
+    result.finish_reasons = [c.finish_reason for c in response.choices]
+    usage = response.usage
+    if usage is None:  # billed all the same, but by how much is unknown
+        result.usage_known, result.tokens_in, result.tokens_out = False, 0, 0
+        result.cost_usd = None
+        return
+    result.tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
+    result.tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
+    details = getattr(usage, "prompt_tokens_details", None)
+    result.cached_tokens = int(getattr(details, "cached_tokens", 0) or 0) if details else 0
+    result.cost_usd = prices.cost(model, result.tokens_in, result.tokens_out, result.cached_tokens)
+
+
+def error_text(exc: BaseException, secrets: list[str]) -> str:
+    """How a failed call's error is stored: the exception's class and message, keys scrubbed."""
+    return redact(f"{type(exc).__name__}: {exc}", secrets)[:2000]
+
+
+def fatal_message(cfg: TeacherConfig, exc: BaseException, reason: str, key: str) -> str:
+    """The one-line message of a :class:`TeacherFatalError` (never the key)."""
+    status = getattr(exc, "status_code", "?")
+    code = getattr(exc, "code", None) or getattr(exc, "type", None) or ""
+    detail = redact(str(getattr(exc, "message", exc)), [key])[:300]
+    if "key" in reason:
+        advice = f"check the key in ${cfg.api_key_env}"
+    else:
+        advice = (f"add credit or raise the usage limit of the account behind ${cfg.api_key_env}, "
+                  "or use another key")
+    return (f"the teacher at {cfg.base_url} {reason} (HTTP {status} {code}: {detail}); the run "
+            f"stopped at once and stored nothing as failed: {advice}, then run the same command again "
+            "to resume")
+
+
 class TeacherClient:
     """Async chat calls against one endpoint; safe to share across concurrent coroutines.
 
@@ -186,7 +230,7 @@ class TeacherClient:
         return random.uniform(0, cap)
 
     def _error(self, exc: BaseException) -> str:
-        return redact(f"{type(exc).__name__}: {exc}", [self._key])[:2000]
+        return error_text(exc, [self._key])
 
     async def chat(
         self,
@@ -231,7 +275,7 @@ class TeacherClient:
                     await asyncio.sleep(admission.wait_s)
                 if admission.again:
                     continue
-                params = request_params(style_for(self.cfg.base_url, self.cfg.model), n, temperature, max_tokens)
+                params = chat_params(self.cfg, n, temperature, max_tokens)
                 result.attempts += 1
                 try:
                     response = await self._client.chat.completions.create(
@@ -246,7 +290,7 @@ class TeacherClient:
                     result.charged_usd += charged
                     outage, last_success = await self.governor.settle(worst, charged, not _unhealthy(e),
                                                                       self._error(e)[:200], admission.ticket)
-                    reason = _fatal_reason(e)
+                    reason = fatal_reason(e)
                     if reason is not None:
                         message = self._fatal_message(e, reason)
                         await self.governor.stop(message)
@@ -254,7 +298,7 @@ class TeacherClient:
                     if learn_from(e, self.cfg.base_url, self.cfg.model, params):
                         continue  # re-sent at once with the parameters the model takes
                     result.error = self._error(e)
-                    if not _transient(e):
+                    if not is_transient(e):
                         break
                     if first_failure is None:
                         first_failure = admission.ticket
@@ -265,7 +309,7 @@ class TeacherClient:
                         break
                     await asyncio.sleep(self._backoff_s(e, max(failures, 1)))
                     continue
-                self._read_response(response, result)
+                read_response(response, result, self.prices, self.cfg.model)
                 charged = result.cost_usd if result.cost_usd is not None else worst
                 result.charged_usd += charged
                 self.governor.settle_nowait(worst, charged, admission.ticket)
@@ -273,33 +317,8 @@ class TeacherClient:
         result.latency_s = time.monotonic() - start
         return result
 
-    def _read_response(self, response: Any, result: CallResult) -> None:
-        result.ok, result.error = True, None
-        result.texts = [(c.message.content or "") for c in response.choices]
-        result.finish_reasons = [c.finish_reason for c in response.choices]
-        usage = response.usage
-        if usage is None:  # billed all the same, but by how much is unknown
-            result.usage_known, result.tokens_in, result.tokens_out = False, 0, 0
-            result.cost_usd = None
-            return
-        result.tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
-        result.tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
-        details = getattr(usage, "prompt_tokens_details", None)
-        result.cached_tokens = int(getattr(details, "cached_tokens", 0) or 0) if details else 0
-        result.cost_usd = self.prices.cost(self.cfg.model, result.tokens_in, result.tokens_out, result.cached_tokens)
-
     def _fatal_message(self, exc: BaseException, reason: str) -> str:
-        status = getattr(exc, "status_code", "?")
-        code = getattr(exc, "code", None) or getattr(exc, "type", None) or ""
-        detail = redact(str(getattr(exc, "message", exc)), [self._key])[:300]
-        if "key" in reason:
-            advice = f"check the key in ${self.cfg.api_key_env}"
-        else:
-            advice = (f"add credit or raise the usage limit of the account behind ${self.cfg.api_key_env}, "
-                      "or use another key")
-        return (f"the teacher at {self.cfg.base_url} {reason} (HTTP {status} {code}: {detail}); the run "
-                f"stopped at once and stored nothing as failed: {advice}, then run the same command again "
-                "to resume")
+        return fatal_message(self.cfg, exc, reason, self._key)
 
     async def aclose(self) -> None:
         await self._client.close()

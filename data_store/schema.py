@@ -142,12 +142,55 @@ CALLS_SCHEMA = pa.schema(
     ]
 )
 
+# Batch API collection (actors.batch_jobs): one row per batch job and state change (the latest
+# ``attempt`` of a job is its current state), written before anything is waited on.
+BATCH_JOBS_SCHEMA = pa.schema(
+    [
+        pa.field("job_key", pa.string(), nullable=False),  # subq's id of the job (also in its metadata)
+        pa.field("attempt", pa.int64()),  # version of this row: every state change is a new one
+        pa.field("stage", pa.string()),  # decompose | answer | feedback
+        pa.field("batch_id", pa.string()),  # the API's id; null until the batch was created
+        pa.field("input_file_id", pa.string()),
+        pa.field("base_url", pa.string()),  # the endpoint that runs the job
+        pa.field("teacher_model", pa.string()),
+        pa.field("settings", pa.string()),  # the StageSettings the requests were built with (JSON)
+        pa.field("status", pa.string()),  # preparing, then the API's: validating ... completed / expired / ...
+        pa.field("requests", pa.int64()),  # request lines in the job
+        pa.field("completed", pa.int64()),  # the API's request counts
+        pa.field("failed", pa.int64()),
+        pa.field("output_file_id", pa.string()),
+        pa.field("error_file_id", pa.string()),
+        pa.field("ingested", pa.bool_()),  # its results are stored: the job is done with
+        pa.field("error", pa.string()),  # why the batch failed as a whole (validation errors)
+        pa.field("run_id", pa.string()),  # the collection run that submitted it
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+# One row per request line and submission: a request a batch left unanswered (expired,
+# cancelled) is submitted again as the next ``attempt`` of the same custom_id.
+BATCH_REQUESTS_SCHEMA = pa.schema(
+    [
+        pa.field("custom_id", pa.string(), nullable=False),  # "<sample key>:<stage>:<sample attempt>"
+        pa.field("attempt", pa.int64()),  # submission of this request: 0, 1, ...
+        pa.field("job_key", pa.string()),  # the job holding this submission
+        pa.field("stage", pa.string()),
+        pa.field("sample_keys", pa.list_(pa.string())),  # the samples it answers
+        pa.field("item", pa.string()),  # the stage's input (JSON): results are read against it
+        pa.field("worst_usd", pa.float64()),  # its worst-case cost at batch prices (budget reservation)
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "problems": PROBLEMS_SCHEMA,
     "samples": SAMPLES_SCHEMA,
     "journal_decompose": SAMPLES_SCHEMA,
     "journal_answer": SAMPLES_SCHEMA,
     "calls": CALLS_SCHEMA,
+    "batch_jobs": BATCH_JOBS_SCHEMA,
+    "batch_requests": BATCH_REQUESTS_SCHEMA,
 }
 KEYS: dict[str, str] = {
     "problems": "problem_id",
@@ -155,10 +198,12 @@ KEYS: dict[str, str] = {
     "journal_decompose": "sample_key",
     "journal_answer": "sample_key",
     "calls": "call_id",
+    "batch_jobs": "job_key",
+    "batch_requests": "custom_id",
 }
 # Tables whose keys have attempts: the highest attempt of a key is its current row.
 ATTEMPT_COLUMN = "attempt"
-VERSIONED = frozenset({"samples", "journal_decompose", "journal_answer"})
+VERSIONED = frozenset({"samples", "journal_decompose", "journal_answer", "batch_jobs", "batch_requests"})
 
 
 def empty_row(schema: pa.Schema) -> dict[str, Any]:

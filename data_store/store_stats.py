@@ -35,7 +35,7 @@ def not_ok_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def store_stats(store: Any) -> dict[str, Any]:
     """Counts per table (keys, part files, superseded attempts); samples per teacher by status,
-    with the reasons of those not ok; tokens, $ and the ledger's spend."""
+    with the reasons of those not ok; tokens, $ and the ledger's spend; Batch API jobs and their state."""
     out: dict[str, Any] = {"root": store.root_uri, "tables": {}, "part_files": {}, "superseded_attempts": {}}
     for table in SCHEMAS:
         out["tables"][table] = store.count(table)
@@ -66,6 +66,10 @@ def store_stats(store: Any) -> dict[str, Any]:
         t["fingerprints"] = len(t["fingerprints"])
         t["not_ok"] = not_ok_summary([r for r in samples if r["teacher_model"] == model])
     out["teachers"] = teachers
+    jobs = store.read_rows("batch_jobs", ["job_key", "batch_id", "stage", "status", "requests", "completed",
+                                          "failed", "ingested", "created_at"])
+    out["batch_jobs"] = [{**j, "created_at": j["created_at"].isoformat() if j["created_at"] else None}
+                         for j in sorted(jobs, key=lambda j: j["created_at"])]
     out["spent_usd"] = store.spent_usd()
     out["calls"] = out["tables"]["calls"]
     return out

@@ -59,6 +59,18 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actor-num-cpus", type=float, default=0.25, help="CPUs each collection actor reserves")
     p.add_argument("--actor-resources", type=_json_object, default={}, metavar="JSON",
                    help='custom Ray resources per actor, e.g. \'{"collect_node": 0.01}\' to pin actors to such nodes')
+    b = p.add_argument_group("Batch API (--mode batch: half the price, answers within 24 h)")
+    b.add_argument("--mode", choices=("online", "batch"), default="online",
+                   help="online: call the teacher now; batch: submit each stage as Batch API jobs")
+    b.add_argument("--wait", action="store_true", help="batch: poll until every sample is stored (else submit and return)")
+    # defaults: actors.batch_collect.BatchConfig (not imported here: it would slow every command)
+    b.add_argument("--poll-interval", type=float, help="batch: seconds between polls (default 30)")
+    b.add_argument("--max-batch-requests", type=int,
+                   help="batch: request lines per job, larger stages are split (default 50000, the API limit)")
+    b.add_argument("--max-batch-mb", type=float, help="batch: MB of JSONL per job (default 200, the API limit)")
+    b.add_argument("--export-requests", metavar="FILE",
+                   help="batch: write the pending requests as JSONL (for vllm run-batch) instead of uploading")
+    b.add_argument("--import-results", metavar="FILE", help="batch: store a results JSONL (vllm run-batch -o FILE)")
     p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model served when no base URL is given")
     p.add_argument("--local-port", type=int, default=8011)
     p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
@@ -68,7 +80,7 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from actors.collect import CollectConfig, run_collect
+    from actors.collect import run_collect
     from actors.prices import PriceTable
     from actors.teacher import TeacherConfig, TeacherFatalError, check_endpoint
     from data_store.datasets import load_problems
@@ -88,6 +100,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
         prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.mode == "batch":
+        return cmd_collect_batch(args, problems, prices)
+    if args.wait or args.export_requests or args.import_results:
+        raise UserError("--wait, --export-requests and --import-results need --mode batch")
     init_ray(args.ray_address)
     with local_teacher(args.teacher_base_url, args.local_model, args.local_port) as (base_url, served):
         model = args.teacher_model or served
@@ -98,17 +114,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         teacher = TeacherConfig(base_url=base_url, model=model, api_key_env=args.api_key_env,
                                 timeout_s=args.timeout, max_attempts=args.max_attempts)
         check_endpoint(teacher)
-        cfg = CollectConfig(
-            problems=args.problems, store=args.store, teacher=teacher,
-            samples_per_problem=args.samples_per_problem, feedback_samples=args.feedback_samples,
-            max_subquestions=args.max_subquestions, decompose_temperature=args.temperature,
-            feedback_temperature=args.temperature, max_tokens=args.max_tokens,
-            requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
-            budget_usd=args.budget_usd, budget_per_run=args.budget_per_run, retry_failed=not args.no_retry_failed,
-            patience_s=args.patience, prices=prices, min_actors=args.min_actors,
-            max_actors=args.max_actors, batch_size=args.batch_size, progress=not args.no_progress,
-            actor_num_cpus=args.actor_num_cpus, actor_resources=args.actor_resources,
-        )
+        cfg = collect_config(args, teacher, prices)
         try:
             report = run_collect(cfg, problems)
         except TeacherFatalError as e:
@@ -119,6 +125,105 @@ def cmd_collect(args: argparse.Namespace) -> int:
     else:
         print(format_collect_report(report, args.store, cfg))
     return 0 if report.complete and not report.retryable else EXIT_FAILED_ROWS
+
+
+def collect_config(args: argparse.Namespace, teacher, prices):
+    """The CollectConfig of ``subq collect``'s arguments (both modes)."""
+    from actors.collect import CollectConfig
+
+    return CollectConfig(
+        problems=args.problems, store=args.store, teacher=teacher,
+        samples_per_problem=args.samples_per_problem, feedback_samples=args.feedback_samples,
+        max_subquestions=args.max_subquestions, decompose_temperature=args.temperature,
+        feedback_temperature=args.temperature, max_tokens=args.max_tokens,
+        requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
+        budget_usd=args.budget_usd, budget_per_run=args.budget_per_run, retry_failed=not args.no_retry_failed,
+        patience_s=args.patience, prices=prices, min_actors=args.min_actors,
+        max_actors=args.max_actors, batch_size=args.batch_size, progress=not args.no_progress,
+        actor_num_cpus=args.actor_num_cpus, actor_resources=args.actor_resources,
+    )
+
+
+def cmd_collect_batch(args: argparse.Namespace, problems: list[dict], prices) -> int:
+    """``subq collect --mode batch``: poll, store what ended, submit what is next (see actors.batch_collect)."""
+    from actors.batch_collect import BatchConfig, run_batch_collect
+    from actors.teacher import TeacherConfig, TeacherFatalError, TeacherUnreachable, check_endpoint
+    from subq.cli import UserError
+
+    offline = bool(args.export_requests or args.import_results)
+    if args.export_requests and args.import_results:
+        raise UserError("--export-requests and --import-results are two steps: give one per run")
+    default = BatchConfig()
+    poll = default.poll_interval_s if args.poll_interval is None else args.poll_interval
+    max_requests = default.max_requests_per_batch if args.max_batch_requests is None else args.max_batch_requests
+    max_bytes = default.max_bytes_per_batch if args.max_batch_mb is None else int(args.max_batch_mb * 2**20)
+    if max_requests < 1 or max_bytes < 1 or poll < 0:
+        raise UserError("--max-batch-requests must be >= 1, --max-batch-mb > 0 and --poll-interval >= 0")
+    if args.teacher_base_url is None and not offline:
+        raise UserError("--mode batch needs --teacher-base-url of an endpoint with the Batch API (OpenAI); for a "
+                        "self-hosted server use --export-requests FILE, vllm run-batch, then --import-results FILE")
+    if args.teacher_model is None:
+        raise UserError("--mode batch needs --teacher-model (the model name the requests carry)")
+    teacher = TeacherConfig(base_url=args.teacher_base_url or "offline", model=args.teacher_model,
+                            api_key_env=args.api_key_env, timeout_s=args.timeout, max_attempts=args.max_attempts)
+    if not offline:
+        try:
+            check_endpoint(teacher)
+        except TeacherUnreachable as e:
+            raise UserError(str(e)) from None
+    cfg = collect_config(args, teacher, prices)
+    batch = BatchConfig(wait=args.wait, poll_interval_s=poll, max_requests_per_batch=max_requests,
+                        max_bytes_per_batch=max_bytes,
+                        export_requests=args.export_requests, import_results=args.import_results)
+    try:
+        report = run_batch_collect(cfg, batch, problems)
+    except TeacherFatalError as e:
+        print(f"subq: error: {e}", file=sys.stderr)
+        return EXIT_ACCOUNT
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        print(format_batch_report(report, args, cfg))
+    if report.failed_jobs:
+        return EXIT_FAILED_ROWS
+    in_progress = report.live or report.exported or args.import_results  # more rounds will follow
+    return 0 if (report.complete or in_progress) and not report.retryable else EXIT_FAILED_ROWS
+
+
+def format_batch_report(report, args: argparse.Namespace, cfg) -> str:
+    text = format_collect_report(report, args.store, cfg).replace("collected into", "batch collection into", 1)
+    lines = [text.replace("; run the same command again to finish", "")]  # the next step is said below
+    if report.ingested_jobs or report.unanswered:
+        lines.append(f"stored the results of {report.ingested_jobs} ended jobs (priced at batch prices)"
+                     + (f"; {report.unanswered} requests they left unanswered go into the next batch"
+                        if report.unanswered else ""))
+    for job in report.submitted:
+        lines.append(f"submitted {job['batch_id']} ({job['stage']}, {job['requests']} requests)")
+    for failed in report.failed_jobs:
+        lines.append(f"failed batch {failed}: its requests are not resubmitted by this run; fix the cause and re-run")
+    if report.budget_left_out:
+        lines.append(f"{report.budget_left_out} requests not submitted: they do not fit --budget-usd at batch prices")
+    if report.exported:
+        lines.append(f"wrote {report.exported} requests to {args.export_requests}; run them, e.g. "
+                     f"`vllm run-batch -i {args.export_requests} -o results.jsonl --model {cfg.teacher.model}`, "
+                     "then the same command with --import-results results.jsonl instead")
+    if args.import_results:
+        lines.append(f"imported {report.imported} result lines from {args.import_results}"
+                     + (f" ({report.unmatched} matched no pending request: skipped)" if report.unmatched else ""))
+    if report.live:
+        states = ", ".join(sorted({j["status"] for j in report.live}))
+        lines.append(f"{len(report.live)} jobs running ({states}): "
+                     + " ".join(j["batch_id"] or j["job_key"] for j in report.live[:10])
+                     + (" ..." if len(report.live) > 10 else ""))
+        lines.append("next: run the same command again later to store their results and submit the next stage "
+                     "(or add --wait)")
+    elif not report.complete and not report.exported and not args.import_results:
+        lines.append("next: run the same command again")
+    elif args.import_results and not report.complete:
+        lines.append("next: export the next stage with --export-requests FILE")
+    return "\n".join(lines)
 
 
 def _reasons(reasons: dict[str, int], limit: int = 3) -> str:
@@ -194,6 +299,16 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
         for s, reasons in t["not_ok"].items():
             print(f"    {s}: {_reasons(reasons, limit=6)}")
     print(f"  spent (ledger of {stats['calls']} calls): ${stats['spent_usd']:.4f}")
+    jobs = stats["batch_jobs"]
+    if jobs:
+        live = [j for j in jobs if not j["ingested"]]
+        print(f"  batch jobs: {len(jobs)}, {len(live)} not stored yet (run subq collect --mode batch to poll them)")
+        for j in (live + [j for j in jobs if j["ingested"]])[:20]:  # the live ones first
+            answered = f"{j['completed'] or 0}/{j['requests']} answered, {j['failed'] or 0} failed"
+            print(f"    {j['batch_id'] or j['job_key']:<32}{j['stage']:<10}{j['status']:<12}{answered}"
+                  + ("" if j["ingested"] else "  (results not stored yet)"))
+        if len(jobs) > 20:
+            print(f"    ... {len(jobs) - 20} more (--json lists them all)")
     return 0
 
 

@@ -43,6 +43,9 @@ Semantics, in short:
 - ``api_key``: requests without ``Authorization: Bearer <api_key>`` get 401 ``invalid_api_key``.
 - ``quota``: once that many requests were let through, every further request gets 429
   ``insufficient_quota`` (an account that ran dry mid-run); ``set_quota`` sets a fresh allowance.
+- The Batch API (``/v1/files``, ``/v1/batches``): ``tests.batch_routes``; every line is answered by
+  the chat route above, so faults and billing are the same, and ``stats()["batch_lines"]`` counts
+  every line submitted, by custom_id.
 - ``POST /v1/completions`` answers a student-format prompt (``protocol.prompts.student_prompt``) with
   deterministic sub-questions, ``SUBQ_END`` and an invented next problem (cut at ``stop`` strings, which
   are left out as vLLM does); faults 429/500/400/malformed as for chat, counted as stage "student".
@@ -69,6 +72,8 @@ from typing import Any, Self
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from tests.batch_routes import BatchPlan, BatchStats, add_batch_routes
 
 STAGES = ("decompose", "answer", "feedback")
 FAULT_KINDS = ("429", "500", "hang", "malformed", "400", "disconnect", "few_choices", "no_usage", "truncated",
@@ -312,6 +317,8 @@ def create_app(
     account: AccountFaults | None = None,
     api_key: str | None = None,
     quota: int | None = None,
+    batch: BatchPlan | None = None,
+    batch_stats: BatchStats | None = None,
 ) -> FastAPI:
     plan = faults or FaultPlan()
     acct = account or AccountFaults()
@@ -324,6 +331,7 @@ def create_app(
     app.state.account = acct
     app.state.quota = quota  # requests let through; None: unlimited (TeacherServer.set_quota changes it)
     app.state.quota_used = 0
+    app.state.batch_stats = batch_stats or BatchStats()  # the Batch API's counters (tests.batch_routes)
 
     def refused(request: Request) -> Response | None:
         """401 for a wrong key, 429 insufficient_quota for an empty account; None: go on."""
@@ -427,7 +435,7 @@ def create_app(
 
     @app.get("/stats")
     async def get_stats() -> dict[str, Any]:
-        return st.snapshot()
+        return {**st.snapshot(), **app.state.batch_stats.snapshot()}
 
     @app.post("/stats/reset")
     async def reset_stats(attempts: bool = False) -> dict[str, Any]:
@@ -601,6 +609,7 @@ def create_app(
             "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
         })
 
+    add_batch_routes(app, batch or BatchPlan(), app.state.batch_stats, content_key)  # files + batches
     return app
 
 
@@ -706,16 +715,19 @@ class TeacherServer(ThreadedServer):
         account: AccountFaults | None = None,
         api_key: str | None = None,
         quota: int | None = None,
+        batch: BatchPlan | None = None,
     ) -> None:
         self.model = model
         self.faults = faults or FaultPlan()
         self.account = account or AccountFaults()
         self._stats = _Stats()
         self._bind(create_app(model, latency_s, self.faults, answer_fn, latency_per_token_s,
-                              max_concurrency, self._stats, self.account, api_key=api_key, quota=quota), host, port)
+                              max_concurrency, self._stats, self.account, api_key=api_key, quota=quota,
+                              batch=batch), host, port)
 
     def stats(self) -> dict[str, Any]:
-        return self._stats.snapshot()
+        """Chat counters, and the batch ones (``batch_lines``: custom_id -> times submitted)."""
+        return {**self._stats.snapshot(), **self.app.state.batch_stats.snapshot()}
 
     def start_outage(self, seconds: float, status: int = 503) -> None:
         """Every request gets ``status`` for the next ``seconds`` (503, or 429 without Retry-After)."""
