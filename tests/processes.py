@@ -13,8 +13,12 @@ def kill_tree(proc: subprocess.Popen) -> None:
     (Ray workers have process groups of their own, so the group alone is not enough)."""
     import psutil
 
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # it had already finished (and been reaped): its group may live on
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
