@@ -130,7 +130,11 @@ class Store:
 
     def part_files(self, table: str) -> list[str]:
         """The finished part files of a table, oldest first (temporary files are ignored)."""
-        info = self.fs.get_file_info(pafs.FileSelector(self.table_dir(table), allow_not_found=True))
+        selector = pafs.FileSelector(self.table_dir(table), allow_not_found=True)
+        try:
+            info = self.fs.get_file_info(selector)
+        except FileNotFoundError:  # the directory was stat-ed, then could not be opened: list once more
+            info = self.fs.get_file_info(selector)
         files = [
             f.path
             for f in info

@@ -234,7 +234,8 @@ def test_ray_train_runs_dpo_end_to_end_and_resumes(ray_session, tmp_path):
     out = tmp_path / "out"
     cfg = TrainConfig(algo="dpo", init=TINY, store=store, out=str(out), batch_size=2, max_steps=2, epochs=5,
                       checkpoint_every=2, report_every=1, max_length=128, val_fraction=0.25, val_every=2,
-                      early_stopping_metric="losses/val_dpo", algo_config={"lr": 1e-3}, progress=False)
+                      early_stopping_metric="losses/val_dpo", algo_config={"lr": 1e-3}, progress=False,
+                      keep_checkpoints=True)  # the run is extended below
     first = run_train(cfg)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
