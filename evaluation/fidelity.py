@@ -84,6 +84,16 @@ def scored_pair(tokenizer: PreTrainedTokenizerBase, problem: str, subquestions: 
 
 
 @torch.no_grad()
+def _padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and their attention mask, [len(seqs), longest]."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    attn = torch.zeros(ids.shape, dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, :len(seq)] = torch.tensor(seq)
+        attn[r, :len(seq)] = 1
+    return ids, attn
+
+
 def token_nll(model: PreTrainedModel, items: Sequence[Scored], *, batch_size: int = 8,
               pad_id: int = 0) -> list[tuple[float, int]]:
     """Per item: (sum of -log p over its scored tokens, number of scored tokens). Eval mode, float32 softmax.
@@ -98,15 +108,10 @@ def token_nll(model: PreTrainedModel, items: Sequence[Scored], *, batch_size: in
     try:
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            width = max(len(s.input_ids) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            score = torch.zeros((len(chunk), width), dtype=torch.bool)
+            ids, attn = _padded([s.input_ids for s in chunk], pad_id)
+            score = torch.zeros(ids.shape, dtype=torch.bool)
             for r, s in enumerate(chunk):
-                n = len(s.input_ids)
-                ids[r, :n] = torch.tensor(s.input_ids)
-                attn[r, :n] = 1
-                score[r, :n] = torch.tensor(s.score_mask, dtype=torch.bool)
+                score[r, :len(s.score_mask)] = torch.tensor(s.score_mask, dtype=torch.bool)
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
             logp = F.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].to(device)[..., None]).squeeze(-1)
             mask = score[:, 1:].to(device)
@@ -171,12 +176,7 @@ def value_scores(model: PreTrainedModel, heads: torch.nn.Module, tokenizer: PreT
     try:
         for i in range(0, len(eps), batch_size):
             chunk = eps[i:i + batch_size]
-            width = max(len(e.input_ids) for e in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, e in enumerate(chunk):
-                ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
-                attn[r, :len(e.input_ids)] = 1
+            ids, attn = _padded([e.input_ids for e in chunk], pad)
             hidden = model(input_ids=ids.to(device), attention_mask=attn.to(device),
                            output_hidden_states=True).hidden_states[-1]
             v = heads.v_head(hidden).squeeze(-1).float()  # [B, T]: V(s) summarised at each position
