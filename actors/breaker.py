@@ -1,7 +1,8 @@
 """A circuit breaker shared by every collection actor: under an outage the pool backs off as one.
 
 Closed: calls go out. After ``failure_threshold`` failures in a row across the pool (5xx,
-timeouts, dropped connections, 429s) it opens: no call goes out for ``cooldown`` seconds. Then
+timeouts, dropped connections, 429s) of at least ``min_calls`` different calls, it opens: no
+call goes out for ``cooldown`` seconds (one call failing alone is that call's problem). Then
 half-open: one probe call goes out while the others wait; its success closes the breaker, its
 failure reopens it with the cooldown doubled (up to ``max_cooldown_s``). Failures of calls that
 were already in flight when it opened are counted as the pool's, not held against their rows.
@@ -21,6 +22,7 @@ GO, WAIT, GAVE_UP = "go", "wait", "gave_up"
 @dataclass
 class BreakerConfig:
     failure_threshold: int = 3  # consecutive pool-wide failures that open it (<= a call's attempts)
+    min_calls: int = 2  # ...of this many different calls: one call failing alone is that call's problem
     cooldown_s: float = 1.0  # first pause; doubles after each failed probe
     max_cooldown_s: float = 30.0
     patience_s: float = 600.0  # an outage longer than this stops the run (resume later)
@@ -63,8 +65,13 @@ class CircuitBreaker:
         self.state, self.failures, self.failing_since = "closed", 0, None
         self.cooldown, self.probe_at = self.cfg.cooldown_s, None
 
-    def failure(self) -> bool:
-        """Count a failure; True when the pool is in an outage (the breaker is not closed)."""
+    def failure(self, calls: int | None = None) -> bool:
+        """Count a failure; True when the pool is in an outage (the breaker is not closed).
+
+        ``calls``: how many different calls failed in the current streak (None: not tracked). A
+        streak of one call's retries -- a prompt the endpoint always fails on, a follow-up it
+        refuses -- says nothing about the endpoint, and opening on it would hold that call (and
+        everyone) for the whole patience when it is the last one left."""
         now = self.clock()
         self.failures += 1
         if self.failing_since is None:
@@ -72,7 +79,8 @@ class CircuitBreaker:
         if self.state == "half_open":  # the probe (or a straggler) failed: pause longer
             self.cooldown = min(self.cfg.max_cooldown_s, self.cooldown * 2)
             self._open(now)
-        elif self.state == "closed" and self.failures >= self.cfg.failure_threshold:
+        elif self.state == "closed" and self.failures >= self.cfg.failure_threshold \
+                and (calls is None or calls >= self.cfg.min_calls):
             self._open(now)
         return self.state != "closed"
 

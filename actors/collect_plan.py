@@ -5,7 +5,8 @@ Every sample key lives in up to three tables (``journal_decompose``, ``journal_a
 pipeline: nothing stored -> decompose; the latest attempt only decomposed -> answer; only
 answered -> feedback; in ``samples`` -> done, unless it failed in a retryable way
 (``RETRYABLE_STATUSES``) and retries are on: then a new attempt (number + 1) re-runs the failed
-stage and the ones after it, keeping the paid results of the stages before.
+stage and the ones after it, keeping the paid results of the stages before (and of partial
+feedback, the judgements it got).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.stages import StageSettings
-from data_store.schema import RETRYABLE_STATUSES, STAGES, sample_key
+from data_store.schema import RETRYABLE_STATUSES, STAGES, STATUS_PARTIAL, sample_key
 from data_store.store import Store
 
 Row = dict[str, Any]
 # columns a stage fills, cleared when a retry re-runs that stage
 _STAGE_COLUMNS = ("status", "error", "raw", "tokens_in", "tokens_out", "latency_s", "cost_usd", "calls",
                   "finish_reason")
+_KEPT_BY_PARTIAL = ("raw", "finish_reason", "tokens_in", "tokens_out", "latency_s", "cost_usd", "calls")
 _DERIVED = {"answer": ("subanswers", "final_answer", "final_value", "correct"), "feedback": ("usefulness",)}
 
 
@@ -59,11 +61,16 @@ def retry_stage(row: Row) -> str | None:
 
 
 def reset_from(row: Row, stage: str, attempt: int, run_id: str) -> Row:
-    """A new attempt of ``row`` that re-runs ``stage`` and the stages after it."""
+    """A new attempt of ``row`` that re-runs ``stage`` and the stages after it.
+
+    Partial feedback keeps the judgements it paid for (and their usage): the retry asks only for
+    the missing ones."""
     row = dict(row)
+    keep = _KEPT_BY_PARTIAL if stage == "feedback" and row.get("feedback_status") == STATUS_PARTIAL else ()
     for s in STAGES[STAGES.index(stage):]:
         for col in _STAGE_COLUMNS:
-            row[f"{s}_{col}"] = None
+            if not (s == "feedback" and col in keep):
+                row[f"{s}_{col}"] = None
         for col in _DERIVED.get(s, ()):
             row[col] = None
     row.update(attempt=attempt, run_id=run_id, status="ok", cost_usd=None)

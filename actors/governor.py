@@ -51,6 +51,7 @@ class Governor:
         self.last_success = 0  # ticket of the latest-admitted healthy answer: a failure that outlives one
         #                        is the call's, not an outage
         self.streak_from: int | None = None  # ticket of the first failed call of the current failure streak
+        self.streak_calls: set[int] = set()  # the different calls that failed in it
         self.last_failure: str | None = None  # what the endpoint last failed with (for the stop message)
 
     def admit(self, est_tokens: int = 0, worst_usd: float = 0.0) -> Admission:
@@ -68,14 +69,18 @@ class Governor:
         return Admission(wait_s=self.limiter.reserve(est_tokens).wait_s if self.limiter else 0.0, ticket=self.calls)
 
     def settle(self, worst_usd: float, charged_usd: float, healthy: bool, error: str | None = None,
-               ticket: int | None = None) -> tuple[bool, int]:
+               ticket: int | None = None, call: int | None = None) -> tuple[bool, int]:
         """Release the reservation, count the spend and tell the breaker. Returns (the pool is in an
         outage, the ticket of the latest-admitted success): a caller holds a failure against its own
         attempts unless the pool is in an outage and no call admitted after its first failure succeeded.
 
         A success admitted before the current failure streak began is a straggler (it was answered
         before the outage, but settled late from another actor): it neither closes the breaker nor
-        counts as a success, or the race would burn rows into errors during an outage."""
+        counts as a success, or the race would burn rows into errors during an outage.
+
+        ``call``: the call this attempt belongs to (the ticket of its first attempt; None: each
+        attempt is its own call). A failure is excused as the pool's only when another call failed
+        in the same streak: one call failing alone is that call's problem."""
         if self.budget is not None:
             self.budget.settle(worst_usd, charged_usd)
         self.spent_usd += charged_usd
@@ -84,12 +89,16 @@ class Governor:
             if self.streak_from is not None and ticket < self.streak_from:
                 return self.breaker.state != "closed", self.last_success
             self.last_success, self.streak_from = max(self.last_success, ticket), None
+            self.streak_calls.clear()
             self.breaker.success()
             return False, self.last_success
         self.last_failure = error
         if self.streak_from is None:
             self.streak_from = ticket
-        return self.breaker.failure(), self.last_success
+        call = ticket if call is None else call
+        self.streak_calls.add(call)
+        outage = self.breaker.failure(len(self.streak_calls))
+        return outage and bool(self.streak_calls - {call}), self.last_success
 
     def stop(self, message: str) -> None:
         """A fatal account error: refuse every further call of the run."""
@@ -120,10 +129,11 @@ class GovernorClient:
         return self.g.admit(est_tokens, worst_usd)
 
     async def settle(self, worst_usd: float, charged_usd: float, healthy: bool,
-                     error: str | None = None, ticket: int | None = None) -> tuple[bool, int]:
+                     error: str | None = None, ticket: int | None = None, call: int | None = None
+                     ) -> tuple[bool, int]:
         if self.remote:
-            return await self.g.settle.remote(worst_usd, charged_usd, healthy, error, ticket)
-        return self.g.settle(worst_usd, charged_usd, healthy, error, ticket)
+            return await self.g.settle.remote(worst_usd, charged_usd, healthy, error, ticket, call)
+        return self.g.settle(worst_usd, charged_usd, healthy, error, ticket, call)
 
     def settle_nowait(self, worst_usd: float, charged_usd: float, ticket: int | None = None) -> None:
         """A success (or a cancelled call): nothing to wait for (the actor applies calls in order)."""

@@ -5,7 +5,8 @@ decompose: one call per problem asks for ``n`` decompositions at once (the promp
 answer:    the teacher answers its own sub-questions, ending with "Final answer: <number>";
            ``correct`` compares that number with the gold answer.
 feedback:  one call with ``n = feedback_samples`` judgements; usefulness_i = share of "Yes".
-           Fewer judgements than asked (and asking for the rest failed) is ``partial``, not ok.
+           Fewer judgements than asked (and asking for the rest failed) is ``partial``, not ok;
+           its retry keeps the judgements it got and asks only for the missing ones.
 
 Each function returns the rows it produced and the calls it made (for the store's ledger). A
 call's tokens, latency and $ are split evenly over the rows it produced. A row whose earlier
@@ -226,8 +227,11 @@ async def feedback(client: TeacherClient, row: Row, s: StageSettings) -> Output:
     messages = feedback_messages(row["question"], subqs, list(row["subanswers"] or []))
     # a verdict is ~4 tokens per sub-question: a tight cap keeps a rambling teacher cheap
     max_tokens = min(s.max_tokens, 24 + 8 * len(subqs))
-    texts, reasons, calls = await _chat_n(client, messages, s.feedback_samples, s.feedback_temperature, max_tokens)
-    if calls[-1].refused and not texts:
+    have = list(row.get("feedback_raw") or [])[: s.feedback_samples]  # paid by a partial attempt: kept
+    texts, reasons, calls = await _chat_n(client, messages, s.feedback_samples - len(have), s.feedback_temperature,
+                                          max_tokens)
+    texts, reasons = have + texts, [row.get("feedback_finish_reason")] * len(have) + reasons
+    if calls and calls[-1].refused and not texts:
         return [], calls
     for call in calls:
         _account(row, "feedback", call)

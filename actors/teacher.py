@@ -219,8 +219,8 @@ class TeacherClient:
             base_url=cfg.base_url, api_key=self._key, max_retries=0, timeout=cfg.timeout_s
         )
         self._sem = asyncio.Semaphore(cfg.max_concurrency)
-        self._first_call = asyncio.Lock()
-        self._params_settled = False
+        self._first_claimed = False  # a call is learning the parameters; the others wait for...
+        self._params_settled = asyncio.Event()  # ...its first answer that taught nothing new
 
     def _backoff_s(self, exc: BaseException, failures: int) -> float:
         asked = _retry_after_s(exc)
@@ -246,22 +246,28 @@ class TeacherClient:
 
         The first call of a client goes alone: if the model refuses a parameter, that one call
         learns it, instead of every call already in flight paying a 400 to learn the same thing.
+        The others go as soon as one of its attempts teaches nothing new (a success, or any other
+        failure: held back through that call's retries, they would leave it failing alone, which
+        the governor cannot tell from a prompt the endpoint always fails on).
         """
-        if not self._params_settled:
-            async with self._first_call:
-                if not self._params_settled:
-                    try:
-                        return await self._chat(messages, n, temperature, max_tokens)
-                    finally:
-                        self._params_settled = True
+        if not self._params_settled.is_set():
+            if not self._first_claimed:
+                self._first_claimed = True
+                try:
+                    return await self._chat(messages, n, temperature, max_tokens, first=True)
+                finally:
+                    self._params_settled.set()
+            await self._params_settled.wait()
         return await self._chat(messages, n, temperature, max_tokens)
 
-    async def _chat(self, messages: list[dict[str, str]], n: int, temperature: float, max_tokens: int) -> CallResult:
+    async def _chat(self, messages: list[dict[str, str]], n: int, temperature: float, max_tokens: int,
+                    first: bool = False) -> CallResult:
         result = CallResult()
         est_tokens = sum(len(m["content"]) for m in messages) // 4 + n * max_tokens  # for tokens/min
         worst = self.prices.worst_case(self.cfg.model, max_prompt_tokens(messages), n * max_tokens) or 0.0
         failures = 0
         first_failure: int | None = None  # the admission ticket of this call's first failed attempt
+        call_id: int | None = None  # the ticket of its first attempt: who the governor holds failures against
         start = time.monotonic()
         async with self._sem:
             while True:
@@ -275,6 +281,7 @@ class TeacherClient:
                     await asyncio.sleep(admission.wait_s)
                 if admission.again:
                     continue
+                call_id = admission.ticket if call_id is None else call_id
                 params = chat_params(self.cfg, n, temperature, max_tokens)
                 result.attempts += 1
                 try:
@@ -289,7 +296,8 @@ class TeacherClient:
                     charged = worst if _maybe_billed(e) else 0.0
                     result.charged_usd += charged
                     outage, last_success = await self.governor.settle(worst, charged, not _unhealthy(e),
-                                                                      self._error(e)[:200], admission.ticket)
+                                                                      self._error(e)[:200], admission.ticket,
+                                                                      call_id)
                     reason = fatal_reason(e)
                     if reason is not None:
                         message = self._fatal_message(e, reason)
@@ -297,6 +305,8 @@ class TeacherClient:
                         raise TeacherFatalError(message) from None
                     if learn_from(e, self.cfg.base_url, self.cfg.model, params):
                         continue  # re-sent at once with the parameters the model takes
+                    if first:
+                        self._params_settled.set()
                     result.error = self._error(e)
                     if not is_transient(e):
                         break

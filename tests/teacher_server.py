@@ -256,6 +256,8 @@ class _Stats:
             self.by_stage: Counter[str] = Counter()
             self.by_outcome: Counter[str] = Counter()
             self.billed_by_content: Counter[str] = Counter()
+            self.stage_of: dict[str, str] = {}  # content key -> its stage (to break down the billed calls)
+            self.billed_at: dict[str, list[float]] = {}  # content key -> wall time of each billed answer
             self.prompt_tokens = self.completion_tokens = 0
             self.in_flight = self.peak_in_flight = 0
             self.in_flight_keys: Counter[str] = Counter()  # content keys being worked on now
@@ -271,6 +273,8 @@ class _Stats:
                 "by_outcome": {o: self.by_outcome[o] for o in OUTCOMES},
                 "billed": sum(self.billed_by_content.values()),
                 "billed_by_content": dict(self.billed_by_content),
+                "stage_of": dict(self.stage_of),
+                "billed_at": {k: list(v) for k, v in self.billed_at.items()},
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "in_flight": self.in_flight,
@@ -373,6 +377,7 @@ def create_app(
             if billed and key is not None:
                 st.ok_times.append(time.time())
                 st.billed_by_content[key] += 1
+                st.billed_at.setdefault(key, []).append(time.time())
                 st.prompt_tokens += p_tok
                 st.completion_tokens += c_tok
 
@@ -500,9 +505,10 @@ def create_app(
         key = content_key(body)
         messages_key = content_key({"messages": body["messages"]})
         with st.lock:
+            st.stage_of[key] = stage
             attempt = st.attempts[key]
             st.attempts[key] += 1
-        if n < short_replies.get(messages_key, 0):
+        if acct.content_faults and n < short_replies.get(messages_key, 0):
             finish("follow_up")
             return _error(500, "The follow-up request failed (injected after a reply with too few choices).",
                           "server_error")

@@ -165,19 +165,27 @@ def test_a_response_without_usage_is_priced_unknown(ray_session, tmp_path):
     assert report.cost_usd is None
 
 
-def test_incomplete_feedback_is_not_stored_as_ok(ray_session, tmp_path):
-    """Fewer judgements than asked and the follow-up fails: partial, retried by the next run.
+def test_incomplete_feedback_is_not_stored_as_ok_and_its_paid_judgements_are_kept(ray_session, tmp_path):
+    """Fewer judgements than asked and every follow-up fails: partial, not ok. The next run asks
+    only for the missing judgements: the paid one is kept, never bought again.
 
-    Here every follow-up fails and nothing else is left to succeed, which from the client looks
-    like an outage: a short patience ends the wait."""
+    Every follow-up failing with nothing else left to succeed looks like an outage from the
+    client (one call failing alone does not: tests/test_teacher_client.py): a short patience."""
     with TeacherServer(faults=FaultPlan(rate=1.0, kinds=("few_choices",)), model=MODEL) as srv:
         run_collect(config(srv, tmp_path, samples_per_problem=1, patience_s=3.0))
         rows = Store(str(tmp_path)).read_rows("samples")
         assert rows and all(r["status"] != "ok" for r in rows)
-        assert {r["feedback_status"] for r in rows if r["answer_status"] == "ok"} <= {"partial"}
+        partial = [r for r in rows if r["answer_status"] == "ok"]
+        assert partial and {r["feedback_status"] for r in partial} == {"partial"}
+        assert all(len(r["feedback_raw"]) == 1 for r in partial)
+        srv.account.content_faults = False  # the endpoint behaves again
         run_collect(config(srv, tmp_path, samples_per_problem=1))
+        stats = srv.stats()
     rows = Store(str(tmp_path)).read_rows("samples")
     assert {r["status"] for r in rows} == {"ok"} and all(len(r["feedback_raw"]) == 2 for r in rows)
+    kept = {r["sample_key"]: r["feedback_raw"][0] for r in partial}
+    assert all(r["feedback_raw"][0] == kept[r["sample_key"]] for r in rows if r["sample_key"] in kept)
+    assert max(stats["billed_by_content"].values()) == 1  # no content was paid twice
 
 
 def test_the_budget_is_a_cap_with_many_calls_in_flight_and_counts_stored_spend(ray_session, tmp_path):

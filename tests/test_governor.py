@@ -102,3 +102,18 @@ def test_a_straggling_success_does_not_end_an_outage():
     probe = g.admit().ticket
     assert g.settle(0.0, 0.0, healthy=True, ticket=probe) == (False, probe)
     assert g.breaker.state == "closed"
+
+
+def test_one_calls_failures_neither_open_the_breaker_nor_excuse_themselves():
+    """A streak of failures of a single call is that call's problem (its content, its follow-up):
+    the breaker stays closed and the call is told to count them. A second call failing in the same
+    streak makes it the pool's (an outage): the breaker opens and both are excused."""
+    g = Governor(GovernorConfig(breaker=BreakerConfig(failure_threshold=3, cooldown_s=5.0)))
+    first = g.admit().ticket
+    for _ in range(5):
+        outage, _ = g.settle(0.0, 0.0, healthy=False, error="500", ticket=g.admit().ticket, call=first)
+        assert not outage
+    assert g.breaker.state == "closed" and g.breaker.opened == 0
+    other = g.admit().ticket
+    outage, last = g.settle(0.0, 0.0, healthy=False, error="500", ticket=other, call=other)
+    assert outage and last == 0 and g.breaker.state == "open"

@@ -77,6 +77,21 @@ def test_the_pool_waits_out_an_outage_instead_of_failing_its_calls():
         assert governor.breaker.opened >= 1
 
 
+def test_a_lone_call_that_keeps_failing_is_its_own_fault_not_an_outage():
+    """One call whose content always fails (a poisoned prompt, a follow-up the server refuses) and
+    nothing else in flight: its failures are the call's, so it fails after max_attempts at once,
+    instead of opening the breaker and waiting out the whole patience as if the endpoint were down
+    (which, at the end of a run, stalled collection for patience_s = 10 minutes)."""
+    plan = FaultPlan(rate=1.0, kinds=("500",), persistent=("500",))
+    with TeacherServer(model=MODEL, faults=plan) as srv:
+        governor = Governor(GovernorConfig(breaker=BreakerConfig(cooldown_s=0.5, patience_s=30.0)))
+        start = time.monotonic()
+        r = run(client_for(srv, governor).chat(decompose_messages("How many apples?")))
+    assert not r.ok and r.refused is None and r.attempts == 3, (r.refused, r.attempts)
+    assert time.monotonic() - start < 10
+    assert governor.breaker.opened == 0
+
+
 def test_an_outage_past_the_patience_refuses_calls_without_failing_them():
     with TeacherServer(model=MODEL, account=AccountFaults()) as srv:
         governor = Governor(GovernorConfig(breaker=BreakerConfig(cooldown_s=0.2, patience_s=1.0)))
