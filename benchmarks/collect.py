@@ -54,7 +54,8 @@ MODEL = "test-teacher"
 STORM = FaultPlan(rate=0.15, kinds=("429", "500", "hang", "disconnect", "400", "few_choices", "truncated", "slow",
                                     "malformed", "no_usage"), seed=7, persistent=("malformed", "no_usage"),
                   retry_after_s=0.2, hang_s=5.0, slow_s=2.0)
-REPAID_ON_PURPOSE = ("few_choices", "truncated")  # a partial / truncated reply is retried, so re-paid
+LANDING_S = 0.5  # a call answered this long before the kill counts as in flight (its write was)
+REPAID_ON_PURPOSE = ("truncated",)  # a truncated reply is asked again (partial feedback keeps what it got)
 
 
 class ServerProcess:
@@ -175,6 +176,7 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
             first = subprocess.run(_cli(srv, store, spec, args, "--budget-usd", str(args.budget), *prices),
                                    cwd=ROOT, env=env, capture_output=True, text=True)
             overshoot = max(0.0, billed_usd(srv.stats()) - args.budget)
+            paid_by_run = [srv.stats()["billed_by_content"]]  # cumulative, after each run
             # 2. a run killed mid-way, 3. its resume
             proc = subprocess.Popen(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -183,12 +185,17 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
             while Store(store).count("samples") < target and proc.poll() is None:
                 time.sleep(0.2)
             killed_mid_run = proc.poll() is None
-            kill_tree(proc)
             in_flight_at_kill = set(srv.stats()["in_flight_keys"])
+            kill_at = time.time()
+            kill_tree(proc)
+            in_flight_at_kill |= set(srv.stats()["in_flight_keys"])
+            paid_by_run.append(srv.stats()["billed_by_content"])
             at_kill = Store(store).count("samples")
+            resume_at = time.time()  # the server bills a call it finishes after its client died
             resume = subprocess.run(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, capture_output=True,
                                     text=True)
             failed_before = _retryable(store)
+            paid_by_run.append(srv.stats()["billed_by_content"])
             # 4. the storm is over: one re-run
             srv.faults(content_faults=False)
             rerun = subprocess.run(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, capture_output=True,
@@ -201,19 +208,38 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
         pairs = Counter((r["sample_key"], r["attempt"]) for r in rows)
         twice = {k for k, n in st["billed_by_content"].items() if n > 1}
         on_purpose = {k for k in twice if STORM.kind_for(k) in REPAID_ON_PURPOSE}
+        # answered in the last moments before the kill (paid, not yet stored) or after it (the server
+        # finishes and bills a call whose client died): in flight at the kill all the same
+        landing = {k for k in twice if any(kill_at - LANDING_S <= t <= resume_at for t in st["billed_at"][k])}
+        server_in_flight = len(in_flight_at_kill)
+        after_kill = {k for k in landing if any(kill_at < t <= resume_at for t in st["billed_at"][k])}
+        in_flight_at_kill |= landing
         outcomes = {k: v for k, v in st["by_outcome"].items() if v}
         print(f"[storm] {n_problems} problems x 3 x 3 = {expected} samples, latency {args.latency * 1000:.0f} ms")
         print(f"  samples stored: {after_budget} after the budget run (exit {first.returncode}), {at_kill} at the "
-              f"kill ({'mid-run' if killed_mid_run else 'it had ended: no kill'}, {len(in_flight_at_kill)} calls in "
+              f"kill ({'mid-run' if killed_mid_run else 'it had ended: no kill'}, {server_in_flight} calls in "
               f"flight), after the resume (exit {resume.returncode}) {failed_before} left to retry, after the "
               f"re-run (exit {rerun.returncode}) {len(current)}")
         print(f"  {st['requests']} requests over 4 runs: {outcomes}")
         print(f"  rows lost {expected - len(current)}, duplicate keys {sum(n - 1 for n in pairs.values())}, "
               f"calls paid twice {len(twice - on_purpose - in_flight_at_kill)} (+{len(twice & in_flight_at_kill)} "
-              f"in flight at the kill, +{len(on_purpose - in_flight_at_kill)} partial/truncated replies retried), "
+              f"in flight at the kill: {len(after_kill)} finished by the server after it, "
+              f"{len(landing - after_kill)} answered in its last {LANDING_S} s and not yet written), "
+              f"+{len(on_purpose - in_flight_at_kill)} truncated replies asked again), "
               f"budget overshoot ${overshoot:.4f} (budget ${args.budget}), "
               f"rows left failed after one re-run {_retryable_rows(current)} (before it: {failed_before})")
         print(f"  final status {dict(Counter(r['status'] for r in current))}; attempts stored {len(rows)}")
+        paid_by_run.append(st["billed_by_content"])
+        unexplained = twice - on_purpose - in_flight_at_kill
+        if unexplained:  # which stage, which fault, paid in which runs
+            runs = ("budget", "killed", "resume", "re-run")
+            why = Counter()
+            for k in unexplained:
+                counts = [snap.get(k, 0) for snap in paid_by_run]
+                paid_in = "+".join(f"{runs[i]}x{c - (counts[i - 1] if i else 0)}" for i, c in enumerate(counts)
+                                   if c - (counts[i - 1] if i else 0))
+                why[(st["stage_of"].get(k), STORM.kind_for(k), paid_in)] += 1
+            print("  paid twice, by (stage, fault, paid in): " + "; ".join(f"{k}: {n}" for k, n in why.most_common()))
         for name, run in (("budget run", first), ("resume", resume), ("re-run", rerun)):
             out = run.stdout.strip().splitlines()
             print(f"  {name} said: {out[-1] if out else run.stderr.strip()[-300:]}")
