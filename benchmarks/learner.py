@@ -4,8 +4,8 @@ Prints, in one run on one machine, with one model and one batch shape (B episode
 GSM8K train problems and their human sub-questions, usefulness 1.0 each, correct 1.0):
 1. tokens/s of a BC step and of an ILQL step (median of --steps timed steps after one warm-up step,
    same model, same batch) and the ILQL / BC step-time ratio;
-2. Ray Train overhead: K BC optimizer steps through ``learner.train.run_train`` (1 worker, reading the
-   same K x B episodes from a temporary store, ``source="reference"``) vs. a bare PyTorch loop doing
+2. Ray Train overhead: K (default 20) BC optimizer steps through ``learner.train.run_train`` (1 worker,
+   reading the same K x B episodes from a temporary store, ``source="reference"``) vs. a bare PyTorch loop doing
    the same K steps on the same episodes (fresh model each): the wall time of the K training steps in
    each and the overhead %, then the end-to-end wall of ``run_train`` (Ray Train start-up, worker model
    load, the K steps, the final checkpoint that is always written) split into its parts;
@@ -13,11 +13,12 @@ GSM8K train problems and their human sub-questions, usefulness 1.0 each, correct
    every token (paper 1's released decoder), same prompts and heads: tokens/s of each and the
    speed-up; the two outputs must be identical (asserted).
 
-    python benchmarks/learner.py                            # SmolLM2-135M, the student (~5 min on 2 cores)
-    python benchmarks/learner.py --model tiny-random:llama  # quick
+    python benchmarks/learner.py                            # SmolLM2-135M, the student (~10 min on 2 cores)
+    python benchmarks/learner.py --model tiny-random:llama --max-length 192  # quick
 
 Torch runs with 2 intra-op threads here (--threads); the Ray Train worker sets its own count
-(cpu_count // num_workers, i.e. 2 on a 2-core machine).
+(cpu_count // num_workers, i.e. 2 on a 2-core machine). This machine's speed drifts by 10-15% over
+minutes, so the bare loop runs before and after the Ray runs and Ray Train is compared with their mean.
 """
 
 from __future__ import annotations
@@ -108,11 +109,23 @@ def _ray_order(problems: list[dict], episodes: list[Episode]) -> list[Episode]:
     return [episodes[canonical[i]] for i in epoch_order(len(episodes), 0, 0)]
 
 
+def _train_config(args: argparse.Namespace, store: str = "", out: str = "", report_every: int = 10**6):
+    from learner.train import TrainConfig
+
+    return TrainConfig(algo="bc", init=args.model, store=store, out=out, source="reference", num_workers=1,
+                       batch_size=args.batch_size, max_length=args.max_length, max_steps=args.train_steps,
+                       epochs=1, report_every=report_every, checkpoint_every=10**6, val_fraction=0.0,
+                       progress=False)
+
+
 def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int):
-    """K BC steps in plain PyTorch on a fresh model: per step collate, loss, backward, clip, AdamW."""
+    """K BC steps in plain PyTorch on a fresh model: per step collate, loss, backward, clip, AdamW;
+    the optimizer and LR schedule exactly as run_train builds them for K steps."""
+    from learner.train import algo_config
+
     model, _ = load_model_and_tokenizer(args.model)
     torch.manual_seed(0)
-    bc = BC(model, BCConfig(batch_size=args.batch_size, max_length=args.max_length))
+    bc = BC(model, algo_config(_train_config(args), decay_steps=args.train_steps))
     times = []
     for i in range(args.train_steps):
         t = time.perf_counter()
@@ -125,12 +138,9 @@ def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int):
 
 def _ray_train(args: argparse.Namespace, store: str, out: str, report_every: int) -> tuple[dict, list[dict], dict]:
     """One ``run_train``; its summary, metric lines, and wall-clock marks (driver clock)."""
-    from learner.train import TrainConfig, run_train
+    from learner.train import run_train
 
-    cfg = TrainConfig(algo="bc", init=args.model, store=store, out=out, source="reference", num_workers=1,
-                      batch_size=args.batch_size, max_length=args.max_length, max_steps=args.train_steps,
-                      epochs=1, report_every=report_every, checkpoint_every=10**6, val_fraction=0.0,
-                      progress=False)
+    cfg = _train_config(args, store, out, report_every)
     start = time.time()
     summary = run_train(cfg)
     end = time.time()
@@ -152,7 +162,6 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
     batch_tokens = [sum(len(ep.input_ids) for ep in episodes[i * b:(i + 1) * b]) for i in range(k)]
     tokens = sum(batch_tokens)
     bare_model, bare_steps = _bare_loop(args, episodes, pad_id)
-    bare = sum(bare_steps)
 
     t0 = time.perf_counter()
     init_ray()
@@ -161,7 +170,8 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
         Store(f"{tmp}/store").append("problems", problems)
         summary, lines, marks = _ray_train(args, f"{tmp}/store", f"{tmp}/out", report_every=10**6)
         ray_model = load_checkpoint(summary["final"]).model
-        weight_diff = max(float((a - c).abs().max()) for a, c in
+        # final/ is stored in the model's published dtype (bf16 for SmolLM2): round the bare weights the same way
+        weight_diff = max(float((a.to(c.dtype) - c).abs().max()) for a, c in
                           zip(bare_model.state_dict().values(), ray_model.state_dict().values(), strict=True))
         del ray_model, bare_model
         gc.collect()
@@ -169,6 +179,10 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
             _, step_lines, step_marks = _ray_train(args, f"{tmp}/store", f"{tmp}/out-per-step", report_every=1)
     if summary["episodes"] != len(episodes) or len(lines) != 1:
         raise SystemExit(f"unexpected run: {summary}, {len(lines)} metric lines")
+    # The bare loop again, after the Ray runs: this machine's speed drifts by 10-15% over minutes, so
+    # Ray Train is compared with the mean of a bare run before it and one after it.
+    _, bare_after = _bare_loop(args, episodes, pad_id)
+    bare = (sum(bare_steps) + sum(bare_after)) / 2
     # The worker's tokens/s counts the real tokens of its micro-batches since just before its data loop,
     # so tokens / (tokens/s) is the wall of the K steps inside Ray Train (episode reads included).
     ray_train = tokens / lines[0]["charts/tokens_per_s"]
@@ -178,7 +192,7 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
     print(f"2. {k} BC optimizer steps of {b} episodes (<= {args.max_length} tokens, {tokens} tokens in all), "
           f"cold start in both:")
     print(f"   bare PyTorch loop ({torch.get_num_threads()} threads): {bare:7.2f} s  ({tokens / bare:8.1f} tokens/s;"
-          f" steps {', '.join(f'{t:.2f}' for t in bare_steps)} s)")
+          f" mean of {sum(bare_steps):.2f} s before the Ray runs and {sum(bare_after):.2f} s after them)")
     print(f"   Ray Train, 1 worker, report/checkpoint only at the end: {ray_train:7.2f} s  "
           f"({lines[0]['charts/tokens_per_s']:8.1f} tokens/s, the worker's charts/tokens_per_s)")
     print(f"   Ray Train overhead on the training steps: {100 * (ray_train / bare - 1):+.1f} %  "
@@ -192,7 +206,7 @@ def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: li
         # episode table); tokens per window are exact when the batches come in the bare loop's order
         # (identical final weights above say they do; otherwise the windows are approximate).
         windows = [batch_tokens[m["step"] - 1] / m["charts/tokens_per_s"] for m in step_lines]
-        later, bare_later = sum(windows[1:]), sum(bare_steps[1:])
+        later, bare_later = sum(windows[1:]), (sum(bare_steps[1:]) + sum(bare_after[1:])) / 2
         print(f"   per-step view (a 2nd run, report_every=1): Ray windows {', '.join(f'{t:.2f}' for t in windows)} s;"
               f" step 1 {windows[0] - bare_steps[0]:+.2f} s vs. bare (first step),"
               f" steps 2..{k} {100 * (later / bare_later - 1):+.1f} %;"
@@ -241,7 +255,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="episodes per step")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per episode")
     ap.add_argument("--steps", type=int, default=3, help="timed BC / ILQL steps (after 1 warm-up)")
-    ap.add_argument("--train-steps", type=int, default=8, help="K: optimizer steps, Ray Train vs. bare loop")
+    ap.add_argument("--train-steps", type=int, default=20, help="K: optimizer steps, Ray Train vs. bare loop")
     ap.add_argument("--prompts", type=int, default=4, help="prompts decoded together")
     ap.add_argument("--new-tokens", type=int, default=32, help="max new tokens per prompt")
     ap.add_argument("--no-per-step", action="store_true", help="skip the 2nd Ray Train run (report every step)")
