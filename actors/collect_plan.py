@@ -22,7 +22,7 @@ Row = dict[str, Any]
 # columns a stage fills, cleared when a retry re-runs that stage
 _STAGE_COLUMNS = ("status", "error", "raw", "tokens_in", "tokens_out", "latency_s", "cost_usd", "calls",
                   "finish_reason")
-_KEPT_BY_PARTIAL = ("raw", "finish_reason", "tokens_in", "tokens_out", "latency_s", "cost_usd", "calls")
+_KEPT_BY_PARTIAL = tuple(c for c in _STAGE_COLUMNS if c not in ("status", "error"))  # its judgements, their usage
 _DERIVED = {"answer": ("subanswers", "final_answer", "final_value", "correct"), "feedback": ("usefulness",)}
 
 

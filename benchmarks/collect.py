@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import os
 import subprocess
 import sys
@@ -176,7 +177,7 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
             first = subprocess.run(_cli(srv, store, spec, args, "--budget-usd", str(args.budget), *prices),
                                    cwd=ROOT, env=env, capture_output=True, text=True)
             overshoot = max(0.0, billed_usd(srv.stats()) - args.budget)
-            paid_by_run = [srv.stats()["billed_by_content"]]  # cumulative, after each run
+            ends = [time.time()]  # when each run ended: billing times say which run paid what
             # 2. a run killed mid-way, 3. its resume
             proc = subprocess.Popen(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -189,13 +190,13 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
             kill_at = time.time()
             kill_tree(proc)
             in_flight_at_kill |= set(srv.stats()["in_flight_keys"])
-            paid_by_run.append(srv.stats()["billed_by_content"])
             at_kill = Store(store).count("samples")
             resume_at = time.time()  # the server bills a call it finishes after its client died
+            ends.append(resume_at)
             resume = subprocess.run(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, capture_output=True,
                                     text=True)
             failed_before = _retryable(store)
-            paid_by_run.append(srv.stats()["billed_by_content"])
+            ends.append(time.time())
             # 4. the storm is over: one re-run
             srv.faults(content_faults=False)
             rerun = subprocess.run(_cli(srv, store, spec, args, *prices), cwd=ROOT, env=env, capture_output=True,
@@ -229,15 +230,13 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
               f"budget overshoot ${overshoot:.4f} (budget ${args.budget}), "
               f"rows left failed after one re-run {_retryable_rows(current)} (before it: {failed_before})")
         print(f"  final status {dict(Counter(r['status'] for r in current))}; attempts stored {len(rows)}")
-        paid_by_run.append(st["billed_by_content"])
         unexplained = twice - on_purpose - in_flight_at_kill
         if unexplained:  # which stage, which fault, paid in which runs
             runs = ("budget", "killed", "resume", "re-run")
             why = Counter()
             for k in unexplained:
-                counts = [snap.get(k, 0) for snap in paid_by_run]
-                paid_in = "+".join(f"{runs[i]}x{c - (counts[i - 1] if i else 0)}" for i, c in enumerate(counts)
-                                   if c - (counts[i - 1] if i else 0))
+                per_run = Counter(runs[bisect.bisect_left(ends, t)] for t in st["billed_at"][k])
+                paid_in = "+".join(f"{run}x{per_run[run]}" for run in runs if per_run[run])
                 why[(st["stage_of"].get(k), STORM.kind_for(k), paid_in)] += 1
             print("  paid twice, by (stage, fault, paid in): " + "; ".join(f"{k}: {n}" for k, n in why.most_common()))
         for name, run in (("budget run", first), ("resume", resume), ("re-run", rerun)):
