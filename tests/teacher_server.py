@@ -74,6 +74,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tests.batch_routes import BatchPlan, BatchStats, add_batch_routes
+from tests.teacher_replies import (  # noqa: F401 - detect_stage is used by tests through this module
+    _AT_MOST,
+    _PROBLEM,
+    _Q_LINE,
+    _STUDENT,
+    STUDENT_END,
+    _h,
+    _user_text,
+    answer_reply,
+    decompose_reply,
+    default_answer,
+    detect_stage,
+    feedback_reply,
+    student_reply,
+)
 
 STAGES = ("decompose", "answer", "feedback")
 FAULT_KINDS = ("429", "500", "hang", "malformed", "400", "disconnect", "few_choices", "no_usage", "truncated",
@@ -85,15 +100,6 @@ MALFORMED_TEXT = "I cannot help with that."
 QUOTA_MESSAGE = ("You exceeded your current quota, please check your plan and billing details. For more "
                  "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes.")
 
-_Q_LINE = re.compile(r"^\s*Q(\d+)\s*[:.)]\s*(.*?)\s*$", re.MULTILINE)
-_AT_MOST = re.compile(r"at most (\d+) sub-questions", re.IGNORECASE)
-_PROBLEM = re.compile(r"Problem:\s*(.*?)\s*(?:\n\s*\n|\n\s*Q\d+\s*[:.)]|\Z)", re.DOTALL)
-
-
-def _h(*parts: Any) -> int:
-    """A stable 64-bit hash (Python's hash() is salted per process)."""
-    data = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 def content_key(body: Mapping[str, Any]) -> str:
@@ -153,87 +159,6 @@ class AccountFaults:
         bad = set(self.reject_params) - {"max_tokens", "temperature"}
         if bad:
             raise ValueError(f"reject_params must be max_tokens and/or temperature, got {sorted(bad)}")
-
-
-# --- stage detection and deterministic replies ---------------------------------------------
-
-
-_PROMPTS: dict[str, str] = {}
-
-
-def _system_prompts() -> dict[str, str]:
-    """System prompt -> stage, from protocol.prompts (imported lazily, kept once found; {} if absent)."""
-    if not _PROMPTS:
-        try:
-            from protocol import prompts
-        except ImportError:
-            return {}
-        names = {"DECOMPOSE_SYSTEM": "decompose", "ANSWER_SYSTEM": "answer", "FEEDBACK_SYSTEM": "feedback"}
-        _PROMPTS.update({getattr(prompts, n): s for n, s in names.items()
-                         if isinstance(getattr(prompts, n, None), str)})
-    return _PROMPTS
-
-
-def detect_stage(messages: list[dict[str, Any]]) -> str | None:
-    """The stage from the first (system) message: exact match with protocol's prompts, else keywords."""
-    if not messages or messages[0].get("role") != "system":
-        return None
-    system = str(messages[0].get("content") or "")
-    stage = _system_prompts().get(system)
-    if stage is None:  # fallback for hand-written prompts in tests
-        low = system.lower()
-        for word, s in (("feedback", "feedback"), ("useful", "feedback"), ("decompos", "decompose"),
-                        ("answer", "answer")):
-            if word in low:
-                return s
-    return stage
-
-
-def _user_text(messages: list[dict[str, Any]]) -> str:
-    for m in reversed(messages):
-        if m.get("role") == "user":
-            return str(m.get("content") or "")
-    return ""
-
-
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-_TEMPLATES = (
-    "How many {w} are there at the start?",
-    "What is the total number of {w}?",
-    "How much is left after the {w} are used?",
-    "What is the cost of the {w}?",
-    "How many {w} are added in the second step?",
-    "What is the difference in {w}?",
-)
-
-
-def decompose_reply(problem: str, salt: Any, limit: int | None = None) -> str:
-    words = re.findall(r"\b[a-z]{4,}\b", problem) or ["items"]
-    k = 2 + _h(problem, salt, "k") % 3
-    k = min(k, max(limit, 1)) if limit else k
-    lines = []
-    for i in range(1, k + 1):
-        w = words[_h(problem, salt, i, "w") % len(words)]
-        lines.append(f"Q{i}: " + _TEMPLATES[_h(problem, salt, i, "t") % len(_TEMPLATES)].format(w=w))
-    return "\n".join(lines)
-
-
-def answer_reply(problem: str, n_sub: int, final: float) -> str:
-    lines = [f"A{i}: The result of step {i} is {_h(problem, i, 'a') % 100}." for i in range(1, n_sub + 1)]
-    return "\n".join([*lines, f"Final answer: {_number(final)}"])
-
-
-def feedback_reply(problem: str, subqs: list[str], salt: Any) -> str:
-    return "\n".join(
-        f"Q{i}: {'Yes' if _h(problem, q, salt, 'fb') % 4 else 'No'}" for i, q in enumerate(subqs, 1)
-    )
-
-
-def default_answer(problem: str) -> float:
-    return float(_h(problem, "gold") % 1000)
 
 
 AnswerFn = Callable[[str], float] | Mapping[str, float]
@@ -627,20 +552,9 @@ async def json_body(request: Request) -> Any:
         return None
 
 
-# The student's prompt, as protocol.prompts.student_prompt writes it (one line of problem).
-_STUDENT = re.compile(r"Problem: (?P<problem>[^\n]*)\nSub-questions:\n")
-STUDENT_END = "<end>"  # protocol.prompts.SUBQ_END
-
-
 def completion_key(body: Mapping[str, Any]) -> str:
     """The key faults and billing of a completion are tracked by: prompt + n + sampling parameters."""
     return content_key({**body, "messages": [{"role": "user", "content": body.get("prompt")}]})
-
-
-def student_reply(problem: str, salt: Any) -> str:
-    """What a trained student writes: sub-questions one per line, the end marker, then it rambles on."""
-    lines = [line.split(": ", 1)[1] for line in decompose_reply(problem, salt).splitlines()]
-    return "\n".join([*lines, STUDENT_END, "Problem: Tom has 3 apples. How many now?"])
 
 
 # --- serving -------------------------------------------------------------------------------
