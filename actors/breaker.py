@@ -23,6 +23,8 @@ GO, WAIT, GAVE_UP = "go", "wait", "gave_up"
 class BreakerConfig:
     failure_threshold: int = 3  # consecutive pool-wide failures that open it (<= a call's attempts)
     min_calls: int = 2  # ...of this many different calls: one call failing alone is that call's problem
+    lone_grace_s: float = 3.0  # ...once it has failed alone this long: at an outage's start, the first call
+    #                            to meet it is alone for a moment, so its retries are not charged before then
     cooldown_s: float = 1.0  # first pause; doubles after each failed probe
     max_cooldown_s: float = 30.0
     patience_s: float = 600.0  # an outage longer than this stops the run (resume later)
@@ -83,6 +85,10 @@ class CircuitBreaker:
                 and (calls is None or calls >= self.cfg.min_calls):
             self._open(now)
         return self.state != "closed"
+
+    def streak_age(self) -> float:
+        """Seconds since the current failure streak began (0 when none)."""
+        return 0.0 if self.failing_since is None else self.clock() - self.failing_since
 
     def _open(self, now: float) -> None:
         self.state, self.open_until, self.probe_at = "open", now + self.cooldown, None

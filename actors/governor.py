@@ -70,17 +70,19 @@ class Governor:
 
     def settle(self, worst_usd: float, charged_usd: float, healthy: bool, error: str | None = None,
                ticket: int | None = None, call: int | None = None) -> tuple[bool, int]:
-        """Release the reservation, count the spend and tell the breaker. Returns (the pool is in an
-        outage, the ticket of the latest-admitted success): a caller holds a failure against its own
-        attempts unless the pool is in an outage and no call admitted after its first failure succeeded.
+        """Release the reservation, count the spend and tell the breaker. Returns (the failure may be
+        the pool's, the ticket of the latest-admitted success): a caller holds a failure against its
+        own attempts unless it may be the pool's and no call admitted after its first failure succeeded.
 
         A success admitted before the current failure streak began is a straggler (it was answered
         before the outage, but settled late from another actor): it neither closes the breaker nor
         counts as a success, or the race would burn rows into errors during an outage.
 
         ``call``: the call this attempt belongs to (the ticket of its first attempt; None: each
-        attempt is its own call). A failure is excused as the pool's only when another call failed
-        in the same streak: one call failing alone is that call's problem."""
+        attempt is its own call). A failure is excused as the pool's when another call failed in
+        the same streak and the breaker opened; a call failing alone is excused only for the
+        streak's first ``lone_grace_s`` (other calls may be about to fail too), then it is that
+        call's problem."""
         if self.budget is not None:
             self.budget.settle(worst_usd, charged_usd)
         self.spent_usd += charged_usd
@@ -98,7 +100,10 @@ class Governor:
         call = ticket if call is None else call
         self.streak_calls.add(call)
         outage = self.breaker.failure(len(self.streak_calls))
-        return outage and bool(self.streak_calls - {call}), self.last_success
+        alone = not self.streak_calls - {call}
+        if alone:  # an outage's first call, or a call the endpoint always fails: only time tells
+            return self.breaker.streak_age() < self.breaker.cfg.lone_grace_s, self.last_success
+        return outage, self.last_success
 
     def stop(self, message: str) -> None:
         """A fatal account error: refuse every further call of the run."""

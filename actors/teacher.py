@@ -8,7 +8,8 @@ budget, the circuit breaker). Outcomes of an attempt:
 - success: priced from its usage (cached input included); no usage -> the price is unknown;
 - 429 / 5xx / timeouts / connection errors: retried with exponential backoff and full jitter, at
   most ``max_attempts`` times -- but attempts that fail while the whole pool is in an outage (the
-  breaker is open) are not held against the call: it waits with the pool, up to the patience;
+  breaker is open, or a call has failed alone for under ``lone_grace_s``: others may be about to)
+  are not held against the call: it waits with the pool, up to the patience;
 - a 400 naming a parameter the model refuses (``max_tokens``, ``temperature``): learned for the
   model (``actors.model_params``) and re-sent at once;
 - exhausted quota, billing and authentication errors (401, 402, 403, 429 ``insufficient_quota``):
@@ -265,7 +266,7 @@ class TeacherClient:
         result = CallResult()
         est_tokens = sum(len(m["content"]) for m in messages) // 4 + n * max_tokens  # for tokens/min
         worst = self.prices.worst_case(self.cfg.model, max_prompt_tokens(messages), n * max_tokens) or 0.0
-        failures = 0
+        failures = failed = 0  # failed attempts held against the call / all of them
         first_failure: int | None = None  # the admission ticket of this call's first failed attempt
         call_id: int | None = None  # the ticket of its first attempt: who the governor holds failures against
         start = time.monotonic()
@@ -295,9 +296,9 @@ class TeacherClient:
                 except Exception as e:
                     charged = worst if _maybe_billed(e) else 0.0
                     result.charged_usd += charged
-                    outage, last_success = await self.governor.settle(worst, charged, not _unhealthy(e),
-                                                                      self._error(e)[:200], admission.ticket,
-                                                                      call_id)
+                    pools, last_success = await self.governor.settle(worst, charged, not _unhealthy(e),
+                                                                     self._error(e)[:200], admission.ticket,
+                                                                     call_id)
                     reason = fatal_reason(e)
                     if reason is not None:
                         message = self._fatal_message(e, reason)
@@ -312,12 +313,14 @@ class TeacherClient:
                         break
                     if first_failure is None:
                         first_failure = admission.ticket
-                    # a pool-wide outage with no success of a call sent since this one first failed
-                    # is not the call's fault; a request that fails while others succeed is
-                    failures += 0 if outage and last_success < first_failure else 1
+                    # a pool-wide outage (or its first seconds, seen by this call alone) with no success
+                    # of a call sent since this one first failed is not the call's fault; a request
+                    # that fails while others succeed is
+                    failures += 0 if pools and last_success < first_failure else 1
                     if failures >= self.cfg.max_attempts:
                         break
-                    await asyncio.sleep(self._backoff_s(e, max(failures, 1)))
+                    failed += 1  # the backoff grows with every failed attempt, excused ones too
+                    await asyncio.sleep(self._backoff_s(e, failed))
                     continue
                 read_response(response, result, self.prices, self.cfg.model)
                 charged = result.cost_usd if result.cost_usd is not None else worst

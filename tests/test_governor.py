@@ -104,15 +104,20 @@ def test_a_straggling_success_does_not_end_an_outage():
     assert g.breaker.state == "closed"
 
 
-def test_one_calls_failures_neither_open_the_breaker_nor_excuse_themselves():
+def test_one_calls_failures_neither_open_the_breaker_nor_excuse_themselves_for_long():
     """A streak of failures of a single call is that call's problem (its content, its follow-up):
-    the breaker stays closed and the call is told to count them. A second call failing in the same
-    streak makes it the pool's (an outage): the breaker opens and both are excused."""
-    g = Governor(GovernorConfig(breaker=BreakerConfig(failure_threshold=3, cooldown_s=5.0)))
+    the breaker stays closed and, once the streak is older than the grace (other calls had time to
+    fail too), the call is told to count them. A second call failing in the same streak makes it
+    the pool's (an outage): the breaker opens and both are excused."""
+    now = [100.0]
+    g = Governor(GovernorConfig(breaker=BreakerConfig(failure_threshold=3, cooldown_s=5.0, lone_grace_s=2.0)))
+    g.breaker.clock = lambda: now[0]
     first = g.admit().ticket
+    excused = []
     for _ in range(5):
-        outage, _ = g.settle(0.0, 0.0, healthy=False, error="500", ticket=g.admit().ticket, call=first)
-        assert not outage
+        excused.append(g.settle(0.0, 0.0, healthy=False, error="500", ticket=g.admit().ticket, call=first)[0])
+        now[0] += 0.75
+    assert excused == [True, True, True, False, False]  # 0, 0.75, 1.5 s into the streak; then 2.25, 3
     assert g.breaker.state == "closed" and g.breaker.opened == 0
     other = g.admit().ticket
     outage, last = g.settle(0.0, 0.0, healthy=False, error="500", ticket=other, call=other)
