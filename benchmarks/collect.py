@@ -225,7 +225,7 @@ def storm(args: argparse.Namespace, spec: str, n_problems: int) -> None:
         print(f"  rows lost {expected - len(current)}, duplicate keys {sum(n - 1 for n in pairs.values())}, "
               f"calls paid twice {len(twice - on_purpose - in_flight_at_kill)} (+{len(twice & in_flight_at_kill)} "
               f"in flight at the kill: {len(after_kill)} finished by the server after it, "
-              f"{len(landing - after_kill)} answered in its last {LANDING_S} s and not yet written), "
+              f"{len(landing - after_kill)} answered in its last {LANDING_S} s and not yet written; "
               f"+{len(on_purpose - in_flight_at_kill)} truncated replies asked again), "
               f"budget overshoot ${overshoot:.4f} (budget ${args.budget}), "
               f"rows left failed after one re-run {_retryable_rows(current)} (before it: {failed_before})")
