@@ -226,9 +226,10 @@ def auc(scores: Sequence[float], labels: Sequence[bool]) -> dict[str, Any]:
 # --- a decomposer's held-out NLL, for the evaluation report ----------------------------------
 
 
-def held_out_nll(spec: str, fmt: str, problems: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def held_out_nll(spec: str, fmt: str, problems: Sequence[dict[str, Any]], *, bf16: bool = False) -> dict[str, Any]:
     """:func:`reference_nll` of ``problems``' human sub-questions under a checkpoint (student format) or a
-    base model spec (``fmt="chat"``: the zero-shot decomposer, prompted as the teacher is), on CPU."""
+    base model spec (``fmt="chat"``: the zero-shot decomposer, prompted as the teacher is), on CPU;
+    ``bf16``: under bf16 autocast (the weights stay fp32, the log-softmax is taken in fp32)."""
     from learner.checkpoint import is_checkpoint, load_checkpoint
     from learner.models import load_model_and_tokenizer
 
@@ -237,6 +238,6 @@ def held_out_nll(spec: str, fmt: str, problems: Sequence[dict[str, Any]]) -> dic
         model, tok = loaded.model, loaded.tokenizer
     else:
         model, tok = load_model_and_tokenizer(spec)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return reference_nll(model, tok, [(p["question"], p["reference_subquestions"]) for p in problems
                                           if p.get("reference_subquestions")], fmt)

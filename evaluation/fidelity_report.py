@@ -16,16 +16,17 @@ from typing import Any
 FILE = "fidelity.json"
 
 
-def _identity(spec: str, fmt: str, problems: str) -> dict[str, Any]:
+def _identity(spec: str, fmt: str, problems: str, bf16: bool) -> dict[str, Any]:
     """What a figure depends on: the weights (a checkpoint's metadata, written last, changes with them)."""
     meta = Path(spec) / "subq_checkpoint.json"
     stamp = meta.stat().st_mtime_ns if meta.is_file() else None
-    return {"spec": spec, "fmt": fmt, "problems": problems, "stamp": stamp}
+    return {"spec": spec, "fmt": fmt, "problems": problems, "stamp": stamp, "bf16": bf16}
 
 
 def update_fidelity(out_dir: str, problems_spec: str, scored: list[tuple[str, str, str]],
-                    echo=print) -> dict[str, dict[str, Any]]:
-    """Compute what is missing or stale for ``scored`` = [(label, model spec, format)]; returns the file."""
+                    echo=print, bf16: bool = False) -> dict[str, dict[str, Any]]:
+    """Compute what is missing or stale for ``scored`` = [(label, model spec, format)]; returns the file.
+    ``bf16``: under bf16 autocast (every figure of the table is computed alike)."""
     from data_store.datasets import load_problems
     from evaluation.fidelity import held_out_nll
 
@@ -33,11 +34,11 @@ def update_fidelity(out_dir: str, problems_spec: str, scored: list[tuple[str, st
     table: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
     problems = None
     for label, spec, fmt in scored:
-        ident = _identity(spec, fmt, problems_spec)
+        ident = _identity(spec, fmt, problems_spec, bf16)
         if table.get(label, {}).get("identity") == ident:
             continue
         problems = problems if problems is not None else load_problems(problems_spec)
-        nll = held_out_nll(spec, fmt, problems)
+        nll = held_out_nll(spec, fmt, problems, bf16=bf16)
         table[label] = {**nll, "identity": ident}
         echo(f"held-out NLL of the human sub-questions of {problems_spec}, {label}: {nll['nll_per_token']:.3f} "
              f"nats/token over {nll['tokens']} tokens")

@@ -78,6 +78,8 @@ class EvalConfig:
     actor_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"collect_node": 0.01}
     fidelity_problems: str | None = None  # held-out problems with human sub-questions ("gsm8k:test[:32]"): a
     #                                        held-out NLL column for decomposers with weights (evaluation.fidelity)
+    fidelity_cpu_bf16: str | bool = "off"  # that NLL under bf16 autocast on CPU: on | auto (where the CPU has
+    #                                        AMX: 2-2.5x faster, SmolLM2-135M's NLL within 0.001) | off (fp32)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class EvalConfig:
             raise ValueError("max_attempts and batch_size must be >= 1")
         for spec in [*self.benchmarks, *([self.fidelity_problems] if self.fidelity_problems else [])]:
             parse_problem_spec(spec)  # a bad spec fails before any work
+        if not isinstance(self.fidelity_cpu_bf16, bool) and self.fidelity_cpu_bf16 not in ("off", "on", "auto"):
+            raise ValueError(f"fidelity_cpu_bf16 must be 'off', 'on' or 'auto', got {self.fidelity_cpu_bf16!r}")
 
 
 @dataclass

@@ -49,12 +49,13 @@ class ReferenceLogps:
     """A Ray Data actor: the reference model's summed action log-probs of episodes given by row position."""
 
     def __init__(self, model_spec: str, data_dir: str, files: list[str], micro_batch: int, use_gpu: bool,
-                 bf16: bool, threads: int) -> None:
+                 bf16: bool, cpu_bf16: str | bool, threads: int) -> None:
         import torch
 
         from learner.batches import read_episode_files
         from learner.checkpoint import is_checkpoint, load_checkpoint
         from learner.models import load_model_and_tokenizer
+        from learner.train import cpu_bf16_on
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -67,7 +68,7 @@ class ReferenceLogps:
         self.pad_id = tokenizer.pad_token_id
         self.table = read_episode_files(data_dir, files)
         self.micro_batch = micro_batch
-        self.bf16 = use_gpu and bf16  # the training workers' autocast, so that step 0 matches
+        self.bf16 = bf16 if use_gpu else cpu_bf16_on(cpu_bf16)  # the workers' autocast: step 0 matches
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -80,7 +81,7 @@ class ReferenceLogps:
         episodes = episodes_at(self.table, rows)
         order = np.argsort([len(ep.input_ids) for ep in episodes], kind="stable")  # less padding
         out = np.empty(len(rows), dtype=np.float64)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         for i in range(0, len(order), self.micro_batch):
             chunk = order[i: i + self.micro_batch]
             tensors = collate([episodes[j] for j in chunk], self.pad_id)
@@ -105,6 +106,7 @@ def reference_logps(cfg: TrainConfig, model_spec: str, data_dir: Path, files: li
     actors = max(1, min(cfg.num_workers, len(rows)))
     kwargs: dict[str, Any] = {"model_spec": model_spec, "data_dir": str(data_dir), "files": files,
                               "micro_batch": 2 * cfg.batch_size, "use_gpu": cfg.use_gpu, "bf16": cfg.bf16,
+                              "cpu_bf16": cfg.cpu_bf16,
                               "threads": max(1, (os.cpu_count() or 1) // actors)}
     ds = ray.data.from_arrow(pa.table({"row": rows})).map_batches(
         ReferenceLogps, fn_constructor_kwargs=kwargs, batch_size=max(32, 4 * cfg.batch_size),

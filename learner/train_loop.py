@@ -36,7 +36,7 @@ from torch import nn
 
 from learner.batches import EpisodeTable, epoch_order, micro_batches
 from learner.episodes import collate
-from learner.train import TrainConfig, algo_config
+from learner.train import TrainConfig, algo_config, uses_bf16
 from learner.train_state import (
     adapter_state,
     all_gather,
@@ -143,7 +143,7 @@ class WorkerLoop:
             if rank < len(state["rng"]):  # a resume on more workers: the new ranks keep their fresh seeds
                 set_rng_state(state["rng"][rank])
         self.last_saved = self.step
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and cfg.bf16
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if uses_bf16(cfg)
                          else nullcontext())
         self.window: dict[str, list[float]] = {}
         self.tokens, self.t0 = 0, time.perf_counter()

@@ -113,6 +113,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on GPU")
+    p.add_argument("--cpu-bf16", choices=("off", "on", "auto"), default="off",
+                   help="autocast to bf16 on CPU (fp32 weights): faster on a CPU with AMX, slower without; "
+                        "auto: only where the CPU has AMX")
     p.add_argument("--batch-size", type=int, default=8, help="episodes per worker per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=100)
@@ -165,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         algo=args.algo, init=args.init, store=args.store, out=args.out, source=args.source,
         teacher_model=args.teacher_model, num_workers=args.num_workers, use_gpu=args.use_gpu,
-        bf16=not args.no_bf16, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        bf16=not args.no_bf16, cpu_bf16=args.cpu_bf16, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_steps=args.max_steps, epochs=args.epochs, max_length=args.max_length, seed=args.seed,
         checkpoint_every=args.checkpoint_every, report_every=args.report_every, lora_r=args.lora_r,
         gradient_checkpointing=args.gradient_checkpointing, val_fraction=args.val_fraction,

@@ -323,6 +323,7 @@ class Pipeline:
         teacher that is the local model (the zero-shot base model) in the teacher's prompt format."""
         from evaluation.fidelity_report import update_fidelity
         from learner.checkpoint import is_checkpoint
+        from learner.train import cpu_bf16_on
 
         if not ec.fidelity_problems:
             return
@@ -335,7 +336,8 @@ class Pipeline:
                 scored.append((decomposer_label(raw, solvers), t.local_model, "chat"))
             elif is_checkpoint(spec):
                 scored.append((decomposer_label(raw, solvers), spec, "student"))
-        update_fidelity(ec.out_dir, ec.fidelity_problems, scored, echo=self.echo)
+        update_fidelity(ec.out_dir, ec.fidelity_problems, scored, echo=self.echo,
+                        bf16=cpu_bf16_on(ec.fidelity_cpu_bf16))
 
     def report(self) -> None:
         from evaluation.report import format_table

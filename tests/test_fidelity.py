@@ -17,6 +17,7 @@ from evaluation.fidelity import (
     token_nll,
     value_scores,
 )
+from evaluation.run import EvalConfig
 from learner.ilql import ILQLHeads
 from learner.models import load_model_and_tokenizer
 
@@ -169,4 +170,11 @@ def test_held_out_nll_for_the_report_is_reference_nll_and_kept_until_the_weights
         assert len(said) == 1  # the second run found the figure and computed nothing
         update_fidelity(str(tmp_path), "gsm8k:test[:3]", [("zero-shot", spec, "chat")], echo=said.append)
         assert len(said) == 2  # other problems: computed again
-    assert read_fidelity(str(tmp_path)) == {"zero-shot": pytest.approx(want["nll_per_token"], rel=1e-6)}
+        assert read_fidelity(str(tmp_path)) == {"zero-shot": pytest.approx(want["nll_per_token"], rel=1e-6)}
+        update_fidelity(str(tmp_path), "gsm8k:test[:3]", [("zero-shot", spec, "chat")], echo=said.append, bf16=True)
+        assert len(said) == 3  # another precision: computed again
+    # under bf16 autocast: close to the fp32 figure, not equal to it
+    bf16 = read_fidelity(str(tmp_path))["zero-shot"]
+    assert bf16 != want["nll_per_token"] and bf16 == pytest.approx(want["nll_per_token"], rel=2e-2)
+    with pytest.raises(ValueError, match="fidelity_cpu_bf16"):
+        EvalConfig(fidelity_cpu_bf16="fast")

@@ -31,6 +31,8 @@ def test_quickstart_is_the_embedded_offline_default():
     bc = train_config(cfg.train, "bc", "/s", "/o")
     assert bc.init.startswith("embedded:") and not bc.use_gpu
     assert (bc.algo, bc.store, bc.out) == ("bc", "/s", "/o")
+    # bf16 autocast where the CPU has AMX, for BC only: it worsened ILQL's held-out NLL
+    assert bc.cpu_bf16 == "auto" and train_config(cfg.train, "ilql", "/s", "/o").cpu_bf16 == "off"
 
 
 def test_real_configs_use_gpus_and_take_keys_from_the_environment():
@@ -84,6 +86,8 @@ def test_unknown_keys_are_named(override, names):
     ("train.algos=[bc, ppo]", ["ppo"]),
     ("eval.benchmarks=[nosuchset]", ["nosuchset"]),
     ("eval.scorer=lenient", ["scorer"]),
+    ("train.bc.cpu_bf16=maybe", ["train.bc", "cpu_bf16"]),
+    ("train.bc.cpu_bf16=3", ["train.bc", "cpu_bf16"]),
     ("stages=[collect, dance]", ["dance"]),
     ("teacher.base_url=http://127.0.0.1:9/v1", ["teacher.model"]),
 ])

@@ -25,7 +25,7 @@ from learner.bc import BC
 from learner.data import DATA_DIR, prepare_data
 from learner.episodes import collate, episodes_from_samples
 from learner.models import load_model_and_tokenizer, load_tokenizer
-from learner.train import TrainConfig, algo_config
+from learner.train import TrainConfig, algo_config, check_config, cpu_bf16_on, uses_bf16
 from learner.train_loop import STATE_FILE, WorkerLoop
 
 TINY = "tiny-random:llama?layers=1&hidden=32&seed=0"
@@ -287,6 +287,35 @@ def test_gradient_checkpointing_changes_memory_not_results(ray_session, store, t
     assert checkpointed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(_weights(plain), _weights(checkpointed),
                                                                strict=True))
+
+
+@pytest.mark.parametrize("algo", ["bc", "ilql"])
+def test_cpu_bf16_autocasts_the_forward_and_keeps_fp32_weights(ray_session, store, tmp_path, algo):
+    """``cpu_bf16``: the model computes in bfloat16 on CPU (the speed-up on a CPU with AMX) while the
+    weights and their updates stay fp32; off, everything is fp32."""
+    seen = {}
+    for bf16 in (False, True):
+        cfg = _cfg(store, tmp_path / str(bf16), algo=algo, max_steps=3, cpu_bf16="on" if bf16 else "off")
+        loop = WorkerLoop(cfg, _data(cfg), planned_steps=3)
+        dtypes: set[torch.dtype] = set()
+        loop.model.get_output_embeddings().register_forward_hook(lambda m, i, out, d=dtypes: d.add(out.dtype))
+        loop.run()
+        seen[bf16] = dtypes, _weights(loop)
+    assert seen[False][0] == {torch.float32} and seen[True][0] == {torch.bfloat16}
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in seen[True][1])
+    # the same run but for rounding: close to the fp32 one, not equal to it
+    pairs = list(zip(seen[False][1], seen[True][1], strict=True))
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    assert max((a - b).abs().max().item() for a, b in pairs) < 0.05
+
+
+def test_cpu_bf16_settings_and_their_errors():
+    assert cpu_bf16_on("on") and cpu_bf16_on(True) and not cpu_bf16_on("off") and not cpu_bf16_on(False)
+    assert isinstance(cpu_bf16_on("auto"), bool)
+    assert uses_bf16(TrainConfig(use_gpu=True, bf16=True, cpu_bf16="off"))  # cpu_bf16 is the CPU's setting
+    assert not uses_bf16(TrainConfig(use_gpu=True, bf16=False, cpu_bf16="on"))
+    with pytest.raises(ValueError, match="cpu_bf16 must be one of"):
+        check_config(TrainConfig(cpu_bf16="yes"))
 
 
 @pytest.mark.parametrize("algo", ["bc", "ilql"])
