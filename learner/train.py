@@ -46,7 +46,7 @@ class TrainConfig:
     bf16: bool = True  # autocast to bfloat16 on GPU (on CPU: cpu_bf16)
     cpu_bf16: str | bool = "off"  # on CPU: "on" autocasts to bfloat16 (weights and optimizer stay fp32), "auto"
     #                               only where the CPU has AMX (a bare SmolLM2-135M step: 0.55-0.65x the time;
-    #                               without AMX bf16 is slower than fp32), "off": fp32
+    #                               without native bf16 expect it slower than fp32), "off": fp32
     batch_size: int = 8  # episodes (DPO: pairs) per worker per micro-batch (a step: x num_workers x grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step (an epoch's last step takes those left)
     max_steps: int = 100  # optimizer steps (the run ends earlier if epochs run out)
