@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from actors.breaker import BreakerConfig
+from actors.governor import Governor, GovernorConfig
 from actors.prices import PriceTable
 from actors.teacher import CallResult, TeacherClient, TeacherConfig, api_key_from_env, redact
 from protocol.parse import cap_subquestions, parse_subquestions
@@ -145,6 +147,13 @@ async def _with_retries(call: Callable[[], Awaitable[T]], attempts: int, secrets
     return redact(error, secrets)
 
 
+def eval_governor() -> Governor:
+    """A teacher or solver client's private governor in evaluation. No lone grace (collection's
+    ``BreakerConfig.lone_grace_s``): a call failing alone fails after exactly ``--max-attempts``, and
+    its record is retried by the next run, which pays for nothing that succeeded."""
+    return Governor(GovernorConfig(breaker=BreakerConfig(lone_grace_s=0.0)))
+
+
 class DecomposerClient:
     """Sub-questions for one problem from any kind of decomposer; safe for concurrent coroutines."""
 
@@ -155,7 +164,8 @@ class DecomposerClient:
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
         self._teacher = None
         if spec.kind == "teacher":  # the evaluation's patience applies to every decomposer
-            self._teacher = TeacherClient(replace(spec.teacher, timeout_s=timeout_s, max_attempts=max_attempts), prices)
+            self._teacher = TeacherClient(replace(spec.teacher, timeout_s=timeout_s, max_attempts=max_attempts), prices,
+                                          governor=eval_governor())
         self._http: Any = None
         self._openai: Any = None
         self._no_bos_field = True  # send add_special_tokens=false until a server refuses the field

@@ -40,6 +40,7 @@ from evaluation.clients import (
     DecomposerSpec,
     FatalEndpointError,
     SolverSpec,
+    eval_governor,
     solve,
 )
 from evaluation.plan import RunKey, check_labels, plan_rows, run_keys, settings_changes
@@ -128,7 +129,8 @@ class EvalWorker:
                                      temperature=s.decompose_temperature, max_tokens=s.decompose_max_tokens,
                                      timeout_s=s.timeout_s, max_attempts=s.max_attempts)
         self._solvers = [TeacherClient(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env,
-                                                     timeout_s=s.timeout_s, max_attempts=s.max_attempts), self.prices)
+                                                     timeout_s=s.timeout_s, max_attempts=s.max_attempts), self.prices,
+                                       governor=eval_governor())
                          for sv in self.solvers]
 
     async def _one(self, row: dict) -> list[dict]:

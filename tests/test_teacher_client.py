@@ -115,6 +115,17 @@ def test_a_lone_call_that_keeps_failing_is_its_own_fault_not_an_outage():
     assert governor.breaker.opened == 0
 
 
+def test_evaluation_keeps_max_attempts_exact_for_a_call_failing_alone():
+    """Evaluation's clients have no lone grace: `--max-attempts 3` is 3 attempts, and the record is
+    retried by the next run (tests/test_eval_faults.py) instead of by more attempts now."""
+    from evaluation.clients import eval_governor
+
+    plan = FaultPlan(rate=1.0, kinds=("500",), persistent=("500",))
+    with TeacherServer(model=MODEL, faults=plan) as srv:
+        r = run(client_for(srv, eval_governor()).chat(decompose_messages("How many apples?")))
+        assert not r.ok and r.attempts == 3 and srv.stats()["requests"] == 3
+
+
 def test_an_outage_past_the_patience_refuses_calls_without_failing_them():
     with TeacherServer(model=MODEL, account=AccountFaults()) as srv:
         governor = Governor(GovernorConfig(breaker=BreakerConfig(cooldown_s=0.2, patience_s=1.0)))
