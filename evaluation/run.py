@@ -53,6 +53,7 @@ from evaluation.records import (
 )
 from evaluation.report import RunSummary, summarize, write_report
 from evaluation.scoring import score
+from learner.train import check_cpu_bf16
 from protocol.prompts import PROMPT_VERSION
 from protocol.solve_prompts import SOLVE_PROMPT_VERSION
 
@@ -90,8 +91,7 @@ class EvalConfig:
             raise ValueError("max_attempts and batch_size must be >= 1")
         for spec in [*self.benchmarks, *([self.fidelity_problems] if self.fidelity_problems else [])]:
             parse_problem_spec(spec)  # a bad spec fails before any work
-        if not isinstance(self.fidelity_cpu_bf16, bool) and self.fidelity_cpu_bf16 not in ("off", "on", "auto"):
-            raise ValueError(f"fidelity_cpu_bf16 must be 'off', 'on' or 'auto', got {self.fidelity_cpu_bf16!r}")
+        check_cpu_bf16("fidelity_cpu_bf16", self.fidelity_cpu_bf16)
 
 
 @dataclass

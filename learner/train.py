@@ -88,6 +88,11 @@ def cpu_bf16_on(mode: str | bool) -> bool:
     return mode is True or mode == "on"
 
 
+def check_cpu_bf16(name: str, mode: str | bool) -> None:
+    if not isinstance(mode, bool) and mode not in CPU_BF16:
+        raise ValueError(f"{name} must be one of {CPU_BF16}, not {mode!r}")
+
+
 def uses_bf16(cfg: TrainConfig) -> bool:
     """Whether a worker here autocasts to bfloat16 (anything that must match its step 0 asks here)."""
     return cfg.bf16 if cfg.use_gpu else cpu_bf16_on(cfg.cpu_bf16)
@@ -133,8 +138,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {ALGOS}")
     if cfg.source not in ("samples", "reference"):
         raise ValueError(f"source must be 'samples' or 'reference', not {cfg.source!r}")
-    if not isinstance(cfg.cpu_bf16, bool) and cfg.cpu_bf16 not in CPU_BF16:
-        raise ValueError(f"cpu_bf16 must be one of {CPU_BF16}, not {cfg.cpu_bf16!r}")
+    check_cpu_bf16("cpu_bf16", cfg.cpu_bf16)
     acfg = algo_config(cfg)  # unknown overrides fail here
     check_schedule(acfg, decay_steps_known=False)
     if cfg.algo == "filtered-bc":
