@@ -34,9 +34,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import openai
-
-from actors.batch_jobs import TERMINAL, BatchJobs, BatchLimits, items_of, jsonl, split
-from actors.batch_requests import (
+from subq.actors.batch_jobs import TERMINAL, BatchJobs, BatchLimits, items_of, jsonl, split
+from subq.actors.batch_requests import (
     BatchRequest,
     build_requests,
     line_outcome,
@@ -44,15 +43,22 @@ from actors.batch_requests import (
     read_jsonl,
     read_results,
 )
-from actors.budget import Budget
-from actors.collect import CollectConfig, CollectReport, plan_keys, stage_report, stage_settings, summarise
-from actors.collect_plan import Plan, plan_work
-from actors.stage_worker import STAGE_OUTPUT, ledger_rows
-from actors.stages import StageSettings
-from actors.teacher import error_text, is_transient
-from data_store.datasets import load_problems
-from data_store.schema import STAGES
-from data_store.store import Store
+from subq.actors.budget import Budget
+from subq.actors.collect import (
+    CollectConfig,
+    CollectReport,
+    plan_keys,
+    stage_report,
+    stage_settings,
+    summarise,
+)
+from subq.actors.collect_plan import Plan, plan_work
+from subq.actors.stage_worker import STAGE_OUTPUT, ledger_rows
+from subq.actors.stages import StageSettings
+from subq.actors.teacher import error_text, is_transient
+from subq.data_store.datasets import load_problems
+from subq.data_store.schema import STAGES
+from subq.data_store.store import Store
 
 Row = dict[str, Any]
 

@@ -23,11 +23,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 import openai
-
-from actors.batch_requests import BatchRequest, decode_item, encode_item
-from actors.stages import StageSettings
-from actors.teacher import TeacherConfig, TeacherFatalError, api_key_from_env, fatal_message, fatal_reason
-from data_store.store import Store
+from subq.actors.batch_requests import BatchRequest, decode_item, encode_item
+from subq.actors.stages import StageSettings
+from subq.actors.teacher import (
+    TeacherConfig,
+    TeacherFatalError,
+    api_key_from_env,
+    fatal_message,
+    fatal_reason,
+)
+from subq.data_store.store import Store
 
 Row = dict[str, Any]
 PREPARING = "preparing"

@@ -28,11 +28,10 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
-
-from actors.prices import PriceTable
-from actors.stage_worker import STAGE_FNS
-from actors.stages import StageSettings
-from actors.teacher import (
+from subq.actors.prices import PriceTable
+from subq.actors.stage_worker import STAGE_FNS
+from subq.actors.stages import StageSettings
+from subq.actors.teacher import (
     CallResult,
     TeacherConfig,
     chat_params,

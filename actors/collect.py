@@ -23,19 +23,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-
-from actors.breaker import BreakerConfig
-from actors.collect_plan import plan_keys as _plan_keys
-from actors.collect_plan import plan_work
-from actors.governor import REFUSED_BUDGET, REFUSED_OUTAGE, Governor, GovernorConfig
-from actors.prices import PriceTable
-from actors.stage_worker import STAGE_OUTPUT, StageWorker
-from actors.stages import StageSettings
-from actors.teacher import TeacherConfig, TeacherFatalError
-from data_store.datasets import load_problems
-from data_store.schema import RETRYABLE_STATUSES, STATUS_OK, STATUS_SKIPPED
-from data_store.store import Store
-from data_store.store_stats import not_ok_summary
+from subq.actors.breaker import BreakerConfig
+from subq.actors.collect_plan import plan_keys as _plan_keys
+from subq.actors.collect_plan import plan_work
+from subq.actors.governor import REFUSED_BUDGET, REFUSED_OUTAGE, Governor, GovernorConfig
+from subq.actors.prices import PriceTable
+from subq.actors.stage_worker import STAGE_OUTPUT, StageWorker
+from subq.actors.stages import StageSettings
+from subq.actors.teacher import TeacherConfig, TeacherFatalError
+from subq.data_store.datasets import load_problems
+from subq.data_store.schema import RETRYABLE_STATUSES, STATUS_OK, STATUS_SKIPPED
+from subq.data_store.store import Store
+from subq.data_store.store_stats import not_ok_summary
 
 
 @dataclass

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.stages import StageSettings
-from data_store.schema import RETRYABLE_STATUSES, STAGES, STATUS_PARTIAL, sample_key
-from data_store.store import Store
+from subq.actors.stages import StageSettings
+from subq.data_store.schema import RETRYABLE_STATUSES, STAGES, STATUS_PARTIAL, sample_key
+from subq.data_store.store import Store
 
 Row = dict[str, Any]
 # columns a stage fills, cleared when a retry re-runs that stage

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.breaker import GAVE_UP, WAIT, BreakerConfig, CircuitBreaker
-from actors.budget import Budget
-from actors.rate_limit import RateLimiter
+from subq.actors.breaker import GAVE_UP, WAIT, BreakerConfig, CircuitBreaker
+from subq.actors.budget import Budget
+from subq.actors.rate_limit import RateLimiter
 
 # Why a call was refused (nothing was sent; the work is left for a later run).
 REFUSED_BUDGET, REFUSED_OUTAGE, REFUSED_FATAL = "budget", "outage", "fatal"

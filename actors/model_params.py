@@ -16,8 +16,7 @@ import threading
 from dataclasses import dataclass
 
 import openai
-
-from actors.prices import model_family
+from subq.actors.prices import model_family
 
 # Families that need max_completion_tokens and take no temperature (OpenAI, 2026).
 _REASONING = re.compile(r"^(o\d+(-mini|-pro)?|gpt-5(-mini|-nano|-pro)?)$")

@@ -16,12 +16,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-
-from actors.prices import PriceTable
-from actors.stages import StageSettings, answer, decompose, feedback
-from actors.teacher import CallResult, TeacherClient, TeacherConfig
-from data_store.schema import SAMPLES_SCHEMA, to_table
-from data_store.store import Store
+from subq.actors.prices import PriceTable
+from subq.actors.stages import StageSettings, answer, decompose, feedback
+from subq.actors.teacher import CallResult, TeacherClient, TeacherConfig
+from subq.data_store.schema import SAMPLES_SCHEMA, to_table
+from subq.data_store.store import Store
 
 STAGE_OUTPUT = {"decompose": "journal_decompose", "answer": "journal_answer", "feedback": "samples"}
 STAGE_FNS = {"decompose": decompose, "answer": answer, "feedback": feedback}

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from actors.teacher import CallResult, TeacherClient
-from data_store.schema import (
+from subq.actors.teacher import CallResult, TeacherClient
+from subq.data_store.schema import (
     SAMPLES_SCHEMA,
     STAGES,
     STATUS_API_ERROR,
@@ -38,9 +38,9 @@ from data_store.schema import (
     sample_key,
     settings_fingerprint,
 )
-from protocol.answers import numbers_match
-from protocol.parse import parse_answers, parse_feedback, parse_subquestions, usefulness
-from protocol.prompts import PROMPT_VERSION, answer_messages, decompose_messages, feedback_messages
+from subq.protocol.answers import numbers_match
+from subq.protocol.parse import parse_answers, parse_feedback, parse_subquestions, usefulness
+from subq.protocol.prompts import PROMPT_VERSION, answer_messages, decompose_messages, feedback_messages
 
 Row = dict[str, Any]
 Output = tuple[list[Row], list[CallResult]]  # rows produced, calls made

@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import openai
-
-from actors.governor import REFUSED_BUDGET, Governor, GovernorClient
-from actors.model_params import learn_from, request_params, style_for
-from actors.prices import PriceTable
+from subq.actors.governor import REFUSED_BUDGET, Governor, GovernorClient
+from subq.actors.model_params import learn_from, request_params, style_for
+from subq.actors.prices import PriceTable
 
 # Base URLs that never need a key (our local servers); anything else gets the env key.
 NO_KEY_PLACEHOLDER = "no-key"

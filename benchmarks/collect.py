@@ -41,14 +41,14 @@ configure_env()
 
 import httpx  # noqa: E402 - stats of the test server
 import openai  # noqa: E402
+from subq.actors.collect import CollectConfig, run_collect  # noqa: E402
+from subq.actors.prices import PriceTable  # noqa: E402
+from subq.actors.teacher import TeacherConfig  # noqa: E402
+from subq.data_store.datasets import load_problems  # noqa: E402
+from subq.data_store.schema import RETRYABLE_STATUSES  # noqa: E402
+from subq.data_store.store import Store  # noqa: E402
+from subq.protocol.prompts import decompose_messages  # noqa: E402
 
-from actors.collect import CollectConfig, run_collect  # noqa: E402
-from actors.prices import PriceTable  # noqa: E402
-from actors.teacher import TeacherConfig  # noqa: E402
-from data_store.datasets import load_problems  # noqa: E402
-from data_store.schema import RETRYABLE_STATUSES  # noqa: E402
-from data_store.store import Store  # noqa: E402
-from protocol.prompts import decompose_messages  # noqa: E402
 from tests.teacher_server import FaultPlan  # noqa: E402
 
 MODEL = "test-teacher"

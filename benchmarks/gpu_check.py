@@ -46,8 +46,8 @@ CPU_MODEL = "tiny-random:llama?layers=2&hidden=64&heads=4&ctx=1024&seed=0"
 
 
 def train(algo: str, init: str, store: str, out: Path, device: str, args: argparse.Namespace) -> dict:
-    from learner.models import load_tokenizer
-    from learner.train import TrainConfig, build_episodes, run_train
+    from subq.learner.models import load_tokenizer
+    from subq.learner.train import TrainConfig, build_episodes, run_train
 
     every = max(1, args.steps // 4)  # each report costs Ray Train ~2 s of wall time (not of tokens/s)
     cfg = TrainConfig(algo=algo, init=init, store=store, out=str(out), source="reference", num_workers=1,
@@ -105,8 +105,8 @@ def serve_load(name: str, url: str, path: str, bodies: list[dict], device: str, 
 
 
 def serve_both(ckpt: str, device: str, problems: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    from serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
-    from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
+    from subq.serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 
     gpus = 1.0 if device == "cuda" else 0.0
     n = args.requests
@@ -187,8 +187,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, {os.cpu_count()} CPUs"
           + (f", {torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()}" if "cuda" in devices else ""),
           flush=True)
-    from data_store.datasets import load_problems
-    from data_store.store import Store
+    from subq.data_store.datasets import load_problems
+    from subq.data_store.store import Store
 
     started = time.perf_counter()
     init_ray()

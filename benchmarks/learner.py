@@ -42,14 +42,13 @@ configure_env()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-
-from data_store.datasets import load_problems  # noqa: E402
-from learner.batches import epoch_order  # noqa: E402
-from learner.bc import BC, BCConfig  # noqa: E402
-from learner.episodes import Episode, build_episode, collate, encode_prompt  # noqa: E402
-from learner.guided_decoding import generate_guided  # noqa: E402
-from learner.ilql import ILQL, ILQLConfig, ILQLHeads  # noqa: E402
-from learner.models import load_model_and_tokenizer, load_tokenizer  # noqa: E402
+from subq.data_store.datasets import load_problems  # noqa: E402
+from subq.learner.batches import epoch_order  # noqa: E402
+from subq.learner.bc import BC, BCConfig  # noqa: E402
+from subq.learner.episodes import Episode, build_episode, collate, encode_prompt  # noqa: E402
+from subq.learner.guided_decoding import generate_guided  # noqa: E402
+from subq.learner.ilql import ILQL, ILQLConfig, ILQLHeads  # noqa: E402
+from subq.learner.models import load_model_and_tokenizer, load_tokenizer  # noqa: E402
 
 
 def _episodes(tokenizer, n: int, max_length: int) -> tuple[list[dict], list[Episode]]:
@@ -110,7 +109,7 @@ def _ray_order(problems: list[dict], episodes: list[Episode]) -> list[Episode]:
 
 
 def _train_config(args: argparse.Namespace, store: str = "", out: str = "", report_every: int = 10**6):
-    from learner.train import TrainConfig
+    from subq.learner.train import TrainConfig
 
     return TrainConfig(algo="bc", init=args.model, store=store, out=out, source="reference", num_workers=1,
                        batch_size=args.batch_size, max_length=args.max_length, max_steps=args.train_steps,
@@ -121,7 +120,7 @@ def _train_config(args: argparse.Namespace, store: str = "", out: str = "", repo
 def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int):
     """K BC steps in plain PyTorch on a fresh model: per step collate, loss, backward, clip, AdamW;
     the optimizer and LR schedule exactly as run_train builds them for K steps."""
-    from learner.train import algo_config
+    from subq.learner.train import algo_config
 
     model, _ = load_model_and_tokenizer(args.model)
     torch.manual_seed(0)
@@ -138,7 +137,7 @@ def _bare_loop(args: argparse.Namespace, episodes: list[Episode], pad_id: int):
 
 def _ray_train(args: argparse.Namespace, store: str, out: str, report_every: int) -> tuple[dict, list[dict], dict]:
     """One ``run_train``; its summary, metric lines, and wall-clock marks (driver clock)."""
-    from learner.train import run_train
+    from subq.learner.train import run_train
 
     cfg = _train_config(args, store, out, report_every)
     start = time.time()
@@ -154,8 +153,8 @@ def _ray_train(args: argparse.Namespace, store: str, out: str, report_every: int
 
 
 def bench_ray_train(args: argparse.Namespace, problems: list[dict], episodes: list[Episode], pad_id: int) -> None:
-    from data_store.store import Store
-    from learner.checkpoint import load_checkpoint
+    from subq.data_store.store import Store
+    from subq.learner.checkpoint import load_checkpoint
 
     k, b = args.train_steps, args.batch_size
     episodes = _ray_order(problems, episodes)  # the same batches in the same order as the Ray Train run

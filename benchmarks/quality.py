@@ -48,8 +48,8 @@ from subq.runtime import configure_env, init_ray  # noqa: E402
 
 configure_env()
 
-from data_store.datasets import load_problems  # noqa: E402
-from data_store.store import Store  # noqa: E402
+from subq.data_store.datasets import load_problems  # noqa: E402
+from subq.data_store.store import Store  # noqa: E402
 
 AI_SUBQ_FILE = ROOT / "data_store" / "data" / "gsm8k-ai-subq" / "qg_test_dataset.jsonl"
 
@@ -107,7 +107,7 @@ def heldout_problems(cfg: QualityConfig) -> list[dict]:
 
 def build_store(cfg: QualityConfig, out: Path) -> str:
     """The training store: the reference problems, and teacher samples unless a store was given."""
-    from data_store.gsm8k_ai_subq import import_gsm8k_ai_subq
+    from subq.data_store.gsm8k_ai_subq import import_gsm8k_ai_subq
 
     store = Store(str(out / "store"))
     store.append("problems", load_problems(cfg.reference))
@@ -123,8 +123,8 @@ def build_store(cfg: QualityConfig, out: Path) -> str:
 
 def train(cfg: QualityConfig, out: Path, store: str) -> dict[str, dict[str, Any]]:
     """BC, then filtered BC and ILQL from BC; each a real ``run_train`` (a finished one is reused)."""
-    from learner.checkpoint import is_checkpoint
-    from learner.train import TrainConfig, run_train
+    from subq.learner.checkpoint import is_checkpoint
+    from subq.learner.train import TrainConfig, run_train
 
     samples = cfg.samples_store or store
     val = f"gsm8k:test[:{min(cfg.curve_problems, cfg.heldout)}]"
@@ -166,11 +166,10 @@ def teacher_forced(cfg: QualityConfig, spec: str, fmt: str, problems: list[dict]
                    ) -> dict[str, Any]:
     """NLL of the human and ChatGPT sub-questions, and for an ILQL checkpoint its value AUC."""
     import torch
-
-    from evaluation.fidelity import auc, reference_nll, value_scores
-    from learner.checkpoint import is_checkpoint, load_checkpoint
-    from learner.ilql import ILQLHeads
-    from learner.models import load_model_and_tokenizer
+    from subq.evaluation.fidelity import auc, reference_nll, value_scores
+    from subq.learner.checkpoint import is_checkpoint, load_checkpoint
+    from subq.learner.ilql import ILQLHeads
+    from subq.learner.models import load_model_and_tokenizer
 
     heads = None
     if is_checkpoint(spec):
@@ -217,8 +216,8 @@ async def _decompose_all(url: str, problems: list[dict], beta: float | None, max
 
 def generated(cfg: QualityConfig, spec: str, problems: list[dict], betas: list[float | None]) -> dict[str, Any]:
     """Serve ``spec`` on Ray Serve, decompose every problem once per beta, measure against the humans."""
-    from evaluation.fidelity import generation_measures
-    from serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
+    from subq.evaluation.fidelity import generation_measures
+    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
 
     dcfg = DecomposerConfig(model=spec, port=cfg.port, max_new_tokens=cfg.max_new_tokens, max_batch_size=8,
                             num_gpus=1.0 if cfg.use_gpu else 0.0, app_name="subq-quality")

@@ -48,13 +48,12 @@ configure_env()
 import httpx  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-
-from data_store.datasets import load_problems  # noqa: E402
-from learner.checkpoint import save_checkpoint  # noqa: E402
-from learner.ilql import ILQLConfig, ILQLHeads  # noqa: E402
-from learner.models import load_model_and_tokenizer  # noqa: E402
-from serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer  # noqa: E402
-from serve.decomposer_model import Decoder, Job  # noqa: E402
+from subq.data_store.datasets import load_problems  # noqa: E402
+from subq.learner.checkpoint import save_checkpoint  # noqa: E402
+from subq.learner.ilql import ILQLConfig, ILQLHeads  # noqa: E402
+from subq.learner.models import load_model_and_tokenizer  # noqa: E402
+from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer  # noqa: E402
+from subq.serve.decomposer_model import Decoder, Job  # noqa: E402
 
 
 def _checkpoint(model_spec: str, path: Path) -> Path:

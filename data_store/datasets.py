@@ -27,8 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from data_store.schema import problem_id
-from protocol.answers import gsm8k_gold
+from subq.data_store.schema import problem_id
+from subq.protocol.answers import gsm8k_gold
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 HF_PREFIX = "hf:"

@@ -28,15 +28,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow.fs as pafs
-
-from data_store.datasets import (
+from subq.data_store.datasets import (
     KNOWN_DATASETS,
     format_number,
     load_problems,
     normalize_question,
     question_index,
 )
-from data_store.schema import (
+from subq.data_store.schema import (
     SAMPLES_SCHEMA,
     STATUS_OK,
     STATUS_PARSE_ERROR,
@@ -45,9 +44,9 @@ from data_store.schema import (
     problem_id,
     sample_key,
 )
-from data_store.store import Store
-from protocol.answers import gsm8k_gold, numbers_match, parse_number
-from protocol.parse import parse_answers, parse_subquestions
+from subq.data_store.store import Store
+from subq.protocol.answers import gsm8k_gold, numbers_match, parse_number
+from subq.protocol.parse import parse_answers, parse_subquestions
 
 PROMPT_VERSION = "gsm8k-ai-subq"
 DATASET = "gsm8k-ai-subq"  # problems that match no GSM8K question

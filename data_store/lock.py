@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
-
-from data_store.store import Store, StoreError
+from subq.data_store.store import Store, StoreError
 
 LOCK_NAME = "_writer.lock"
 

@@ -30,8 +30,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from data_store.schema import ATTEMPT_COLUMN, KEYS, SCHEMAS, VERSIONED, to_table
+from subq.data_store.schema import ATTEMPT_COLUMN, KEYS, SCHEMAS, VERSIONED, to_table
 
 _TMP_PREFIX = "_tmp-"
 _T = TypeVar("_T")
@@ -118,7 +117,7 @@ class Store:
 
     def lock(self, command: str = ""):
         """The store's writer lock (a context manager); raises ``StoreLocked`` if another holds it."""
-        from data_store.lock import StoreLock
+        from subq.data_store.lock import StoreLock
 
         return StoreLock(self, command)
 
@@ -376,6 +375,6 @@ class Store:
         return float(sum(c or 0.0 for c in charged))
 
     def stats(self) -> dict[str, Any]:
-        from data_store.store_stats import store_stats
+        from subq.data_store.store_stats import store_stats
 
         return store_stats(self)

@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from data_store.schema import SCHEMAS, STAGES, STATUS_OK, STATUS_SKIPPED, VERSIONED
+from subq.data_store.schema import SCHEMAS, STAGES, STATUS_OK, STATUS_SKIPPED, VERSIONED
 
 _ERROR_CLASS = re.compile(r"^([A-Z][A-Za-z]+(?:Error|Exception|Timeout))\b")
 

@@ -30,13 +30,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from actors.breaker import BreakerConfig
-from actors.governor import Governor, GovernorConfig
-from actors.prices import PriceTable
-from actors.teacher import CallResult, TeacherClient, TeacherConfig, api_key_from_env, redact
-from protocol.parse import cap_subquestions, parse_subquestions
-from protocol.prompts import SUBQ_END, decompose_messages, parse_student_output, student_prompt
-from protocol.solve_prompts import cot_messages, solve_messages
+from subq.actors.breaker import BreakerConfig
+from subq.actors.governor import Governor, GovernorConfig
+from subq.actors.prices import PriceTable
+from subq.actors.teacher import CallResult, TeacherClient, TeacherConfig, api_key_from_env, redact
+from subq.protocol.parse import cap_subquestions, parse_subquestions
+from subq.protocol.prompts import SUBQ_END, decompose_messages, parse_student_output, student_prompt
+from subq.protocol.solve_prompts import cot_messages, solve_messages
 
 DECOMPOSER_KINDS = ("none", "teacher", "url", "openai")
 NO_SUBQUESTIONS = "parse_error: the decomposer returned no sub-questions"

@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from subq.evaluation.similarity import aggregate_similarity
+from subq.learner.episodes import build_episode, subquestion_mask
+from subq.protocol.prompts import decompose_messages, format_subquestions
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from evaluation.similarity import aggregate_similarity
-from learner.episodes import build_episode, subquestion_mask
-from protocol.prompts import decompose_messages, format_subquestions
 
 FORMATS = ("student", "chat")
 
@@ -230,8 +229,8 @@ def held_out_nll(spec: str, fmt: str, problems: Sequence[dict[str, Any]], *, bf1
     """:func:`reference_nll` of ``problems``' human sub-questions under a checkpoint (student format) or a
     base model spec (``fmt="chat"``: the zero-shot decomposer, prompted as the teacher is), on CPU;
     ``bf16``: under bf16 autocast (the weights stay fp32, the log-softmax is taken in fp32)."""
-    from learner.checkpoint import is_checkpoint, load_checkpoint
-    from learner.models import load_model_and_tokenizer
+    from subq.learner.checkpoint import is_checkpoint, load_checkpoint
+    from subq.learner.models import load_model_and_tokenizer
 
     if is_checkpoint(spec):
         loaded = load_checkpoint(spec)

@@ -27,8 +27,8 @@ def update_fidelity(out_dir: str, problems_spec: str, scored: list[tuple[str, st
                     echo=print, bf16: bool = False) -> dict[str, dict[str, Any]]:
     """Compute what is missing or stale for ``scored`` = [(label, model spec, format)]; returns the file.
     ``bf16``: under bf16 autocast (every figure of the table is computed alike)."""
-    from data_store.datasets import load_problems
-    from evaluation.fidelity import held_out_nll
+    from subq.data_store.datasets import load_problems
+    from subq.evaluation.fidelity import held_out_nll
 
     path = Path(out_dir) / FILE
     table: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}

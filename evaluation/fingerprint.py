@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from protocol.prompts import DECOMPOSE_VERSION, STUDENT_VERSION
-from protocol.solve_prompts import SOLVE_PROMPT_VERSION
+from subq.protocol.prompts import DECOMPOSE_VERSION, STUDENT_VERSION
+from subq.protocol.solve_prompts import SOLVE_PROMPT_VERSION
 
 # Which prompt each decomposer kind sends (none sends nothing; "served" may use either format).
 _PROMPTS = {"teacher": [DECOMPOSE_VERSION], "openai": [STUDENT_VERSION], "url": [DECOMPOSE_VERSION, STUDENT_VERSION],

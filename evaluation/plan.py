@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_store.datasets import load_problems
-from evaluation.clients import SolverSpec
-from evaluation.fingerprint import (
+from subq.data_store.datasets import load_problems
+from subq.evaluation.clients import SolverSpec
+from subq.evaluation.fingerprint import (
     decomposer_settings,
     describe_change,
     fingerprint,
     run_settings,
     solver_settings,
 )
-from evaluation.records import (
+from subq.evaluation.records import (
     attempt_of,
     decomposition_failed,
     failure,
@@ -37,7 +37,7 @@ from evaluation.records import (
 )
 
 if TYPE_CHECKING:
-    from evaluation.run import EvalConfig
+    from subq.evaluation.run import EvalConfig
 
 PROBLEM_FIELDS = ("problem_id", "dataset", "split", "index", "question", "answer_type", "answer_value", "gold",
                   "choices", "answer_text", "reference_subquestions")

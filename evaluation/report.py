@@ -45,9 +45,9 @@ from pathlib import Path
 from statistics import fmean, median
 from typing import Any
 
-from evaluation.records import failure
-from evaluation.scoring import wilson_interval
-from evaluation.similarity import aggregate_similarity
+from subq.evaluation.records import failure
+from subq.evaluation.scoring import wilson_interval
+from subq.evaluation.similarity import aggregate_similarity
 
 DASH = "—"
 

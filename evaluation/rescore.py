@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluation.scoring import MODES, paper1_gold, score, wilson_interval
-from protocol.answers import gsm8k_gold, parse_number
+from subq.evaluation.scoring import MODES, paper1_gold, score, wilson_interval
+from subq.protocol.answers import gsm8k_gold, parse_number
 
 
 class RescoreError(ValueError):

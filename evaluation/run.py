@@ -29,12 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-
-from actors.collect import batched_dataset
-from actors.prices import PriceTable
-from actors.teacher import TeacherClient, TeacherConfig
-from data_store.datasets import load_problems, parse_problem_spec
-from evaluation.clients import (
+from subq.actors.collect import batched_dataset
+from subq.actors.prices import PriceTable
+from subq.actors.teacher import TeacherClient, TeacherConfig
+from subq.data_store.datasets import load_problems, parse_problem_spec
+from subq.evaluation.clients import (
     FATAL_ERRORS,
     DecomposerClient,
     DecomposerSpec,
@@ -43,19 +42,19 @@ from evaluation.clients import (
     eval_governor,
     solve,
 )
-from evaluation.plan import RunKey, check_labels, plan_rows, run_keys, settings_changes
-from evaluation.records import (
+from subq.evaluation.plan import RunKey, check_labels, plan_rows, run_keys, settings_changes
+from subq.evaluation.records import (
     append_records,
     attempt_of,
     decomposition_failed,
     failure,
     read_records,
 )
-from evaluation.report import RunSummary, summarize, write_report
-from evaluation.scoring import score
-from learner.train import check_cpu_bf16
-from protocol.prompts import PROMPT_VERSION
-from protocol.solve_prompts import SOLVE_PROMPT_VERSION
+from subq.evaluation.report import RunSummary, summarize, write_report
+from subq.evaluation.scoring import score
+from subq.learner.train import check_cpu_bf16
+from subq.protocol.prompts import PROMPT_VERSION
+from subq.protocol.solve_prompts import SOLVE_PROMPT_VERSION
 
 SKIPPED_SOLVE = "skipped: no plan to solve (the decomposition failed at the API; a re-run retries both)"
 
@@ -305,7 +304,7 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
 
 def report(cfg: EvalConfig, keys: list[RunKey]) -> list[RunSummary]:
     """Re-score every stored record with ``cfg.scorer`` and write results.json / .md / .png."""
-    from evaluation.fidelity_report import read_fidelity
+    from subq.evaluation.fidelity_report import read_fidelity
 
     nll = read_fidelity(cfg.out_dir) if cfg.fidelity_problems else {}
     summaries = []

@@ -42,8 +42,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from data_store.datasets import accepted_answers
-from protocol.answers import (
+from subq.data_store.datasets import accepted_answers
+from subq.protocol.answers import (
     final_answer_value,
     find_final_answer,
     gsm8k_gold,
@@ -52,7 +52,7 @@ from protocol.answers import (
     numbers_match,
     parse_number,
 )
-from protocol.solve_prompts import split_choice
+from subq.protocol.solve_prompts import split_choice
 
 MODES = ("strict", "paper1")
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from learner.episodes import Episode
+from subq.learner.episodes import Episode
 
 MANIFEST = "manifest.json"  # the data directory's description, written last (its presence = complete)
 INDEX = "index.npz"  # row positions of the training and validation episodes, in canonical order

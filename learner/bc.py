@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from subq.learner.optim import OptimConfig, adamw_with_schedule, clip_and_step
 from torch import nn
-
-from learner.optim import OptimConfig, adamw_with_schedule, clip_and_step
 
 
 @dataclass

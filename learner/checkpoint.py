@@ -33,11 +33,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from subq.learner.models import load_model_and_tokenizer
+from subq.protocol.prompts import PROMPT_VERSION
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from learner.models import load_model_and_tokenizer
-from protocol.prompts import PROMPT_VERSION
 
 META_FILE = "subq_checkpoint.json"
 HEADS_FILE = "heads.safetensors"

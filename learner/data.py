@@ -34,13 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from learner.batches import INDEX, MANIFEST
-from learner.checkpoint import is_checkpoint
-from learner.filtered_bc import FilteredBCConfig, select
+from subq.learner.batches import INDEX, MANIFEST
+from subq.learner.checkpoint import is_checkpoint
+from subq.learner.filtered_bc import FilteredBCConfig, select
 
 if TYPE_CHECKING:
-    from learner.train import TrainConfig
+    from subq.learner.train import TrainConfig
 
 DATA_DIR = "data"  # under OUT
 EPISODE_SCHEMA = pa.schema([
@@ -76,7 +75,7 @@ class Record:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(spec: str):
-    from learner.models import load_tokenizer
+    from subq.learner.models import load_tokenizer
 
     return load_tokenizer(spec)
 
@@ -89,8 +88,8 @@ def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max
                  teacher_model: str | None, solver_target: str | None = None) -> pa.Table:
     """A ``map_batches`` function: store rows (pandas) -> one row per episode, or per excluded sample.
     ``solver_target``: solver episodes (``learner/solver_bc.py``) with that target instead of decompositions."""
-    from learner.episodes import episode_from_reference, episode_from_sample
-    from learner.solver_bc import solver_episode_from_sample
+    from subq.learner.episodes import episode_from_reference, episode_from_sample
+    from subq.learner.solver_bc import solver_episode_from_sample
 
     tokenizer = _tokenizer(tokenizer_spec)
     out = []
@@ -131,7 +130,7 @@ def placement(algo: str) -> str:
 
 def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path, solver_target: str | None = None) -> None:
     """Tokenise the store's rows on Ray Data, streaming them into ``target/*.parquet``."""
-    from data_store.store import Store
+    from subq.data_store.store import Store
 
     table = "problems" if cfg.source == "reference" else "samples"
     dataset = Store(cfg.store).dataset(table)
@@ -147,8 +146,7 @@ def write_val_episodes(cfg: TrainConfig, tokenizer_spec: str, data_dir: Path) ->
     """``cfg.val_problems``' human sub-questions as episodes in one file (a few hundred problems at most:
     built on the driver); returns its name relative to ``data_dir``."""
     import pandas as pd
-
-    from data_store.datasets import load_problems
+    from subq.data_store.datasets import load_problems
 
     problems = [p for p in load_problems(cfg.val_problems) if p.get("reference_subquestions")]
     if not problems:
@@ -209,11 +207,11 @@ def selection_rule(cfg: TrainConfig, acfg: Any) -> dict[str, Any] | None:
     if cfg.algo == "filtered-bc":
         return {k: getattr(acfg, k) for k in RULE_FIELDS}
     if cfg.algo == "dpo":
-        from learner.preference_data import PAIR_FIELDS
+        from subq.learner.preference_data import PAIR_FIELDS
 
         return {k: getattr(acfg, k) for k in PAIR_FIELDS}
     if cfg.algo == "solver-bc":
-        from protocol.solve_prompts import SOLVE_PROMPT_VERSION
+        from subq.protocol.solve_prompts import SOLVE_PROMPT_VERSION
 
         return {"target": acfg.target, "correct_only": acfg.correct_only, "solve_prompt": SOLVE_PROMPT_VERSION}
     return None
@@ -222,7 +220,7 @@ def selection_rule(cfg: TrainConfig, acfg: Any) -> dict[str, Any] | None:
 def build_settings(cfg: TrainConfig, tokenizer_spec: str, acfg: Any = None) -> dict[str, Any]:
     """Everything that decides the episode table; a resume must find the same. ``acfg``: the
     algorithm's config (default: ``learner.train.algo_config(cfg)``)."""
-    from learner.train import algo_config
+    from subq.learner.train import algo_config
 
     rule = selection_rule(cfg, algo_config(cfg) if acfg is None else acfg)
     return {"store": cfg.store, "source": cfg.source, "teacher_model": cfg.teacher_model,
@@ -264,7 +262,7 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = N
     algorithm's config (default: ``learner.train.algo_config(cfg)``), whose rule picks the training (and
     validation) episodes: filtered BC's filter, solver-bc's target and ``correct_only``, DPO's pairs (whose
     reference log-probs are computed here, once: ``learner/preference_data.py``)."""
-    from learner.train import algo_config
+    from subq.learner.train import algo_config
 
     acfg = algo_config(cfg) if acfg is None else acfg
     data_dir = out / DATA_DIR
@@ -302,7 +300,7 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = N
     extra: dict[str, Any] = {}
     keys = json.dumps([[r.sample_key, r.token_hash] for r in train]) + json.dumps([r.sample_key for r in val])
     if cfg.algo == "dpo":
-        from learner.preference_data import pair_array, pair_records
+        from subq.learner.preference_data import pair_array, pair_records
 
         train_pairs, val_pairs, extra = pair_records(train, val, acfg)
         train = sorted({id(r): r for p in train_pairs for r in p}.values(), key=lambda r: r.row)
@@ -311,7 +309,7 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = N
         keys = json.dumps([[c.sample_key, r.sample_key, c.token_hash, r.token_hash] for c, r in train_pairs]
                           + [[c.sample_key, r.sample_key] for c, r in val_pairs])
     elif cfg.algo == "solver-bc":
-        from protocol.solve_prompts import SOLVE_PROMPT_VERSION
+        from subq.protocol.solve_prompts import SOLVE_PROMPT_VERSION
 
         extra = {"solver_target": acfg.target, "solve_prompt_version": SOLVE_PROMPT_VERSION}
     not_kept = n_split - len(train) - len(val)
@@ -326,7 +324,7 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = N
                          f"{out / 'ray'} to start over")
     arrays = {"train": train_index, "val": val_index}
     if cfg.algo == "dpo":  # after the checks: the reference pass is a forward over every paired episode
-        from learner.preference_data import reference_logps
+        from subq.learner.preference_data import reference_logps
 
         n_rows = sum(pq.read_metadata(data_dir / f).num_rows for f in files)
         arrays["ref_logp"] = reference_logps(cfg, tokenizer_spec, data_dir, files, n_rows,

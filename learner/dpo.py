@@ -43,12 +43,11 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from subq.learner.bc import BC
+from subq.learner.episodes import RETURN_KINDS, Episode, collate, episode_return
+from subq.learner.filtered_bc import Rankable
+from subq.learner.optim import OptimConfig
 from torch import nn
-
-from learner.bc import BC
-from learner.episodes import RETURN_KINDS, Episode, collate, episode_return
-from learner.filtered_bc import Rankable
-from learner.optim import OptimConfig
 
 LOSS_TYPES = ("sigmoid", "ipo")
 

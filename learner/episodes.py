@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from subq.protocol.prompts import SUBQ_END, SUBQ_SEPARATOR, student_prompt, student_target
 from transformers import PreTrainedTokenizerBase
-
-from protocol.prompts import SUBQ_END, SUBQ_SEPARATOR, student_prompt, student_target
 
 PLACEMENTS = ("full", "sparse")
 RETURN_KINDS = ("correctness", "usefulness", "both")

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from learner.bc import BC, BCConfig
-from learner.episodes import RETURN_KINDS, episode_return
+from subq.learner.bc import BC, BCConfig
+from subq.learner.episodes import RETURN_KINDS, episode_return
 
 RANK_WITHIN = ("problem", "global")
 

@@ -21,9 +21,8 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import torch
+from subq.learner.ilql import ILQLHeads, guided_logits
 from torch import nn
-
-from learner.ilql import ILQLHeads, guided_logits
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from subq.learner.bc import subquestion_nll
+from subq.learner.optim import OptimConfig, adamw_with_schedule, clip_and_step
 from torch import nn
-
-from learner.bc import subquestion_nll
-from learner.optim import OptimConfig, adamw_with_schedule, clip_and_step
 
 
 @dataclass

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from learner.dpo import DPOConfig, make_pairs
+from subq.learner.dpo import DPOConfig, make_pairs
 
 if TYPE_CHECKING:
-    from learner.data import Record
-    from learner.train import TrainConfig
+    from subq.learner.data import Record
+    from subq.learner.train import TrainConfig
 
 PAIR_FIELDS = ("return_kind", "margin", "max_pairs_per_problem")  # what of DPOConfig decides the pairs
 
@@ -51,11 +50,10 @@ class ReferenceLogps:
     def __init__(self, model_spec: str, data_dir: str, files: list[str], micro_batch: int, use_gpu: bool,
                  bf16: bool, cpu_bf16: str | bool, threads: int) -> None:
         import torch
-
-        from learner.batches import read_episode_files
-        from learner.checkpoint import is_checkpoint, load_checkpoint
-        from learner.models import load_model_and_tokenizer
-        from learner.train import cpu_bf16_on
+        from subq.learner.batches import read_episode_files
+        from subq.learner.checkpoint import is_checkpoint, load_checkpoint
+        from subq.learner.models import load_model_and_tokenizer
+        from subq.learner.train import cpu_bf16_on
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -72,10 +70,9 @@ class ReferenceLogps:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-
-        from learner.batches import episodes_at
-        from learner.dpo import sequence_logps
-        from learner.episodes import collate
+        from subq.learner.batches import episodes_at
+        from subq.learner.dpo import sequence_logps
+        from subq.learner.episodes import collate
 
         rows = np.asarray(batch["row"], dtype=np.int64)
         episodes = episodes_at(self.table, rows)

@@ -24,12 +24,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from subq.learner.bc import BCConfig
+from subq.learner.episodes import Episode
+from subq.protocol.answers import format_number
+from subq.protocol.solve_prompts import SOLVER_ANSWER_TYPE, SOLVER_TARGETS, solve_messages, solver_reply
 from transformers import PreTrainedTokenizerBase
-
-from learner.bc import BCConfig
-from learner.episodes import Episode
-from protocol.answers import format_number
-from protocol.solve_prompts import SOLVER_ANSWER_TYPE, SOLVER_TARGETS, solve_messages, solver_reply
 
 
 @dataclass

@@ -104,12 +104,12 @@ def algo_config(cfg: TrainConfig, decay_steps: int | None = None):
     ``decay_steps``: the run's planned optimizer steps, used when the config asks for LR decay
     without saying when it ends.
     """
-    from learner.bc import BCConfig
-    from learner.dpo import DPOConfig
-    from learner.filtered_bc import FilteredBCConfig
-    from learner.ilql import ILQLConfig
-    from learner.optim import DRIVER_FIELDS
-    from learner.solver_bc import SolverBCConfig
+    from subq.learner.bc import BCConfig
+    from subq.learner.dpo import DPOConfig
+    from subq.learner.filtered_bc import FilteredBCConfig
+    from subq.learner.ilql import ILQLConfig
+    from subq.learner.optim import DRIVER_FIELDS
+    from subq.learner.solver_bc import SolverBCConfig
 
     cls = {"bc": BCConfig, "filtered-bc": FilteredBCConfig, "ilql": ILQLConfig, "ilql-sparse": ILQLConfig,
            "dpo": DPOConfig, "solver-bc": SolverBCConfig}[cfg.algo]
@@ -132,7 +132,7 @@ def algo_config(cfg: TrainConfig, decay_steps: int | None = None):
 
 def check_config(cfg: TrainConfig) -> None:
     """Fail before any work, naming the setting, on a config no run could use."""
-    from learner.optim import check_schedule
+    from subq.learner.optim import check_schedule
 
     if cfg.algo not in ALGOS:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {ALGOS}")
@@ -142,15 +142,15 @@ def check_config(cfg: TrainConfig) -> None:
     acfg = algo_config(cfg)  # unknown overrides fail here
     check_schedule(acfg, decay_steps_known=False)
     if cfg.algo == "filtered-bc":
-        from learner.filtered_bc import check_config as check_filter
+        from subq.learner.filtered_bc import check_config as check_filter
 
         check_filter(acfg)
     if cfg.algo == "dpo":
-        from learner.dpo import check_config as check_dpo
+        from subq.learner.dpo import check_config as check_dpo
 
         check_dpo(acfg)
     if cfg.algo == "solver-bc":
-        from learner.solver_bc import check_config as check_solver
+        from subq.learner.solver_bc import check_config as check_solver
 
         check_solver(acfg)
     if cfg.algo in ("dpo", "solver-bc") and cfg.source != "samples":
@@ -169,7 +169,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.early_stopping_patience and not (cfg.val_fraction or cfg.val_problems):
         raise ValueError("early stopping needs validation data: set val_fraction > 0 or val_problems")
     if cfg.val_problems:
-        from data_store.datasets import parse_problem_spec
+        from subq.data_store.datasets import parse_problem_spec
 
         if cfg.algo in ("dpo", "solver-bc"):  # one human decomposition per problem: no pairs, no solver replies
             raise ValueError(f"val_problems validates decomposers on human sub-questions; {cfg.algo} cannot use "
@@ -231,11 +231,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns a summary (steps, final metrics, data statistics, paths). Re-running resumes the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from learner.batches import steps_per_epoch
-    from learner.checkpoint import strip_secrets
-    from learner.data import DATA_DIR, prepare_data, training_units
-    from learner.train_loop import STATE_FILE, train_loop_per_worker
+    from subq.learner.batches import steps_per_epoch
+    from subq.learner.checkpoint import strip_secrets
+    from subq.learner.data import DATA_DIR, prepare_data, training_units
+    from subq.learner.train_loop import STATE_FILE, train_loop_per_worker
 
     check_config(cfg)
     out = Path(cfg.out).expanduser().resolve()
@@ -248,8 +247,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if os.path.isdir(init):
         init = str(Path(init).resolve())  # workers may start in another directory
     if cfg.algo in SOLVERS:  # before the data step tokenises anything with its chat template
-        from learner.models import load_tokenizer
-        from learner.solver_bc import check_tokenizer
+        from subq.learner.models import load_tokenizer
+        from subq.learner.solver_bc import check_tokenizer
 
         check_tokenizer(load_tokenizer(init))
     manifest = prepare_data(cfg, init, out, algo_config(cfg))
@@ -304,8 +303,8 @@ def finished_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
     """The summary of a run that already completed in ``out`` with these settings (None: train). A run
     whose resumable state was removed (``keep_checkpoints`` off) cannot continue: changed settings are an
     error that says how to train on, not a silent restart from the initial model."""
-    from learner.checkpoint import strip_secrets
-    from learner.data import DATA_DIR, MANIFEST, has_checkpoint
+    from subq.learner.checkpoint import strip_secrets
+    from subq.learner.data import DATA_DIR, MANIFEST, has_checkpoint
 
     target = out / "final"
     if has_checkpoint(out) or not (target / SUMMARY_FILE).is_file():
@@ -329,8 +328,7 @@ FINAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 def final_dtype(name: str, init: str) -> torch.dtype:
     """``final_dtype`` as a torch dtype; "auto": the initial model's published one."""
     import torch
-
-    from learner.models import native_dtype
+    from subq.learner.models import native_dtype
 
     name = native_dtype(init) if name == "auto" else name
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)

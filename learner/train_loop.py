@@ -32,12 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from learner.batches import EpisodeTable, epoch_order, micro_batches
-from learner.episodes import collate
-from learner.train import TrainConfig, algo_config, uses_bf16
-from learner.train_state import (
+from subq.learner.batches import EpisodeTable, epoch_order, micro_batches
+from subq.learner.episodes import collate
+from subq.learner.train import TrainConfig, algo_config, uses_bf16
+from subq.learner.train_state import (
     adapter_state,
     all_gather,
     all_reduce_sum,
@@ -47,6 +45,7 @@ from learner.train_state import (
     rng_state,
     set_rng_state,
 )
+from torch import nn
 
 STATE_FILE = "training_state.pt"
 Report = Callable[[dict[str, Any], str | None], None]  # (metrics, checkpoint directory or None)
@@ -65,10 +64,9 @@ def _load(cfg: TrainConfig, acfg, device: torch.device, resume_dir: Path | None,
     state, so the optimizer's moments meet the adapters they were computed for.
     """
     from safetensors.torch import load_file
-
-    from learner.checkpoint import HEADS_FILE, is_checkpoint, load_checkpoint
-    from learner.ilql import ILQLHeads
-    from learner.models import load_model_and_tokenizer
+    from subq.learner.checkpoint import HEADS_FILE, is_checkpoint, load_checkpoint
+    from subq.learner.ilql import ILQLHeads
+    from subq.learner.models import load_model_and_tokenizer
 
     lora = cfg.lora_r > 0
     if resume_dir is not None and lora and (state or {}).get("adapter") is None:
@@ -109,9 +107,9 @@ class WorkerLoop:
     def __init__(self, cfg: TrainConfig, data: EpisodeTable, *, planned_steps: int, rank: int = 0, world: int = 1,
                  device: torch.device | None = None, resume_dir: Path | None = None,
                  prepare: Callable[[nn.Module], nn.Module] = lambda m: m, report: Report | None = None) -> None:
-        from learner.bc import BC
-        from learner.dpo import DPO
-        from learner.ilql import ILQL
+        from subq.learner.bc import BC
+        from subq.learner.dpo import DPO
+        from subq.learner.ilql import ILQL
 
         self.cfg, self.data, self.rank, self.world = cfg, data, rank, world
         self.device = device or torch.device("cpu")
@@ -155,7 +153,7 @@ class WorkerLoop:
         """The batch of these units: episodes, or (DPO) [k, 2] pairs with their reference log-probs."""
         if not self.data.pairs:
             return collate(self.data.episodes(rows), self.tokenizer.pad_token_id)
-        from learner.dpo import collate_pairs
+        from subq.learner.dpo import collate_pairs
 
         ref = self.data.ref_logp
         return collate_pairs(self.data.episodes(rows[:, 0]), self.data.episodes(rows[:, 1]), ref[rows[:, 0]],
@@ -268,8 +266,7 @@ class WorkerLoop:
             f.write(json.dumps(metrics) + "\n")
         if self.cfg.wandb_project and self.wandb is None:
             import wandb
-
-            from learner.checkpoint import strip_secrets
+            from subq.learner.checkpoint import strip_secrets
 
             self.wandb = wandb.init(project=self.cfg.wandb_project, config=strip_secrets(dataclasses.asdict(self.cfg)),
                                     dir=self.cfg.out, mode=os.environ.get("WANDB_MODE", "offline"))
@@ -277,7 +274,7 @@ class WorkerLoop:
             self.wandb.log(metrics, step=self.step)
 
     def _save(self, path: Path, rngs: list[dict]) -> str:
-        from learner.checkpoint import save_checkpoint
+        from subq.learner.checkpoint import save_checkpoint
 
         extra = {"algo_config": dataclasses.asdict(self.acfg), "data": self.data.manifest["stats"],
                  "data_fingerprint": self.data.fingerprint, "early_stopping": dict(self.early)}

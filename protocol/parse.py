@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from protocol.answers import FINAL_MARKER, final_answer_value, find_final_answer, hedged_value
+from subq.protocol.answers import FINAL_MARKER, final_answer_value, find_final_answer, hedged_value
 
 _BULLET = r"(?:[-*\u2022]\s+)?"  # "- Q1: ..." / "* Q1: ..." / "• Q1: ..."
 # "Q1: ...", "**Q1.** ...", "Question 2) ...", "Sub-question 3 - ...", "Q4 ..." (no punctuation).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.parse import strip_subquestion_prefix
+from subq.protocol.parse import strip_subquestion_prefix
 
 DECOMPOSE_VERSION = "decompose-v1"
 ANSWER_VERSION = "answer-v1"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from protocol.prompts import _EXAMPLES, answer_reply, format_subquestions
+from subq.protocol.prompts import _EXAMPLES, answer_reply, format_subquestions
 
 SOLVE_PROMPT_VERSION = "solve-v1"
 ANSWER_TYPES = ("number", "choice", "yesno", "text")

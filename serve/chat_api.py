@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from serve.fields import (
+from subq.serve.fields import (
     ApiError,
     boolean,
     check_model,
@@ -24,8 +24,8 @@ from serve.fields import (
     number,
     refuse_unknown,
 )
-from serve.generation import Completion
-from serve.sampling import SamplingParams
+from subq.serve.generation import Completion
+from subq.serve.sampling import SamplingParams
 
 __all__ = ["ApiError", "ChatRequest", "chat_completion", "error_body", "model_card", "parse_chat_request"]
 

@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse, StreamingResponse
-
-from serve.chat_api import usage
-from serve.engine import RequestStream
-from serve.fields import error_body
-from serve.generation import Completion, Delta, Failed, Finished
+from subq.serve.chat_api import usage
+from subq.serve.engine import RequestStream
+from subq.serve.fields import error_body
+from subq.serve.generation import Completion, Delta, Failed, Finished
 
 
 class ContentStream(Protocol):

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from protocol.prompts import format_subquestions
-from serve.chat_api import ChatRequest, chat_completion, parse_chat_request
-from serve.fields import ApiError, check_model, integer, json_type, number, refuse_unknown
-from serve.generation import Completion
-from serve.sampling import SamplingParams
+from subq.protocol.prompts import format_subquestions
+from subq.serve.chat_api import ChatRequest, chat_completion, parse_chat_request
+from subq.serve.fields import ApiError, check_model, integer, json_type, number, refuse_unknown
+from subq.serve.generation import Completion
+from subq.serve.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # a problem is at most max_problem_chars; 1 MiB leaves room for a chat history
 MAX_BETA = 100.0  # guidance far beyond any useful strength; bounds the scores' magnitude

@@ -48,11 +48,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from learner.models import model_display_name
-from protocol.prompts import SUBQ_END
-from serve.chat_stream import stream_chat
-from serve.decompose_api import (
+from subq.learner.models import model_display_name
+from subq.protocol.prompts import SUBQ_END
+from subq.serve.chat_stream import stream_chat
+from subq.serve.decompose_api import (
     MAX_BODY_BYTES,
     DecomposeRequest,
     Limits,
@@ -62,12 +61,12 @@ from serve.decompose_api import (
     parse_decompose_chat,
     parse_decompose_request,
 )
-from serve.decomposer_model import Decoder, default_max_new_tokens
-from serve.engine import Engine, EngineStats, RequestError, RequestStream
-from serve.fields import ApiError, decode_json, error_body
-from serve.generation import BatchDecoder
-from serve.sampling import SamplingParams
-from serve.serving import (
+from subq.serve.decomposer_model import Decoder, default_max_new_tokens
+from subq.serve.engine import Engine, EngineStats, RequestError, RequestStream
+from subq.serve.fields import ApiError, decode_json, error_body
+from subq.serve.generation import BatchDecoder
+from subq.serve.sampling import SamplingParams
+from subq.serve.serving import (
     DTYPES,
     Secret,
     api_error,

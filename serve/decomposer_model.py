@@ -18,17 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from subq.learner.checkpoint import is_checkpoint, load_checkpoint
+from subq.learner.episodes import encode_prompt
+from subq.learner.guided_decoding import generate_guided
+from subq.learner.ilql import ILQLConfig, ILQLHeads
+from subq.learner.models import load_model_and_tokenizer
+from subq.protocol.parse import cap_subquestions, parse_subquestions
+from subq.protocol.prompts import PROMPT_VERSION, SUBQ_END, decompose_messages, parse_student_output
+from subq.serve.generation import context_length, eos_token_ids, left_pad
+from subq.serve.sampling import MIN_TEMPERATURE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from learner.checkpoint import is_checkpoint, load_checkpoint
-from learner.episodes import encode_prompt
-from learner.guided_decoding import generate_guided
-from learner.ilql import ILQLConfig, ILQLHeads
-from learner.models import load_model_and_tokenizer
-from protocol.parse import cap_subquestions, parse_subquestions
-from protocol.prompts import PROMPT_VERSION, SUBQ_END, decompose_messages, parse_student_output
-from serve.generation import context_length, eos_token_ids, left_pad
-from serve.sampling import MIN_TEMPERATURE
 
 logger = logging.getLogger(__name__)
 

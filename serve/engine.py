@@ -19,8 +19,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 
-from serve.generation import BatchDecoder, Completion, Delta, Event, Failed, Finished, Request
-from serve.sampling import SamplingParams
+from subq.serve.generation import BatchDecoder, Completion, Delta, Event, Failed, Finished, Request
+from subq.serve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from subq.serve.sampling import RowState, SamplingParams, choose_tokens
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from serve.sampling import RowState, SamplingParams, choose_tokens
 
 __all__ = ["BatchDecoder", "Completion", "Request", "SamplingParams", "generate"]
 logger = logging.getLogger(__name__)

@@ -36,13 +36,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from learner.models import model_display_name
-from serve.chat_api import ChatRequest, chat_completion, parse_chat_request
-from serve.chat_stream import RawText, stream_chat
-from serve.engine import Engine, EngineStats, RequestError, RequestStream
-from serve.fields import ApiError, decode_json, error_body
-from serve.serving import (
+from subq.learner.models import model_display_name
+from subq.serve.chat_api import ChatRequest, chat_completion, parse_chat_request
+from subq.serve.chat_stream import RawText, stream_chat
+from subq.serve.engine import Engine, EngineStats, RequestError, RequestStream
+from subq.serve.fields import ApiError, decode_json, error_body
+from subq.serve.serving import (
     DTYPES,
     Secret,
     api_error,
@@ -116,8 +115,8 @@ class LLMServer:
     """One replica: a model, its tokenizer and a decoding engine."""
 
     def __init__(self, cfg: LLMServerConfig, token: Secret | None) -> None:
-        from learner.models import load_model_and_tokenizer
-        from serve.generation import BatchDecoder, context_length, eos_token_ids
+        from subq.learner.models import load_model_and_tokenizer
+        from subq.serve.generation import BatchDecoder, context_length, eos_token_ids
 
         self.threads = init_replica_torch(cfg.torch_threads, cfg.num_cpus)
         self.cfg = cfg

@@ -25,9 +25,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from serve.chat_api import model_card
-from serve.fields import ApiError, error_body
+from subq.serve.chat_api import model_card
+from subq.serve.fields import ApiError, error_body
 
 logger = logging.getLogger(__name__)
 

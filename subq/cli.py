@@ -41,8 +41,8 @@ def _add_import_export(sub: argparse._SubParsersAction) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     import os
 
-    from data_store.gsm8k_ai_subq import import_gsm8k_ai_subq
-    from data_store.store import Store
+    from subq.data_store.gsm8k_ai_subq import import_gsm8k_ai_subq
+    from subq.data_store.store import Store
 
     if not os.path.exists(args.path):
         raise UserError(f"no such file: {args.path}")
@@ -56,8 +56,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from data_store.gsm8k_ai_subq import export_gsm8k_ai_subq
-    from data_store.store import Store
+    from subq.data_store.gsm8k_ai_subq import export_gsm8k_ai_subq
+    from subq.data_store.store import Store
 
     n = export_gsm8k_ai_subq(Store(args.store), args.path, teacher_model=args.teacher_model,
                              only_ok=not args.all)
@@ -81,9 +81,9 @@ def _add_llm_server(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_llm_server(args: argparse.Namespace) -> int:
-    from serve.llm_server import LLMServerConfig, run_forever
     from subq.cli_eval import serve_config
     from subq.runtime import init_ray
+    from subq.serve.llm_server import LLMServerConfig, run_forever
 
     cfg = serve_config(LLMServerConfig, model=args.model, host=args.host, port=args.port,
                        max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
@@ -95,8 +95,8 @@ def cmd_llm_server(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from learner.train import ALGOS, TrainConfig
-    from protocol.solve_prompts import SOLVER_TARGETS
+    from subq.learner.train import ALGOS, TrainConfig
+    from subq.protocol.solve_prompts import SOLVER_TARGETS
 
     p = sub.add_parser("train", help="fit the student decomposer (BC, filtered BC, ILQL, DPO) or a distilled solver "
                                      "(solver-bc) on Ray Train")
@@ -157,7 +157,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from learner.train import SOLVERS, TrainConfig, check_config, run_train
+    from subq.learner.train import SOLVERS, TrainConfig, check_config, run_train
     from subq.runtime import init_ray
 
     algo_config = _parse_sets(args.set)
@@ -200,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from actors.teacher import TeacherUnreachable
-    from data_store.datasets import DatasetError
-    from data_store.store import StoreError
-    from learner.models import ModelError
+    from subq.actors.teacher import TeacherUnreachable
+    from subq.data_store.datasets import DatasetError
+    from subq.data_store.store import StoreError
+    from subq.learner.models import ModelError
 
     return (UserError, TeacherUnreachable, DatasetError, StoreError, ModelError, FileNotFoundError)
 

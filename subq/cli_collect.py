@@ -80,11 +80,11 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from actors.collect import run_collect
-    from actors.prices import PriceTable
-    from actors.teacher import TeacherConfig, TeacherFatalError, check_endpoint
-    from data_store.datasets import load_problems
+    from subq.actors.collect import run_collect
+    from subq.actors.prices import PriceTable
+    from subq.actors.teacher import TeacherConfig, TeacherFatalError, check_endpoint
     from subq.cli import UserError
+    from subq.data_store.datasets import load_problems
     from subq.local_teacher import local_teacher
     from subq.runtime import init_ray
 
@@ -129,7 +129,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def collect_config(args: argparse.Namespace, teacher, prices):
     """The CollectConfig of ``subq collect``'s arguments (both modes)."""
-    from actors.collect import CollectConfig
+    from subq.actors.collect import CollectConfig
 
     return CollectConfig(
         problems=args.problems, store=args.store, teacher=teacher,
@@ -146,8 +146,8 @@ def collect_config(args: argparse.Namespace, teacher, prices):
 
 def cmd_collect_batch(args: argparse.Namespace, problems: list[dict], prices) -> int:
     """``subq collect --mode batch``: poll, store what ended, submit what is next (see actors.batch_collect)."""
-    from actors.batch_collect import BatchConfig, run_batch_collect
-    from actors.teacher import TeacherConfig, TeacherFatalError, TeacherUnreachable, check_endpoint
+    from subq.actors.batch_collect import BatchConfig, run_batch_collect
+    from subq.actors.teacher import TeacherConfig, TeacherFatalError, TeacherUnreachable, check_endpoint
     from subq.cli import UserError
 
     offline = bool(args.export_requests or args.import_results)
@@ -280,7 +280,7 @@ def add_store(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
-    from data_store.store import Store
+    from subq.data_store.store import Store
 
     stats = Store(args.store).stats()
     if args.json:
@@ -313,8 +313,8 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_store_compact(args: argparse.Namespace) -> int:
-    from data_store.schema import SCHEMAS
-    from data_store.store import Store
+    from subq.data_store.schema import SCHEMAS
+    from subq.data_store.store import Store
 
     store = Store(args.store)
     with store.lock("subq store compact"):
@@ -325,8 +325,8 @@ def cmd_store_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_store_history(args: argparse.Namespace) -> int:
-    from data_store.store import Store
-    from data_store.store_stats import failure_reason
+    from subq.data_store.store import Store
+    from subq.data_store.store_stats import failure_reason
 
     rows = Store(args.store).read_rows("samples", history=True)
     retried = {r["sample_key"] for r in rows if (r["attempt"] or 0) > 0}

@@ -42,10 +42,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from learner.checkpoint import is_checkpoint
-    from learner.models import resolve_model_path
-    from serve.decomposer import DecomposerConfig, run_decomposer_forever
+    from subq.learner.checkpoint import is_checkpoint
+    from subq.learner.models import resolve_model_path
     from subq.runtime import init_ray
+    from subq.serve.decomposer import DecomposerConfig, run_decomposer_forever
 
     if not is_checkpoint(args.model):
         resolve_model_path(args.model)  # a wrong path fails here, in one line
@@ -111,11 +111,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from actors.prices import PriceTable
-    from evaluation.clients import FatalEndpointError
-    from evaluation.plan import check_labels, failures, format_failures, pending
-    from evaluation.report import format_table
-    from evaluation.run import EvalConfig, report
+    from subq.actors.prices import PriceTable
     from subq.cli import UserError
     from subq.eval_setup import (
         ServeOptions,
@@ -128,6 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plan_solvers,
         split_label,
     )
+    from subq.evaluation.clients import FatalEndpointError
+    from subq.evaluation.plan import check_labels, failures, format_failures, pending
+    from subq.evaluation.report import format_table
+    from subq.evaluation.run import EvalConfig, report
     from subq.runtime import init_ray
 
     decomposers = args.decomposer or ["none"]
@@ -176,8 +176,8 @@ def add_rescore(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    from evaluation.rescore import RescoreError, rescore_file
     from subq.cli import UserError
+    from subq.evaluation.rescore import RescoreError, rescore_file
 
     try:
         r = rescore_file(args.file, args.mode)
@@ -209,7 +209,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg, raw = load_config(args.config, overrides)
     except ConfigError as e:
         raise UserError(str(e)) from None
-    from evaluation.clients import FatalEndpointError
+    from subq.evaluation.clients import FatalEndpointError
     from subq.pipeline import Pipeline, format_stages
 
     try:

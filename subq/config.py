@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from actors.collect import CollectConfig
-from evaluation.run import EvalConfig
-from learner.train import ALGOS, TrainConfig
-from learner.train import check_config as check_train_config
+from subq.actors.collect import CollectConfig
+from subq.evaluation.run import EvalConfig
+from subq.learner.train import ALGOS, TrainConfig
+from subq.learner.train import check_config as check_train_config
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 

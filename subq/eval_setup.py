@@ -25,13 +25,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.teacher import TeacherConfig
-from evaluation.clients import DecomposerSpec, SolverSpec
+from subq.actors.teacher import TeacherConfig
+from subq.evaluation.clients import DecomposerSpec, SolverSpec
 
 if TYPE_CHECKING:
-    from actors.prices import PriceTable
-    from evaluation.plan import RunKey
-    from evaluation.run import EvalConfig
+    from subq.actors.prices import PriceTable
+    from subq.evaluation.plan import RunKey
+    from subq.evaluation.run import EvalConfig
 
 _LABEL = re.compile(r"^(?P<label>[\w.+-]+)=(?P<spec>.+)$")
 PLACEHOLDER_URL = "http://127.0.0.1/v1"  # a server of ours that is not running yet
@@ -87,7 +87,7 @@ def _is_api_solver(body: str) -> bool:
 
 def _model_identity(spec: str, hash_cache: Path | None) -> str:
     """A served model as the fingerprint knows it: its files' content hash (a directory), else its spec."""
-    from evaluation.fingerprint import content_hash
+    from subq.evaluation.fingerprint import content_hash
 
     path = Path(spec).expanduser()
     return f"sha256:{content_hash(path, hash_cache)}" if path.is_dir() else spec
@@ -152,7 +152,7 @@ def plan_solvers(specs: list[str], local_model: str, api_key_env: str,
                  hash_cache: Path | None = None) -> list[SolverSpec]:
     """Solver specs parsed before any server runs: right labels, models and identities, with a
     placeholder URL for ``local`` and served checkpoints (their servers start only when work remains)."""
-    from learner.models import model_display_name
+    from subq.learner.models import model_display_name
 
     placeholder = (PLACEHOLDER_URL, model_display_name(local_model))
     return [parse_solver(s, placeholder, api_key_env, hash_cache) for s in specs]
@@ -205,7 +205,7 @@ def hash_cache_file(cfg: EvalConfig) -> Path:
 def plan_run_keys(cfg: EvalConfig, decomposers: list[str], solvers: list[SolverSpec],
               serve_opts: ServeOptions) -> list[tuple[dict[str, Any], list[RunKey]]]:
     """Per decomposer spec, its identity and its run keys with every solver: known before any server starts."""
-    from evaluation.plan import run_keys
+    from subq.evaluation.plan import run_keys
 
     out = []
     for raw in decomposers:
@@ -238,9 +238,9 @@ def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts:
 
 @contextmanager
 def _served(spec: str, index: int, opts: ServeOptions) -> Iterator[str]:
-    from learner.checkpoint import is_checkpoint
-    from learner.models import resolve_model_path
-    from serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
+    from subq.learner.checkpoint import is_checkpoint
+    from subq.learner.models import resolve_model_path
+    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
 
     if not is_checkpoint(spec):
         resolve_model_path(spec)  # a wrong path fails here, in one line, not inside a replica
@@ -260,8 +260,8 @@ def served_solver(solver: SolverSpec, index: int, opts: ServeOptions) -> Iterato
     block ends (the decomposer's machinery: the same Serve proxy, its own route and app)."""
     import os
 
-    from learner.models import resolve_model_path
-    from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+    from subq.learner.models import resolve_model_path
+    from subq.serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 
     resolve_model_path(solver.served)  # a wrong path fails here, in one line, not inside a replica
     # Solving is the stage's real work: decode on every core (as the local server does), reserve little.
@@ -298,9 +298,9 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
     decomposition is still paid once. Our own servers bill nothing. Raises a client's
     FatalEndpointError (bad key, no quota) after storing what finished.
     """
-    from actors.teacher import check_endpoint
-    from evaluation.plan import pending
-    from evaluation.run import evaluate
+    from subq.actors.teacher import check_endpoint
+    from subq.evaluation.plan import pending
+    from subq.evaluation.run import evaluate
     from subq.local_teacher import local_teacher
 
     wants_teacher = any(split_label(d)[1].split(":")[0] == "teacher" for d in decomposers)

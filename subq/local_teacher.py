@@ -17,8 +17,8 @@ def local_teacher(base_url: str | None, local_model: str, port: int) -> Iterator
     if base_url:
         yield base_url, None
         return
-    from learner.models import resolve_model_path
-    from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+    from subq.learner.models import resolve_model_path
+    from subq.serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 
     resolve_model_path(local_model)  # a missing model fails here, in one line, not in a replica
     # Half a CPU reserved: a whole-CPU reservation beside a decomposer and actor pools would starve

@@ -18,16 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.collect import CollectConfig, collect_todo, run_collect
-from actors.prices import PriceTable
-from actors.teacher import TeacherConfig, check_endpoint
-from data_store.datasets import load_problems
-from data_store.store import Store
-from evaluation.clients import SolverSpec
-from evaluation.plan import RunKey, check_labels, failures, format_failures, pending
-from evaluation.run import EvalConfig, report
-from learner.models import model_display_name
-from learner.train import FROM_BC, SOLVERS, TrainConfig
+from subq.actors.collect import CollectConfig, collect_todo, run_collect
+from subq.actors.prices import PriceTable
+from subq.actors.teacher import TeacherConfig, check_endpoint
 from subq.config import (
     ConfigError,
     PipelineConfig,
@@ -37,6 +30,8 @@ from subq.config import (
     section_config,
     train_config,
 )
+from subq.data_store.datasets import load_problems
+from subq.data_store.store import Store
 from subq.eval_setup import (
     ServeOptions,
     check_solver_spec,
@@ -47,6 +42,11 @@ from subq.eval_setup import (
     plan_solvers,
     split_label,
 )
+from subq.evaluation.clients import SolverSpec
+from subq.evaluation.plan import RunKey, check_labels, failures, format_failures, pending
+from subq.evaluation.run import EvalConfig, report
+from subq.learner.models import model_display_name
+from subq.learner.train import FROM_BC, SOLVERS, TrainConfig
 from subq.local_teacher import local_teacher
 
 
@@ -142,9 +142,9 @@ class Pipeline:
 
     def preflight(self) -> None:
         """Fail before any work: datasets, model paths, endpoints the remaining work needs."""
-        from learner.checkpoint import is_checkpoint, training_disk_estimate
-        from learner.models import resolve_model_path
-        from learner.train import final_dtype
+        from subq.learner.checkpoint import is_checkpoint, training_disk_estimate
+        from subq.learner.models import resolve_model_path
+        from subq.learner.train import final_dtype
 
         cc = self.collect_config()
         if cc is not None:
@@ -276,7 +276,7 @@ class Pipeline:
                 store.append("problems", problems)  # unique keys: a re-run adds nothing
                 notes.append(f"{imp.reference}: +{len(store.keys('problems', fresh=True)) - before} problems")
             if imp.gsm8k_ai_subq:
-                from data_store.gsm8k_ai_subq import import_gsm8k_ai_subq
+                from subq.data_store.gsm8k_ai_subq import import_gsm8k_ai_subq
 
                 r = import_gsm8k_ai_subq(imp.gsm8k_ai_subq, store, teacher_model=imp.gsm8k_ai_subq_teacher,
                                          split=imp.gsm8k_ai_subq_split)
@@ -284,8 +284,8 @@ class Pipeline:
             res.note = "; ".join(notes)
 
     def train(self) -> None:
-        from learner.checkpoint import is_checkpoint
-        from learner.train import run_train
+        from subq.learner.checkpoint import is_checkpoint
+        from subq.learner.train import run_train
 
         for algo in self.cfg.train.algos if "train" in self.cfg.stages else []:
             with self._stage(f"train {algo}") as res:
@@ -321,9 +321,9 @@ class Pipeline:
     def _fidelity(self, ec: EvalConfig, specs: list[str]) -> None:
         """The held-out NLL of every decomposer with weights here: checkpoints in the student format, a
         teacher that is the local model (the zero-shot base model) in the teacher's prompt format."""
-        from evaluation.fidelity_report import update_fidelity
-        from learner.checkpoint import is_checkpoint
-        from learner.train import cpu_bf16_on
+        from subq.evaluation.fidelity_report import update_fidelity
+        from subq.learner.checkpoint import is_checkpoint
+        from subq.learner.train import cpu_bf16_on
 
         if not ec.fidelity_problems:
             return
@@ -340,7 +340,7 @@ class Pipeline:
                         bf16=cpu_bf16_on(ec.fidelity_cpu_bf16))
 
     def report(self) -> None:
-        from evaluation.report import format_table
+        from subq.evaluation.report import format_table
 
         with self._stage("report") as res:
             if "eval" not in self.cfg.stages and "report" not in self.cfg.stages:

@@ -26,7 +26,7 @@ class CompletionsServer(ThreadedServer):
     name = "completions-server"
 
     def __init__(self, model_dir: str, served_name: str) -> None:
-        from learner.models import load_model_and_tokenizer
+        from subq.learner.models import load_model_and_tokenizer
 
         self.model, self.tokenizer = load_model_and_tokenizer(model_dir)
         self.model.eval()

@@ -26,7 +26,7 @@ def _system_prompts() -> dict[str, str]:
     """System prompt -> stage, from protocol.prompts (imported lazily, kept once found; {} if absent)."""
     if not _PROMPTS:
         try:
-            from protocol import prompts
+            from subq.protocol import prompts
         except ImportError:
             return {}
         names = {"DECOMPOSE_SYSTEM": "decompose", "ANSWER_SYSTEM": "answer", "FEEDBACK_SYSTEM": "feedback"}

@@ -8,8 +8,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from protocol.answers import (
+from subq.protocol.answers import (
     extract_final_value,
     final_answer_value,
     find_final_answer,

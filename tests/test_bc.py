@@ -7,12 +7,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
-from learner.bc import BC, BCConfig
-from learner.episodes import Episode, build_episode, collate, encode_prompt
-from learner.filtered_bc import FilteredBC, FilteredBCConfig, select
-from learner.models import load_model_and_tokenizer
-from protocol.prompts import SUBQ_END, parse_student_output
+from subq.learner.bc import BC, BCConfig
+from subq.learner.episodes import Episode, build_episode, collate, encode_prompt
+from subq.learner.filtered_bc import FilteredBC, FilteredBCConfig, select
+from subq.learner.models import load_model_and_tokenizer
+from subq.protocol.prompts import SUBQ_END, parse_student_output
 
 TOY = [  # short, distinct problems: the prompt's first bytes decide which target follows
     ("Ann has 3 cats.", ["How many cats?"]),
@@ -198,7 +197,7 @@ def test_filtered_bc_is_bc_on_the_selection(tiny):
 
 
 def test_lr_schedules_warm_up_then_decay_to_the_floor(tiny):
-    from learner.optim import lr_factor
+    from subq.learner.optim import lr_factor
 
     cos = BCConfig(warmup_steps=2, lr_decay="cosine", decay_steps=12, min_lr_ratio=0.1)
     assert [lr_factor(s, cos) for s in (0, 1)] == [0.5, 1.0]

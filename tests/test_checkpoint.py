@@ -8,9 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
-
-from learner.checkpoint import (
+from subq.learner.checkpoint import (
     HEADS_FILE,
     META_FILE,
     is_checkpoint,
@@ -18,8 +16,9 @@ from learner.checkpoint import (
     save_checkpoint,
     strip_secrets,
 )
-from learner.models import load_model_and_tokenizer
-from protocol.prompts import PROMPT_VERSION
+from subq.learner.models import load_model_and_tokenizer
+from subq.protocol.prompts import PROMPT_VERSION
+from torch import nn
 
 IDS = torch.tensor([[80, 114, 111, 98, 108, 101, 109, 58, 32, 49, 43, 49, 63, 10]])
 

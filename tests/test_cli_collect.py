@@ -7,8 +7,8 @@ import json
 from collections import Counter
 
 import pytest
+from subq.data_store.store import Store
 
-from data_store.store import Store
 from subq.cli import main
 
 

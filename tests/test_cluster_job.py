@@ -38,8 +38,7 @@ from typing import Any
 
 import psutil
 import pytest
-
-from data_store.store import Store
+from subq.data_store.store import Store
 
 pytestmark = pytest.mark.cluster
 

@@ -13,12 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from subq.actors.collect import CollectConfig, run_collect
+from subq.actors.prices import PriceTable
+from subq.actors.teacher import TeacherConfig
+from subq.data_store.datasets import load_problems
+from subq.data_store.store import Store
 
-from actors.collect import CollectConfig, run_collect
-from actors.prices import PriceTable
-from actors.teacher import TeacherConfig
-from data_store.datasets import load_problems
-from data_store.store import Store
 from tests.processes import kill_tree
 from tests.teacher_server import MALFORMED_TEXT, FaultPlan, TeacherServer
 

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from subq.actors.batch_collect import BatchConfig, run_batch_collect
+from subq.actors.batch_jobs import BatchJobs, BatchLimits, split
+from subq.actors.batch_requests import CHAT_URL, build_requests
+from subq.actors.collect import CollectConfig, run_collect, stage_settings
+from subq.actors.collect_plan import plan_work
+from subq.actors.prices import BATCH_PRICE_FACTOR, PriceTable
+from subq.actors.teacher import TeacherConfig
+from subq.data_store.datasets import load_problems
+from subq.data_store.store import Store
 
-from actors.batch_collect import BatchConfig, run_batch_collect
-from actors.batch_jobs import BatchJobs, BatchLimits, split
-from actors.batch_requests import CHAT_URL, build_requests
-from actors.collect import CollectConfig, run_collect, stage_settings
-from actors.collect_plan import plan_work
-from actors.prices import BATCH_PRICE_FACTOR, PriceTable
-from actors.teacher import TeacherConfig
-from data_store.datasets import load_problems
-from data_store.store import Store
 from tests.batch_routes import BatchPlan
 from tests.processes import kill_tree
 from tests.teacher_server import FaultPlan, TeacherServer

@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from subq.actors.collect import run_collect
+from subq.actors.prices import PriceTable
+from subq.data_store.store import Store
 
-from actors.collect import run_collect
-from actors.prices import PriceTable
-from data_store.store import Store
 from tests.teacher_server import AccountFaults, FaultPlan, TeacherServer
 from tests.test_collect import MODEL, ROOT, _collect_cmd, assert_unique_and_complete, config
 
@@ -79,7 +79,7 @@ def test_cli_reports_failed_rows_exits_nonzero_and_no_retry_failed_sends_nothing
 
 
 def test_insufficient_quota_stops_the_run_at_once(ray_session, tmp_path):
-    from actors.teacher import TeacherFatalError
+    from subq.actors.teacher import TeacherFatalError
 
     with TeacherServer(model=MODEL, latency_s=0.05, account=AccountFaults(quota_after_billed=6)) as srv:
         with pytest.raises(TeacherFatalError, match="insufficient_quota"):

@@ -12,12 +12,11 @@ import math
 
 import pytest
 import torch
-
-from learner.ilql import ILQLHeads
-from learner.models import load_model_and_tokenizer
-from serve.engine import Engine, RequestError, RequestStream
-from serve.generation import BatchDecoder, Delta, Failed, Finished, Request, generate
-from serve.sampling import MIN_TEMPERATURE, RowState, SamplingParams, choose_tokens
+from subq.learner.ilql import ILQLHeads
+from subq.learner.models import load_model_and_tokenizer
+from subq.serve.engine import Engine, RequestError, RequestStream
+from subq.serve.generation import BatchDecoder, Delta, Failed, Finished, Request, generate
+from subq.serve.sampling import MIN_TEMPERATURE, RowState, SamplingParams, choose_tokens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GREEDY = SamplingParams(max_tokens=24, temperature=0)

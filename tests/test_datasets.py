@@ -6,8 +6,7 @@ import shutil
 import time
 
 import pytest
-
-from data_store.datasets import (
+from subq.data_store.datasets import (
     DATA_DIR,
     KNOWN_DATASETS,
     DatasetError,
@@ -16,7 +15,7 @@ from data_store.datasets import (
     load_problems,
     parse_problem_spec,
 )
-from data_store.schema import ANSWER_TYPES, PROBLEMS_SCHEMA, problem_id, to_table
+from subq.data_store.schema import ANSWER_TYPES, PROBLEMS_SCHEMA, problem_id, to_table
 
 # Row counts as documented in data_store/data/<name>/README.md.
 COUNTS = {

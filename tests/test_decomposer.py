@@ -27,23 +27,22 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from learner.checkpoint import META_FILE, save_checkpoint
-from learner.guided_decoding import generate_guided
-from learner.ilql import ILQLConfig, ILQLHeads
-from learner.models import load_model_and_tokenizer
-from protocol.parse import parse_subquestions
-from protocol.prompts import SUBQ_END, format_subquestions, parse_student_output
-from serve.chat_api import ApiError
-from serve.decompose_api import (
+from subq.learner.checkpoint import META_FILE, save_checkpoint
+from subq.learner.guided_decoding import generate_guided
+from subq.learner.ilql import ILQLConfig, ILQLHeads
+from subq.learner.models import load_model_and_tokenizer
+from subq.protocol.parse import parse_subquestions
+from subq.protocol.prompts import SUBQ_END, format_subquestions, parse_student_output
+from subq.serve.chat_api import ApiError
+from subq.serve.decompose_api import (
     MAX_BODY_BYTES,
     Limits,
     SubquestionContent,
     parse_decompose_chat,
     parse_decompose_request,
 )
-from serve.decomposer import DecomposerConfig, build_decomposer_app, start_decomposer, stop_decomposer
-from serve.decomposer_model import (
+from subq.serve.decomposer import DecomposerConfig, build_decomposer_app, start_decomposer, stop_decomposer
+from subq.serve.decomposer_model import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_CAP,
     Decoder,
@@ -52,10 +51,11 @@ from serve.decomposer_model import (
     default_max_new_tokens,
     heads_from_state,
 )
-from serve.fields import decode_json
-from serve.generation import Completion, generate
-from serve.sampling import SamplingParams
-from serve.serving import init_replica_torch, replica_device
+from subq.serve.fields import decode_json
+from subq.serve.generation import Completion, generate
+from subq.serve.sampling import SamplingParams
+from subq.serve.serving import init_replica_torch, replica_device
+
 from tests.serve_schema import DECOMPOSER_EXTENSIONS, chat_bodies, decompose_bodies
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
@@ -423,7 +423,7 @@ def test_prompt_format_auto_and_beta_defaults(models, ckpt_decoder):
     assert Decoder.load(models["ckpt"], prompt_format="chat", beta=0.0).default_beta == 0.0
     with pytest.raises(ValueError, match="needs ILQL heads"):
         Decoder.load(TINY, beta=1.0)
-    from learner.episodes import encode_prompt
+    from subq.learner.episodes import encode_prompt
 
     assert ckpt_decoder.prompt_ids(PROBLEM) == encode_prompt(ckpt_decoder.tokenizer, PROBLEM)  # train == serve
 

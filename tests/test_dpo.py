@@ -13,16 +13,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from subq.data_store.store import Store
+from subq.learner.batches import EpisodeTable
+from subq.learner.checkpoint import load_checkpoint
+from subq.learner.data import prepare_data
+from subq.learner.dpo import DPO, DPOConfig, collate_pairs, dpo_loss, make_pairs, sequence_logps
+from subq.learner.episodes import Episode, build_episode, collate
+from subq.learner.models import load_model_and_tokenizer
+from subq.learner.train import TrainConfig, algo_config, run_train
 from torch import nn
 
-from data_store.store import Store
-from learner.batches import EpisodeTable
-from learner.checkpoint import load_checkpoint
-from learner.data import prepare_data
-from learner.dpo import DPO, DPOConfig, collate_pairs, dpo_loss, make_pairs, sequence_logps
-from learner.episodes import Episode, build_episode, collate
-from learner.models import load_model_and_tokenizer
-from learner.train import TrainConfig, algo_config, run_train
 from tests.test_train_loop import _cfg, _data, _run, _weights, sample_rows
 
 TINY = "tiny-random:llama?layers=1&hidden=32&seed=0"
@@ -245,7 +245,7 @@ def test_ray_train_runs_dpo_end_to_end_and_resumes(ray_session, tmp_path):
     ckpt = load_checkpoint(first["final"])
     assert ckpt.meta["algo"] == "dpo" and ckpt.heads_state is None
     assert ckpt.meta["extra"]["data"]["pairs"] == first["data"]["pairs"]
-    from serve.decomposer_model import Decoder  # served like BC: the student format, no ILQL guidance
+    from subq.serve.decomposer_model import Decoder  # served like BC: the student format, no ILQL guidance
 
     decoder = Decoder.load(first["final"])
     assert decoder.student and decoder.heads is None and decoder.default_beta == 0.0  # DPO's beta is not ILQL's

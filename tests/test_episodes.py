@@ -10,8 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from learner.episodes import (
+from subq.learner.episodes import (
     Episode,
     build_episode,
     collate,
@@ -21,8 +20,8 @@ from learner.episodes import (
     fit_context,
     reference_episodes,
 )
-from learner.models import ModelError, build_byte_tokenizer, load_tokenizer
-from protocol.prompts import student_prompt, student_target
+from subq.learner.models import ModelError, build_byte_tokenizer, load_tokenizer
+from subq.protocol.prompts import student_prompt, student_target
 
 PROBLEM = "1+1?"
 SUBQS = ["Ab?", "C?"]
@@ -200,8 +199,8 @@ def test_smollm2_tokenizer_has_no_bos_and_exact_boundaries():
 
 
 def test_subquestion_mask_covers_exactly_the_subquestion_text():
-    from learner.episodes import build_episode, collate, subquestion_mask
-    from learner.models import load_tokenizer
+    from subq.learner.episodes import build_episode, collate, subquestion_mask
+    from subq.learner.models import load_tokenizer
 
     tok = load_tokenizer("tiny-random:llama")
     subqs = ["How many apples?", "How many now?"]

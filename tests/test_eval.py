@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from subq.actors.prices import PriceTable
+from subq.actors.teacher import TeacherConfig
+from subq.data_store.datasets import load_problems
+from subq.evaluation.clients import DecomposerSpec, SolverSpec
+from subq.evaluation.plan import plan_rows, run_keys
+from subq.evaluation.records import append_records, read_records
+from subq.evaluation.run import EvalConfig, EvalSettings, EvalWorker, run_eval
 
-from actors.prices import PriceTable
-from actors.teacher import TeacherConfig
-from data_store.datasets import load_problems
-from evaluation.clients import DecomposerSpec, SolverSpec
-from evaluation.plan import plan_rows, run_keys
-from evaluation.records import append_records, read_records
-from evaluation.run import EvalConfig, EvalSettings, EvalWorker, run_eval
 from subq.cli import main
 from tests.processes import kill_tree
 from tests.teacher_server import TeacherServer
@@ -101,7 +101,7 @@ def test_a_problem_recorded_twice_counts_once(tmp_path):
 
 
 def test_a_later_attempt_supersedes_and_the_history_stays(tmp_path):
-    from evaluation.records import failure, read_history
+    from subq.evaluation.records import failure, read_history
 
     path = tmp_path / "r.jsonl"
     failed = {"problem_id": "x", "attempt": 1, "decompose_error": None, "solve_error": "RateLimitError: 429"}
@@ -116,7 +116,7 @@ def test_a_later_attempt_supersedes_and_the_history_stays(tmp_path):
 
 
 def test_records_from_before_fingerprints_are_named_not_used(tmp_path):
-    from evaluation.plan import settings_changes
+    from subq.evaluation.plan import settings_changes
 
     cfg = EvalConfig(benchmarks=["gsm8k:test[:2]"], out_dir=str(tmp_path))
     [key] = run_keys(cfg, "bc", {"kind": "none"}, [SolverSpec(base_url="http://127.0.0.1/v1", model="m")])

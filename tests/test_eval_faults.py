@@ -15,15 +15,15 @@ import os
 from pathlib import Path
 
 import pytest
+from subq.actors.prices import PriceTable
+from subq.data_store.datasets import load_problems
+from subq.evaluation.clients import DecomposerSpec, SolverSpec
+from subq.evaluation.fingerprint import content_hash
+from subq.evaluation.plan import run_keys
+from subq.evaluation.records import failure, read_history, read_records
+from subq.evaluation.run import SKIPPED_SOLVE, EvalConfig, run_eval
+from subq.protocol.prompts import decompose_messages, student_prompt
 
-from actors.prices import PriceTable
-from data_store.datasets import load_problems
-from evaluation.clients import DecomposerSpec, SolverSpec
-from evaluation.fingerprint import content_hash
-from evaluation.plan import run_keys
-from evaluation.records import failure, read_history, read_records
-from evaluation.run import SKIPPED_SOLVE, EvalConfig, run_eval
-from protocol.prompts import decompose_messages, student_prompt
 from subq.cli import main
 from subq.eval_setup import ServeOptions, decomposer_identity
 from tests.teacher_server import FaultPlan, TeacherServer, completion_key, content_key
@@ -178,7 +178,7 @@ def test_a_checkpoint_is_identified_by_its_content_hashed_once(tmp_path, monkeyp
     solvers = [SolverSpec(base_url="http://127.0.0.1/v1", model="m")]
     opts, cache = ServeOptions(max_new_tokens=64), tmp_path / "cache.json"
 
-    import evaluation.fingerprint as fp
+    import subq.evaluation.fingerprint as fp
 
     reads: list[str] = []
     digest = fp._file_digest
@@ -234,9 +234,10 @@ def test_a_fatal_endpoint_error_stops_the_run_and_stores_nothing_for_it(ray_sess
 def test_a_student_behind_an_openai_server_is_prompted_in_its_training_format(ray_session, tmp_path):
     """`vllm serve runs/x/final` as a decomposer: the completions endpoint gets exactly the training
     prompt, and the sub-questions equal what subq's own decoder (serve/) makes of the same checkpoint."""
-    from learner.checkpoint import save_checkpoint
-    from learner.models import load_model_and_tokenizer
-    from serve.decomposer_model import Decoder, Job
+    from subq.learner.checkpoint import save_checkpoint
+    from subq.learner.models import load_model_and_tokenizer
+    from subq.serve.decomposer_model import Decoder, Job
+
     from tests.completions_server import CompletionsServer
 
     model, tok = load_model_and_tokenizer("tiny-random:llama?layers=2&hidden=32&heads=2&ctx=2048&seed=1")

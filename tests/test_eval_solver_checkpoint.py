@@ -9,11 +9,11 @@ import socket
 from pathlib import Path
 
 import pytest
+from subq.evaluation.fingerprint import content_hash
+from subq.evaluation.records import read_records
+from subq.learner.checkpoint import save_checkpoint
+from subq.learner.models import load_model_and_tokenizer
 
-from evaluation.fingerprint import content_hash
-from evaluation.records import read_records
-from learner.checkpoint import save_checkpoint
-from learner.models import load_model_and_tokenizer
 from subq.cli import main
 from tests.teacher_server import TeacherServer
 
@@ -126,7 +126,7 @@ def test_solver_spec_mistakes_fail_in_one_clear_line(tmp_path, capsys):
 def test_the_report_of_paper_2s_table_has_every_solver_as_a_column_and_a_legend_entry():
     """3 decomposers x 3 solvers, the distilled solvers self-hosted ($0 to solve), the API one paid: one
     row per decomposer, one column per solver, and nine runs told apart on a $ axis."""
-    from evaluation.report import accuracy_vs_cost_figure, markdown, summarize
+    from subq.evaluation.report import accuracy_vs_cost_figure, markdown, summarize
 
     def recs(correct: int, dec_cost: float, solve_cost: float) -> list[dict]:
         return [dict(problem_id=f"p{i}", answer_type="number", subquestions=["q?"] if dec_cost >= 0 else None,

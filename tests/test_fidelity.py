@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from evaluation.fidelity import (
+from subq.evaluation.fidelity import (
     auc,
     chat_scored,
     generation_measures,
@@ -17,9 +16,9 @@ from evaluation.fidelity import (
     token_nll,
     value_scores,
 )
-from evaluation.run import EvalConfig
-from learner.ilql import ILQLHeads
-from learner.models import load_model_and_tokenizer
+from subq.evaluation.run import EvalConfig
+from subq.learner.ilql import ILQLHeads
+from subq.learner.models import load_model_and_tokenizer
 
 PROBLEM = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 SUBQS = ["How many apples does Tom buy?", "How many apples does Tom have now?"]
@@ -150,8 +149,8 @@ def test_value_scores_read_the_heads(tiny):
 
 
 def test_held_out_nll_for_the_report_is_reference_nll_and_kept_until_the_weights_change(tmp_path):
-    from evaluation.fidelity import held_out_nll, reference_nll
-    from evaluation.fidelity_report import read_fidelity, update_fidelity
+    from subq.evaluation.fidelity import held_out_nll, reference_nll
+    from subq.evaluation.fidelity_report import read_fidelity, update_fidelity
 
     problems = [{"question": "Tom has 3 apples and buys 2. How many now?", "reference_subquestions": [
         "How many apples does Tom buy?", "How many apples does Tom have now?"]},
@@ -164,7 +163,7 @@ def test_held_out_nll_for_the_report_is_reference_nll_and_kept_until_the_weights
     said: list[str] = []
     from unittest import mock
 
-    with mock.patch("data_store.datasets.load_problems", return_value=problems):
+    with mock.patch("subq.data_store.datasets.load_problems", return_value=problems):
         update_fidelity(str(tmp_path), "gsm8k:test[:2]", [("zero-shot", spec, "chat")], echo=said.append)
         update_fidelity(str(tmp_path), "gsm8k:test[:2]", [("zero-shot", spec, "chat")], echo=said.append)
         assert len(said) == 1  # the second run found the figure and computed nothing

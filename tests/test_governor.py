@@ -6,10 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from actors.breaker import GAVE_UP, GO, WAIT, BreakerConfig, CircuitBreaker
-from actors.budget import Budget
-from actors.governor import Governor, GovernorConfig
+from subq.actors.breaker import GAVE_UP, GO, WAIT, BreakerConfig, CircuitBreaker
+from subq.actors.budget import Budget
+from subq.actors.governor import Governor, GovernorConfig
 
 
 def test_budget_never_overspends_with_many_calls_in_flight():

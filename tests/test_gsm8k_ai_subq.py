@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from data_store.datasets import DATA_DIR, load_problems
-from data_store.gsm8k_ai_subq import PROMPT_VERSION, export_gsm8k_ai_subq, import_gsm8k_ai_subq
-from data_store.schema import problem_id
-from data_store.store import Store
+from subq.data_store.datasets import DATA_DIR, load_problems
+from subq.data_store.gsm8k_ai_subq import PROMPT_VERSION, export_gsm8k_ai_subq, import_gsm8k_ai_subq
+from subq.data_store.schema import problem_id
+from subq.data_store.store import Store
 
 SUBQ = DATA_DIR / "gsm8k-ai-subq"
 RAW, CONVERTED, CHAT = (

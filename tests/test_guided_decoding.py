@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from learner.guided_decoding import generate_guided
-from learner.ilql import ILQLHeads, guided_logits
-from learner.models import load_model_and_tokenizer
+from subq.learner.guided_decoding import generate_guided
+from subq.learner.ilql import ILQLHeads, guided_logits
+from subq.learner.models import load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 PROMPTS = ["Problem: 3 apples", "Hi", "A much longer prompt, left padded less"]

@@ -12,11 +12,10 @@ import itertools
 from types import SimpleNamespace
 
 import pytest
+import subq.learner.ilql as ilql_mod
 import torch
+from subq.learner.ilql import ILQL, ILQLConfig, ILQLHeads, expectile_loss, guided_logits, next_state_positions
 from torch import nn
-
-import learner.ilql as ilql_mod
-from learner.ilql import ILQL, ILQLConfig, ILQLHeads, expectile_loss, guided_logits, next_state_positions
 
 CTX, PAD = 0, 4  # token 0 is the context (prompt) token; actions are tokens 1, 2, 3
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
@@ -296,7 +295,7 @@ def _lm_batch(tok, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_train_step_smoke_tiny_random(arch: str) -> None:
-    from learner.models import load_model_and_tokenizer
+    from subq.learner.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(f"tiny-random:{arch}?hidden=32&heads=2")
     heads = ILQLHeads.for_model(model)
@@ -357,7 +356,7 @@ def test_low_rank_q_heads_are_small_at_a_large_vocabulary() -> None:
 
 def test_untrained_heads_barely_move_decoding_scores() -> None:
     """Near-zero output layers: Q and V of fresh heads are ~0.01, not the ~0.3 of a default init."""
-    from learner.models import load_model_and_tokenizer
+    from subq.learner.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("tiny-random:llama?hidden=32&heads=2")
     heads = ILQLHeads.for_model(model)

@@ -13,10 +13,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from subq.learner.guided_decoding import generate_guided
+from subq.learner.ilql import ILQL, ILQLConfig, ILQLHeads, next_state_positions
+from subq.learner.models import load_model_and_tokenizer
 
-from learner.guided_decoding import generate_guided
-from learner.ilql import ILQL, ILQLConfig, ILQLHeads, next_state_positions
-from learner.models import load_model_and_tokenizer
 from tests.test_ilql import PrefixModel, _lm_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -20,11 +20,11 @@ import httpx
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
+from subq.learner.models import build_byte_tokenizer
+from subq.serve.chat_api import ApiError, parse_chat_request
+from subq.serve.llm_server import LLMServerConfig, build_llm_app, start_llm_server, stop_llm_server
+from subq.serve.serving import read_token
 
-from learner.models import build_byte_tokenizer
-from serve.chat_api import ApiError, parse_chat_request
-from serve.llm_server import LLMServerConfig, build_llm_app, start_llm_server, stop_llm_server
-from serve.serving import read_token
 from tests.serve_schema import chat_bodies
 
 TOKEN_ENV = "SUBQ_TEST_LLM_TOKEN"

@@ -11,9 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from learner import models
-from learner.models import (
+from subq.learner import models
+from subq.learner.models import (
     ModelError,
     build_byte_tokenizer,
     load_model_and_tokenizer,
@@ -21,7 +20,7 @@ from learner.models import (
     model_display_name,
     resolve_model_path,
 )
-from serve.generation import SamplingParams, generate
+from subq.serve.generation import SamplingParams, generate
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from subq.learner.checkpoint import load_checkpoint
 
-from learner.checkpoint import load_checkpoint
 from subq.config import load_config
 from subq.pipeline import Pipeline
 from tests.teacher_server import TeacherServer

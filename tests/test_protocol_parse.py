@@ -7,8 +7,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from protocol.parse import (
+from subq.protocol.parse import (
     ParsedFeedback,
     cap_subquestions,
     parse_answers,
@@ -17,7 +16,7 @@ from protocol.parse import (
     strip_subquestion_prefix,
     usefulness,
 )
-from protocol.prompts import format_subquestions
+from subq.protocol.prompts import format_subquestions
 
 # --- parse_subquestions -------------------------------------------------------------------------
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from protocol import prompts
-from protocol.answers import gsm8k_gold, numbers_match
-from protocol.parse import parse_answers, parse_feedback, parse_subquestions
-from protocol.prompts import (
+from subq.protocol import prompts
+from subq.protocol.answers import gsm8k_gold, numbers_match
+from subq.protocol.parse import parse_answers, parse_feedback, parse_subquestions
+from subq.protocol.prompts import (
     ANSWER_SYSTEM,
     DECOMPOSE_SYSTEM,
     FEEDBACK_SYSTEM,

@@ -51,8 +51,8 @@ def test_quality_benchmark_on_a_tiny_model(ray_session, quality, tmp_path):
     assert table.count("\n| ") == 6  # rows after the header: zero-shot, bc, filtered-bc, ILQL at 3 betas
     assert (out / "quality_curve.png").read_bytes()[:4] == b"\x89PNG"
     # the held-out problems never trained: not in the training store
-    from data_store.datasets import load_problems
-    from data_store.store import Store
+    from subq.data_store.datasets import load_problems
+    from subq.data_store.store import Store
 
     held_out = {p["problem_id"] for p in load_problems("gsm8k:test[:5]")}
     assert not held_out & {r["problem_id"] for r in Store(str(out / "store")).read_rows("samples")}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from actors.prices import PriceTable
-from actors.rate_limit import RateLimiter
-from actors.teacher import redact
+from subq.actors.prices import PriceTable
+from subq.actors.rate_limit import RateLimiter
+from subq.actors.teacher import redact
 
 
 def test_requests_per_minute_spaces_reservations_after_the_burst():

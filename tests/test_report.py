@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from evaluation.report import RunSummary, markdown, summarize, write_report
+from subq.evaluation.report import RunSummary, markdown, summarize, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REF = ["How many clips in May?", "How many clips in total?"]
@@ -153,7 +152,7 @@ def test_plot_handles_unknown_zero_and_empty(tmp_path: Path) -> None:
 
 
 def test_format_table_for_the_terminal() -> None:
-    from evaluation.report import format_table
+    from subq.evaluation.report import format_table
 
     runs = _runs()
     lines = format_table(runs).splitlines()
@@ -168,7 +167,7 @@ def test_format_table_for_the_terminal() -> None:
 def test_plot_is_readable_when_every_dollar_is_zero() -> None:
     """The quickstart's case: four self-hosted runs at $0 with the same accuracy. The x axis switches to
     tokens, never spans negative values, and the runs are told apart (legend, nudged markers)."""
-    from evaluation.report import accuracy_vs_cost_figure
+    from subq.evaluation.report import accuracy_vs_cost_figure
 
     g = "gsm8k:test[:3]"
     runs = [summarize([record(i, False, cost=0.0) for i in range(3)], name, "smollm", g, "strict")
@@ -188,7 +187,7 @@ def test_plot_is_readable_when_every_dollar_is_zero() -> None:
 
 
 def test_plot_uses_dollars_when_some_run_costs_money() -> None:
-    from evaluation.report import accuracy_vs_cost_figure
+    from subq.evaluation.report import accuracy_vs_cost_figure
 
     ax = accuracy_vs_cost_figure(_runs()[:4]).axes[0]
     assert ax.get_xlabel().startswith("$ per 1k problems") and ax.get_xlim()[0] == 0

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from evaluation.rescore import RescoreError, RescoreResult, rescore_file, rescore_records
+from subq.evaluation.rescore import RescoreError, RescoreResult, rescore_file, rescore_records
 
 SUBQ_DATA = Path(__file__).resolve().parents[1] / "data_store" / "data" / "gsm8k-ai-subq"
 
@@ -131,8 +130,8 @@ def test_paper1_mode_reproduces_the_published_correctness_labels() -> None:
 
 def test_score_on_gsm8k_rows_reproduces_the_published_labels() -> None:
     """The same check through evaluation.scoring.score on our GSM8K problem rows (what `subq eval` uses)."""
-    from data_store.datasets import load_problems
-    from evaluation.scoring import score
+    from subq.data_store.datasets import load_problems
+    from subq.evaluation.scoring import score
 
     raw_path, labels_path = SUBQ_DATA / "qg_test_data_raw.jsonl", SUBQ_DATA / "qg_test_dataset.jsonl"
     if not raw_path.exists() or not labels_path.exists():

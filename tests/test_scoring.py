@@ -7,8 +7,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from evaluation.scoring import (
+from subq.evaluation.scoring import (
     Score,
     paper1_gold,
     paper1_prediction,
@@ -337,7 +336,7 @@ def test_text_without_marker_or_with_an_empty_answer() -> None:
 
 
 def test_text_on_real_bamboogle_rows() -> None:
-    from data_store.datasets import accepted_answers, load_problems
+    from subq.data_store.datasets import accepted_answers, load_problems
 
     problem = next(p for p in load_problems("bamboogle") if len(accepted_answers(p)) > 1)
     for answer in accepted_answers(problem):
@@ -418,7 +417,7 @@ def test_wilson_contains_the_estimate(n: int, data: st.DataObject) -> None:
 
 @pytest.mark.parametrize("spec", ["gsm8k:test[:5]", "svamp[:5]", "aqua[:5]", "strategyqa:dev[:5]", "bamboogle[:5]"])
 def test_real_rows_accept_their_own_gold(spec: str) -> None:
-    from data_store.datasets import load_problems
+    from subq.data_store.datasets import load_problems
 
     for problem in load_problems(spec):
         reply = f"A1: Let me see.\nFinal answer: {problem['gold']}"

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from evaluation.similarity import aggregate_similarity, decomposition_similarity
+from subq.evaluation.similarity import aggregate_similarity, decomposition_similarity
 
 REF = ["How many clips did Natalia sell in May?", "How many clips did Natalia sell altogether in April and May?"]
 
@@ -58,7 +57,7 @@ def test_aggregate_with_nothing_to_compare() -> None:
 
 
 def test_gsm8k_socratic_references_against_themselves() -> None:
-    from data_store.datasets import load_problems
+    from subq.data_store.datasets import load_problems
 
     refs = [p["reference_subquestions"] for p in load_problems("gsm8k:test[:3]")]
     assert all(refs)

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from evaluation.scoring import score
-from protocol.solve_prompts import (
+from subq.evaluation.scoring import score
+from subq.protocol.solve_prompts import (
     ANSWER_TYPES,
     COT_SYSTEM,
     FINAL_INSTRUCTIONS,

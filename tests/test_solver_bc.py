@@ -10,17 +10,17 @@ from datetime import datetime, timezone
 
 import openai
 import pytest
+from subq.data_store.schema import sample_key
+from subq.data_store.store import Store
+from subq.learner.batches import EpisodeTable
+from subq.learner.checkpoint import load_checkpoint
+from subq.learner.data import DATA_DIR, prepare_data
+from subq.learner.models import load_tokenizer
+from subq.learner.solver_bc import solver_episode_from_sample
+from subq.learner.train import TrainConfig, check_config, run_train
+from subq.protocol.answers import format_number
+from subq.protocol.solve_prompts import SOLVE_PROMPT_VERSION, solve_messages
 
-from data_store.schema import sample_key
-from data_store.store import Store
-from learner.batches import EpisodeTable
-from learner.checkpoint import load_checkpoint
-from learner.data import DATA_DIR, prepare_data
-from learner.models import load_tokenizer
-from learner.solver_bc import solver_episode_from_sample
-from learner.train import TrainConfig, check_config, run_train
-from protocol.answers import format_number
-from protocol.solve_prompts import SOLVE_PROMPT_VERSION, solve_messages
 from subq.cli import main
 
 TINY = "tiny-random:llama?layers=1&hidden=32&seed=0"
@@ -155,7 +155,7 @@ def test_a_trained_solver_served_by_the_llm_server_answers_the_solve_prompt_in_t
     """SE-A through the driver on one sample whose teacher answer was wrong (9, gold 8), until the tiny
     model has learnt it; then `subq llm-server --model OUT/final`'s deployment, asked with the
     evaluation's solve prompt over HTTP, replies with the teacher's answers and the gold final answer."""
-    from serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
+    from subq.serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 
     store = str(tmp_path / "store")
     Store(store).append("samples", [_row(final_answer="9", final_value=9.0, correct=False)])

@@ -6,9 +6,8 @@ from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 import pytest
-
-from data_store.schema import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, problem_id, sample_key, to_table
-from data_store.store import Store, StoreError
+from subq.data_store.schema import PROBLEMS_SCHEMA, SAMPLES_SCHEMA, problem_id, sample_key, to_table
+from subq.data_store.store import Store, StoreError
 
 
 def _problem(i: int) -> dict:
@@ -261,7 +260,7 @@ def test_one_writer_at_a_time_with_stale_locks_taken_over(tmp_path):
     import subprocess
     import sys
 
-    from data_store.lock import LOCK_NAME, StoreLocked
+    from subq.data_store.lock import LOCK_NAME, StoreLocked
 
     store = Store(str(tmp_path))
     with store.lock("first"), pytest.raises(StoreLocked, match=rf"being written by pid {os.getpid()} on .*'first'"):
@@ -284,7 +283,7 @@ def test_one_writer_at_a_time_with_stale_locks_taken_over(tmp_path):
 
 
 def test_the_lock_works_on_object_stores():
-    from data_store.lock import StoreLocked
+    from subq.data_store.lock import StoreLocked
 
     store = Store("mock:///bucket/locked")  # one in-memory filesystem per Store object
     with store.lock("first"), pytest.raises(StoreLocked, match="being written by pid"):

@@ -7,12 +7,12 @@ import asyncio
 import time
 
 import pytest
+from subq.actors.breaker import BreakerConfig
+from subq.actors.governor import Governor, GovernorConfig
+from subq.actors.prices import PriceTable
+from subq.actors.teacher import TeacherClient, TeacherConfig, TeacherFatalError
+from subq.protocol.prompts import decompose_messages
 
-from actors.breaker import BreakerConfig
-from actors.governor import Governor, GovernorConfig
-from actors.prices import PriceTable
-from actors.teacher import TeacherClient, TeacherConfig, TeacherFatalError
-from protocol.prompts import decompose_messages
 from tests.teacher_server import AccountFaults, FaultPlan, TeacherServer
 
 MODEL = "test-teacher"
@@ -118,7 +118,7 @@ def test_a_lone_call_that_keeps_failing_is_its_own_fault_not_an_outage():
 def test_evaluation_keeps_max_attempts_exact_for_a_call_failing_alone():
     """Evaluation's clients have no lone grace: `--max-attempts 3` is 3 attempts, and the record is
     retried by the next run (tests/test_eval_faults.py) instead of by more attempts now."""
-    from evaluation.clients import eval_governor
+    from subq.evaluation.clients import eval_governor
 
     plan = FaultPlan(rate=1.0, kinds=("500",), persistent=("500",))
     with TeacherServer(model=MODEL, faults=plan) as srv:

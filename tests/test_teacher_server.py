@@ -23,8 +23,8 @@ PROBLEM = "Natalia sold clips to 48 of her friends in April, and then she sold h
 ROOT = Path(__file__).resolve().parents[1]
 
 try:  # the real protocol when it is there; the contract's shapes otherwise
-    from protocol import parse as _parse
-    from protocol import prompts as _prompts
+    from subq.protocol import parse as _parse
+    from subq.protocol import prompts as _prompts
 
     _prompts.decompose_messages, _parse.parse_subquestions  # noqa: B018
 except (ImportError, AttributeError):

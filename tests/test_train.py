@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from subq.data_store.store import Store
+from subq.learner.batches import EpisodeTable
+from subq.learner.checkpoint import load_checkpoint
+from subq.learner.train import TrainConfig, run_train
 
-from data_store.store import Store
-from learner.batches import EpisodeTable
-from learner.checkpoint import load_checkpoint
-from learner.train import TrainConfig, run_train
 from tests.test_train_loop import sample_rows
 
 TINY = "tiny-random:llama?layers=1&hidden=32&seed=0"

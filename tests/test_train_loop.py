@@ -17,16 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data_store.schema import sample_key
-from data_store.store import Store
-from learner.batches import EpisodeTable, epoch_order, micro_batches, steps_per_epoch
-from learner.bc import BC
-from learner.data import DATA_DIR, prepare_data
-from learner.episodes import collate, episodes_from_samples
-from learner.models import load_model_and_tokenizer, load_tokenizer
-from learner.train import TrainConfig, algo_config, check_config, cpu_bf16_on, uses_bf16
-from learner.train_loop import STATE_FILE, WorkerLoop
+from subq.data_store.schema import sample_key
+from subq.data_store.store import Store
+from subq.learner.batches import EpisodeTable, epoch_order, micro_batches, steps_per_epoch
+from subq.learner.bc import BC
+from subq.learner.data import DATA_DIR, prepare_data
+from subq.learner.episodes import collate, episodes_from_samples
+from subq.learner.models import load_model_and_tokenizer, load_tokenizer
+from subq.learner.train import TrainConfig, algo_config, check_config, cpu_bf16_on, uses_bf16
+from subq.learner.train_loop import STATE_FILE, WorkerLoop
 
 TINY = "tiny-random:llama?layers=1&hidden=32&seed=0"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -324,8 +323,8 @@ def test_validation_on_given_problems_measures_what_the_quality_benchmark_measur
     """``val_problems``: the human sub-questions of held-out benchmark problems validate, and (uncut:
     max_length fits them; the byte tokenizer makes long episodes) their
     ``losses/val_nll_subq`` is exactly ``evaluation.fidelity.reference_nll`` of the same model."""
-    from data_store.datasets import load_problems
-    from evaluation.fidelity import reference_nll
+    from subq.data_store.datasets import load_problems
+    from subq.evaluation.fidelity import reference_nll
 
     cfg = _cfg(store, tmp_path, algo=algo, val_problems="gsm8k:test[:5]", val_every=2, max_steps=2, max_length=1000,
                algo_config={"lr": 1e-3})
@@ -341,7 +340,7 @@ def test_validation_on_given_problems_measures_what_the_quality_benchmark_measur
 
 def test_validation_problems_never_train(ray_session, tmp_path):
     """A training sample of a validation problem is dropped (and counted), not trained on."""
-    from data_store.datasets import load_problems
+    from subq.data_store.datasets import load_problems
 
     (p,) = load_problems("gsm8k:test[:1]")
     rows = sample_rows(problems=2)
