@@ -332,13 +332,30 @@ def plot_accuracy_vs_cost(summaries: Sequence[RunSummary], path: str | Path) -> 
 # --- all three files -------------------------------------------------------------------------
 
 
+def provenance() -> dict[str, Any]:
+    """Which subq wrote a report and when: its version, the git commit of its source (None outside a
+    checkout, or without git), and the date (UTC, ISO 8601)."""
+    import subprocess
+    from datetime import datetime, timezone
+
+    from subq import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"version": __version__, "git_commit": commit, "date": datetime.now(timezone.utc).isoformat()}
+
+
 def write_report(summaries: Sequence[RunSummary], out_dir: str | Path,
                  config: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write results.json, results.md and accuracy_vs_cost.png into ``out_dir``; returns their paths."""
+    """Write results.json, results.md and accuracy_vs_cost.png into ``out_dir``; returns their paths.
+    results.json: ``subq`` (:func:`provenance`), ``config`` and ``runs``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_cost.png"}
-    data = {"config": config or {}, "runs": [asdict(s) for s in summaries]}
+    data = {"subq": provenance(), "config": config or {}, "runs": [asdict(s) for s in summaries]}
     paths["json"].write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown(summaries))
     plot_accuracy_vs_cost(summaries, paths["plot"])

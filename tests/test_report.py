@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from subq.evaluation.report import RunSummary, markdown, summarize, write_report
+
+import subq
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REF = ["How many clips in May?", "How many clips in total?"]
@@ -135,9 +139,26 @@ def test_write_report_writes_three_files(tmp_path: Path) -> None:
     assert paths["plot"].read_bytes()[:8] == PNG_MAGIC and paths["plot"].stat().st_size > 5000
     data = json.loads(paths["json"].read_text())
     assert data["config"]["scorer"] == "strict"
+    # which subq wrote it, from which commit, when (the commit: this checkout's, None outside one)
+    assert data["subq"]["version"] == subq.__version__
+    assert re.fullmatch(r"[0-9a-f]{40}", data["subq"]["git_commit"] or "") or data["subq"]["git_commit"] is None
+    assert datetime.fromisoformat(data["subq"]["date"]).tzinfo is not None
     assert [RunSummary(**r) for r in data["runs"]] == runs  # round trip
     assert set(data["runs"][0]) == {f.name for f in dataclasses.fields(RunSummary)}
     assert paths["markdown"].read_text() == markdown(runs)
+
+
+def test_provenance_outside_a_checkout_has_no_commit(monkeypatch) -> None:
+    import subprocess
+
+    from subq.evaluation.report import provenance
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    p = provenance()
+    assert p["git_commit"] is None and p["version"] == subq.__version__ and p["date"]
 
 
 def test_plot_handles_unknown_zero_and_empty(tmp_path: Path) -> None:
@@ -148,7 +169,8 @@ def test_plot_handles_unknown_zero_and_empty(tmp_path: Path) -> None:
         paths = write_report(runs, tmp_path / str(i))
         assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
     assert "No runs." in (tmp_path / "2" / "results.md").read_text()
-    assert json.loads((tmp_path / "2" / "results.json").read_text()) == {"config": {}, "runs": []}
+    data = json.loads((tmp_path / "2" / "results.json").read_text())
+    assert data["config"] == {} and data["runs"] == []
 
 
 def test_format_table_for_the_terminal() -> None:
