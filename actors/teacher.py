@@ -187,8 +187,9 @@ def error_text(exc: BaseException, secrets: list[str]) -> str:
     return redact(f"{type(exc).__name__}: {exc}", secrets)[:2000]
 
 
-def fatal_message(cfg: TeacherConfig, exc: BaseException, reason: str, key: str) -> str:
-    """The one-line message of a :class:`TeacherFatalError` (never the key)."""
+def fatal_message(cfg: TeacherConfig, exc: BaseException, reason: str, key: str, role: str = "teacher") -> str:
+    """The one-line message of a :class:`TeacherFatalError` (never the key); ``role``: what the
+    endpoint is to this run (the teacher, an evaluation's solver)."""
     status = getattr(exc, "status_code", "?")
     code = getattr(exc, "code", None) or getattr(exc, "type", None) or ""
     detail = redact(str(getattr(exc, "message", exc)), [key])[:300]
@@ -197,7 +198,7 @@ def fatal_message(cfg: TeacherConfig, exc: BaseException, reason: str, key: str)
     else:
         advice = (f"add credit or raise the usage limit of the account behind ${cfg.api_key_env}, "
                   "or use another key")
-    return (f"the teacher at {cfg.base_url} {reason} (HTTP {status} {code}: {detail}); the run "
+    return (f"the {role} at {cfg.base_url} {reason} (HTTP {status} {code}: {detail}); the run "
             f"stopped at once and stored nothing as failed: {advice}, then run the same command again "
             "to resume")
 
@@ -206,12 +207,14 @@ class TeacherClient:
     """Async chat calls against one endpoint; safe to share across concurrent coroutines.
 
     ``governor``: the run's shared Governor (a Ray actor handle) or None for a private one
-    (breaker only). ``limiter`` is the old name of the same argument.
+    (breaker only). ``limiter`` is the old name of the same argument. ``role`` names the endpoint in
+    a fatal error's message ("teacher", "solver").
     """
 
     def __init__(self, cfg: TeacherConfig, prices: PriceTable | None = None, limiter: Any = None,
-                 governor: Any = None):
-        self.cfg = cfg
+                 governor: Any = None, role: str = "teacher"):
+        self.cfg, self.role = cfg, role
+        self.fatal: str | None = None  # the message of the account error this client raised
         self.prices = prices or PriceTable()
         self.governor = GovernorClient(governor or limiter or Governor())
         self._key = api_key_from_env(cfg.api_key_env, cfg.base_url)
@@ -300,7 +303,7 @@ class TeacherClient:
                                                                      call_id)
                     reason = fatal_reason(e)
                     if reason is not None:
-                        message = self._fatal_message(e, reason)
+                        message = self.fatal = self._fatal_message(e, reason)
                         await self.governor.stop(message)
                         raise TeacherFatalError(message) from None
                     if learn_from(e, self.cfg.base_url, self.cfg.model, params):
@@ -330,7 +333,7 @@ class TeacherClient:
         return result
 
     def _fatal_message(self, exc: BaseException, reason: str) -> str:
-        return fatal_message(self.cfg, exc, reason, self._key)
+        return fatal_message(self.cfg, exc, reason, self._key, self.role)
 
     async def aclose(self) -> None:
         await self._client.close()

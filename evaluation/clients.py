@@ -18,7 +18,10 @@ numbers measure exactly what a user would deploy.
 Failures: a call that fails after its retries comes back as an ``api_error`` (the record is *failed*
 and a re-run retries it). An endpoint that will refuse every call (401/403: bad key, 404: wrong URL,
 route or model, 429 ``insufficient_quota``) raises :class:`FatalEndpointError` instead, out of the
-Ray Data worker, which stops the whole run without storing anything for that call.
+Ray Data worker, which stops the whole run without storing anything for that call; an account error
+(401/402/403, no quota; a solver's or teacher decomposer's ``TeacherFatalError``) is an
+:class:`AccountRefusedError`, ``subq``'s exit code 3 (``exit_codes.ACCOUNT_REFUSED``). Calls of the same
+client refused after it (its governor stops) raise it too: nothing is stored as failed.
 """
 
 from __future__ import annotations
@@ -31,9 +34,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from subq.actors.breaker import BreakerConfig
-from subq.actors.governor import Governor, GovernorConfig
+from subq.actors.governor import REFUSED_FATAL, Governor, GovernorConfig
 from subq.actors.prices import PriceTable
-from subq.actors.teacher import CallResult, TeacherClient, TeacherConfig, api_key_from_env, redact
+from subq.actors.teacher import (
+    CallResult,
+    TeacherClient,
+    TeacherConfig,
+    TeacherFatalError,
+    api_key_from_env,
+    redact,
+)
 from subq.protocol.parse import cap_subquestions, parse_subquestions
 from subq.protocol.prompts import SUBQ_END, decompose_messages, parse_student_output, student_prompt
 from subq.protocol.solve_prompts import cot_messages, solve_messages
@@ -51,9 +61,25 @@ class FatalEndpointError(RuntimeError):
     """
 
 
+class AccountRefusedError(FatalEndpointError):
+    """The endpoint refused the account (401/403, no quota, billing): ``subq`` exits with
+    ``exit_codes.ACCOUNT_REFUSED``. Nothing is stored for the refused calls; after the fix the same
+    command does them."""
+
+
 # Exceptions from a client call that stop an evaluation run (the worker reports them to the driver,
-# which raises FatalEndpointError); any other exception escaping a client aborts the run with its traceback.
-FATAL_ERRORS: tuple[type[BaseException], ...] = (FatalEndpointError,)
+# which raises FatalEndpointError, or AccountRefusedError for an account); any other exception
+# escaping a client aborts the run with its traceback.
+FATAL_ERRORS: tuple[type[BaseException], ...] = (FatalEndpointError, TeacherFatalError)
+ACCOUNT_ERRORS: tuple[type[BaseException], ...] = (AccountRefusedError, TeacherFatalError)
+
+
+def raise_if_stopped(client: TeacherClient, call: CallResult) -> None:
+    """A call refused because its client met an account error (a concurrent call's 401/403/quota):
+    raise that error, so the record is not stored as failed (a re-run after the fix does it)."""
+    if call.refused == REFUSED_FATAL:
+        raise TeacherFatalError(client.fatal or "the endpoint refused the account; fix it, then run the same "
+                                "command again")
 
 
 @dataclass
@@ -118,10 +144,10 @@ def _check_status(status: int, text: str, code: str | None, headers: Mapping[str
     (this request is refused; recorded as an api_error)."""
     message = f"HTTP {status}: {text[:300]}"
     if status == 429 and (code == "insufficient_quota" or "insufficient_quota" in text):
-        raise FatalEndpointError(f"{where} has no quota left (HTTP 429 insufficient_quota): add credit or "
+        raise AccountRefusedError(f"{where} has no quota left (HTTP 429 insufficient_quota): add credit or "
                                  "raise the limit, then run the same command again")
-    if status in (401, 403):
-        raise FatalEndpointError(f"{where} refused the credentials (HTTP {status}): check the key or token "
+    if status in (401, 402, 403):
+        raise AccountRefusedError(f"{where} refused the credentials (HTTP {status}): check the key or token "
                                  "env var, then run the same command again")
     if status == 404:
         raise FatalEndpointError(f"{where} answered HTTP 404 (wrong URL, route or model name): {text[:200]}")
@@ -165,7 +191,7 @@ class DecomposerClient:
         self._teacher = None
         if spec.kind == "teacher":  # the evaluation's patience applies to every decomposer
             self._teacher = TeacherClient(replace(spec.teacher, timeout_s=timeout_s, max_attempts=max_attempts), prices,
-                                          governor=eval_governor())
+                                          governor=eval_governor(), role="teacher decomposer")
         self._http: Any = None
         self._openai: Any = None
         self._no_bos_field = True  # send add_special_tokens=false until a server refuses the field
@@ -179,6 +205,7 @@ class DecomposerClient:
         if self._teacher is not None:
             call = await self._teacher.chat(decompose_messages(problem, self.max_subquestions), n=1,
                                             temperature=self.temperature, max_tokens=self.max_tokens)
+            raise_if_stopped(self._teacher, call)
             out = Decomposition(tokens_in=call.tokens_in, tokens_out=call.tokens_out, latency_s=call.latency_s,
                                 cost_usd=call.cost_usd if call.ok else 0.0)
             if not call.ok:
@@ -303,4 +330,6 @@ async def solve(client: TeacherClient, problem: dict, subquestions: list[str], *
         messages = solve_messages(problem["question"], subquestions, problem["answer_type"], choices)
     else:
         messages = cot_messages(problem["question"], problem["answer_type"], choices)
-    return await client.chat(messages, n=1, temperature=temperature, max_tokens=max_tokens)
+    call = await client.chat(messages, n=1, temperature=temperature, max_tokens=max_tokens)
+    raise_if_stopped(client, call)
+    return call

@@ -34,7 +34,9 @@ from subq.actors.prices import PriceTable
 from subq.actors.teacher import TeacherClient, TeacherConfig
 from subq.data_store.datasets import load_problems, parse_problem_spec
 from subq.evaluation.clients import (
+    ACCOUNT_ERRORS,
     FATAL_ERRORS,
+    AccountRefusedError,
     DecomposerClient,
     DecomposerSpec,
     FatalEndpointError,
@@ -129,7 +131,7 @@ class EvalWorker:
                                      timeout_s=s.timeout_s, max_attempts=s.max_attempts)
         self._solvers = [TeacherClient(TeacherConfig(base_url=sv.base_url, model=sv.model, api_key_env=sv.api_key_env,
                                                      timeout_s=s.timeout_s, max_attempts=s.max_attempts), self.prices,
-                                       governor=eval_governor())
+                                       governor=eval_governor(), role="solver")
                          for sv in self.solvers]
 
     async def _one(self, row: dict) -> list[dict]:
@@ -215,10 +217,14 @@ class EvalWorker:
         unknown = [e for e in errors if not isinstance(e, FATAL_ERRORS)]
         if unknown:  # a bug or an unexpected failure: abort the run, loudly
             raise unknown[0]
-        stop = [str(e) for e in errors[:1]]  # the fatal error's message, on one extra row
+        # the fatal error's message on one extra row; an account error first (it decides the exit code)
+        errors.sort(key=lambda e: not isinstance(e, ACCOUNT_ERRORS))
+        stop = [str(e) for e in errors[:1]]
+        account = [isinstance(e, ACCOUNT_ERRORS) for e in errors[:1]]
         return pa.table({"correct": pa.array(correct + [False] * len(stop), pa.bool_()),
                          "failed": pa.array(failed + [False] * len(stop), pa.bool_()),
-                         "stop": pa.array([None] * len(correct) + stop, pa.string())})
+                         "stop": pa.array([None] * len(correct) + stop, pa.string()),
+                         "stop_account": pa.array([False] * len(correct) + account, pa.bool_())})
 
 
 def finish_record(rec: dict, benchmark: str, key: RunKey, scorer: str) -> dict:
@@ -251,7 +257,7 @@ def run_eval(cfg: EvalConfig, decomposers: list[DecomposerSpec], solvers: list[S
 def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], prices: PriceTable | None = None) -> int:
     """One decomposer's pass over every benchmark and solver; returns the records it added.
 
-    Raises whatever a client lets escape (a FatalEndpointError: bad key, no quota) once the other
+    Raises a FatalEndpointError (AccountRefusedError: bad key, no quota, billing) once the other
     batches in flight are stored; nothing is recorded for the calls it stopped.
     """
     from ray.data import ActorPoolStrategy, DataContext
@@ -288,7 +294,8 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
     wrong = failed = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            stops = [s for s in batch.column("stop").to_pylist() if s is not None]
+            stops = [(s, a) for s, a in zip(batch.column("stop").to_pylist(), batch.column("stop_account").to_pylist(),
+                                            strict=True) if s is not None]
             n = batch.num_rows - len(stops)
             wrong += n - sum(batch.column("correct").to_pylist())
             failed += sum(batch.column("failed").to_pylist())
@@ -296,7 +303,8 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
             bar.set_postfix_str(f"wrong={wrong} failed={failed}")
             added += n
             if stops:  # leaving the loop shuts the pool down; batches that finished are stored
-                raise FatalEndpointError(stops[0])
+                message, account = max(stops, key=lambda s: s[1])
+                raise (AccountRefusedError if account else FatalEndpointError)(message)
     finally:
         bar.close()
     return added

@@ -20,15 +20,22 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a distilled decomposer (/decompose, /v1/chat/completions) on Ray Serve")
-    p.add_argument("--checkpoint", "--model", dest="model", default=EMBEDDED_MODEL,
+    from subq.cli import alias
+
+    p.add_argument("--model", default=EMBEDDED_MODEL,
                    help="a subq checkpoint dir (e.g. runs/quickstart/ilql/final), a HF model dir, or embedded:...")
+    alias(p, "--checkpoint", dest="model")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--route-prefix", default="/")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name /v1/models lists and responses report (default: the training run's name "
+                        "for its final/, e.g. bc for runs/bc/final; else the directory's or spec's name)")
     p.add_argument("--token-env", help="name of an env var holding a bearer token to require")
     p.add_argument("--beta", type=float, help="default ILQL guidance (default: the checkpoint's)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=int,
+    alias(p, "--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--max-tokens", dest="max_new_tokens", type=int, metavar="N",
                    help="cap and default of a request's max_tokens (default: the checkpoint's longest training "
                         "target + 25%%, at least +16, at most 512; 128 when the checkpoint does not record it)")
     p.add_argument("--max-subquestions", type=int)
@@ -52,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = serve_config(
         DecomposerConfig,
         model=args.model, host=args.host, port=args.port, route_prefix=args.route_prefix, token_env=args.token_env,
+        served_model_name=args.served_model_name,
         beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         max_subquestions=args.max_subquestions, max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests, num_gpus=args.num_gpus,
@@ -73,6 +81,8 @@ def serve_config(cls, **fields):
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
+    from subq.cli import TIMEOUT_S, alias
+
     p = sub.add_parser("eval", help="decomposer -> solver accuracy, tokens, latency and $ on benchmarks "
                                     "(`subq eval rescore` re-scores paper 1's records)")
     p.add_argument("--decomposer", action="append", default=[], metavar="SPEC",
@@ -97,20 +107,26 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solve-max-tokens", type=int, default=512)
     p.add_argument("--decompose-max-tokens", type=int, default=256, help="teacher and openai: decomposers")
     p.add_argument("--max-attempts", type=int, default=6, help="per call; then the record is stored as failed")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per attempt")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per attempt")
     p.add_argument("--no-retry-failed", action="store_true",
                    help="keep records that failed at the API as they are (default: a re-run retries them)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-actors", type=int, default=4)
     p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model behind solver 'local'")
     p.add_argument("--local-port", type=int, default=8011)
-    p.add_argument("--serve-num-gpus", type=float, default=0.0, help="GPUs per replica of a served decomposer or solver checkpoint")
+    p.add_argument("--num-gpus", type=float, default=0.0,
+                   help="GPUs per replica of a served decomposer or solver checkpoint")
+    alias(p, "--serve-num-gpus", dest="num_gpus", type=float)
     p.add_argument("--ray-address")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the results (results.json's runs) as JSON")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import sys
+
+    from subq import exit_codes
     from subq.actors.prices import PriceTable
     from subq.cli import UserError
     from subq.eval_setup import (
@@ -124,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plan_solvers,
         split_label,
     )
-    from subq.evaluation.clients import FatalEndpointError
+    from subq.evaluation.clients import AccountRefusedError, FatalEndpointError
     from subq.evaluation.plan import check_labels, failures, format_failures, pending
     from subq.evaluation.report import format_table
     from subq.evaluation.run import EvalConfig, report
@@ -132,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     decomposers = args.decomposer or ["none"]
     solvers_raw = args.solver or ["local"]
-    serve_opts = ServeOptions(port=args.local_port, num_gpus=args.serve_num_gpus, beta=args.beta)
+    serve_opts = ServeOptions(port=args.local_port, num_gpus=args.num_gpus, beta=args.beta)
     try:
         cfg = EvalConfig(benchmarks=args.benchmark or ["gsm8k:test[:20]"], out_dir=args.out, scorer=args.scorer,
                          max_subquestions=args.max_subquestions, solve_max_tokens=args.solve_max_tokens,
@@ -157,14 +173,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             evaluate_decomposers(cfg, decomposers, solvers_raw, local_model=args.local_model,
                                  local_port=args.local_port, api_key_env=args.api_key_env, prices=prices,
                                  serve_opts=serve_opts, token_env=args.decomposer_token_env, check_endpoints=True)
+        except AccountRefusedError as e:  # the line collection prints, and its exit code
+            print(f"subq: error: {e}", file=sys.stderr)
+            return exit_codes.ACCOUNT_REFUSED
         except FatalEndpointError as e:
             raise UserError(f"evaluation stopped: {e}. Finished batches are stored; nothing was stored "
                             "for the refused calls.") from None
     summaries = report(cfg, keys)
-    print(format_table(summaries))
-    print(f"\nrecords, results.json, results.md and accuracy_vs_cost.png in {args.out}")
     failed = failures(cfg, keys)
-    print(format_failures(failed, cfg.retry_failed))
+    if args.json:
+        import json
+        from pathlib import Path
+
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        print(json.dumps({**results, "failed": dict(failed)}, indent=2))
+    else:
+        print(format_table(summaries))
+        print(f"\nrecords, results.json, results.md and accuracy_vs_cost.png in {args.out}")
+        print(format_failures(failed, cfg.retry_failed))
     return 1 if failed else 0
 
 
@@ -172,6 +198,7 @@ def add_rescore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-rescore", help="re-score records in paper 1's evaluation format (also: subq eval rescore)")
     p.add_argument("file", help='JSONL with {"problem", "questions", "answers", "answer"} per line')
     p.add_argument("--mode", choices=["paper1", "strict"], default="strict")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.set_defaults(func=cmd_rescore)
 
 
@@ -196,7 +223,9 @@ def add_pipeline(sub: argparse._SubParsersAction) -> None:
                    help="override any config value, e.g. --set train.defaults.max_steps=10 "
                         "--set 'eval.benchmarks=[\"gsm8k:test[:20]\"]' (YAML values)")
     p.add_argument("--out", help="shortcut for --set out=DIR")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true",
+                   help="print the stages and results as JSON (stage logs still go to stdout before it)")
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -209,18 +238,35 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg, raw = load_config(args.config, overrides)
     except ConfigError as e:
         raise UserError(str(e)) from None
-    from subq.evaluation.clients import FatalEndpointError
+    import sys
+
+    from subq import exit_codes
+    from subq.evaluation.clients import AccountRefusedError, FatalEndpointError
     from subq.pipeline import Pipeline, format_stages
 
     try:
         result = Pipeline(cfg, raw, progress=not args.no_progress).run()
     except ConfigError as e:
         raise UserError(str(e)) from None
+    except AccountRefusedError as e:  # the account, as in collect and eval: 3, one line
+        print(f"subq: error: {e}. Finished work is stored; run the same command to resume.", file=sys.stderr)
+        return exit_codes.ACCOUNT_REFUSED
     except FatalEndpointError as e:
         raise UserError(f"stopped: {e}. Finished work is stored; run the same command to resume.") from None
-    print("\n" + format_stages(result))
-    print(f"\noutputs in {result.out} (resolved config: {result.out}/pipeline_config.yaml)")
-    return 1 if result.eval_failures else 0
+    if args.json:
+        import dataclasses
+        import json
+
+        print(json.dumps({"out": result.out, "incomplete": result.incomplete or None,
+                          "eval_failures": result.eval_failures,
+                          "stages": [dataclasses.asdict(s) for s in result.stages],
+                          "runs": [dataclasses.asdict(s) for s in result.summaries]}, indent=2, default=str))
+    else:
+        print("\n" + format_stages(result))
+        print(f"\noutputs in {result.out} (resolved config: {result.out}/pipeline_config.yaml)")
+    if result.incomplete:
+        print(f"subq: stopped before training: {result.incomplete}", file=sys.stderr)
+    return exit_codes.INCOMPLETE if result.incomplete or result.eval_failures else exit_codes.DONE
 
 
 def rewrite_argv(argv: list[str]) -> list[str]:

@@ -195,7 +195,7 @@ def test_a_checkpoint_is_identified_by_its_content_hashed_once(tmp_path, monkeyp
 
 
 def test_a_fatal_endpoint_error_stops_the_run_and_stores_nothing_for_it(ray_session, tmp_path):
-    """A wrong key stops the run at once (exit 2, a clear line, no record, no solver call); an account
+    """A wrong key stops the run at once (exit 3, a clear line, no record, no solver call); an account
     that runs dry mid-run stops it too, keeps what finished, and after a top-up the same command
     finishes without paying again for the stored decompositions."""
     problems = load_problems(BENCH)
@@ -205,7 +205,7 @@ def test_a_fatal_endpoint_error_stops_the_run_and_stores_nothing_for_it(ray_sess
                 "--api-key-env", KEY_ENV, "--benchmark", BENCH, "--batch-size", "2", "--max-actors", "1",
                 "--no-progress"]
         rc, _, err = _cli([*argv, "--out", str(out), "--decomposer-token-env", "SUBQ_EVAL_WRONG_KEY"])
-        assert rc == 2
+        assert rc == 3  # exit_codes.ACCOUNT_REFUSED
         assert "refused the credentials (HTTP 401)" in err and "wrong" not in err.replace("wrong URL", "")
         assert not list(out.rglob("*.jsonl")) and solver.stats()["requests"] == 0
         assert dec.stats()["requests"] <= N  # each call once: a 401 is not retried
@@ -215,7 +215,7 @@ def test_a_fatal_endpoint_error_stops_the_run_and_stores_nothing_for_it(ray_sess
         dec.set_quota(3)  # 3 requests, then the account is empty
         argv = [*argv, "--out", str(out), "--decomposer-token-env", "SUBQ_EVAL_RIGHT_KEY"]
         rc, _, err = _cli(argv)
-        assert rc == 2 and "no quota left (HTTP 429 insufficient_quota)" in err
+        assert rc == 3 and "no quota left (HTTP 429 insufficient_quota)" in err
         [path] = out.rglob("*.jsonl")
         kept = read_records(path)
         assert len(kept) <= 3 and all(failure(r) is None for r in kept)  # nothing failed is stored
