@@ -47,27 +47,35 @@ from torch import nn
 
 @dataclass
 class ILQLConfig(OptimConfig):
-    """Hyper-parameters of ILQL. Defaults follow Snell et al. / trlx unless a comment says otherwise;
-    the optimizer's fields are ``OptimConfig``'s (``learner/optim.py``)."""
+    """Hyper-parameters of ILQL; each comment names its source: paper 1 (Tarasov & Shridhar 2024),
+    Snell et al. 2022 (ILQL; trlx is its reference port) or "ours" with the reason. The optimizer's
+    fields are ``OptimConfig``'s (``learner/optim.py``)."""
 
-    lr: float = 1e-4  # AdamW learning rate (peak, after warmup) for the LM and the online heads (Snell: 1e-4)
-    gamma: float = 0.99  # per-token discount in y = r + gamma * (1 - done) * V(s'); paper 1 and Snell use 0.99
-    #                      (episodes are finite, so 1.0 is also valid; 0.99 keeps results comparable to paper 1)
-    tau: float = 0.7  # expectile of V over dataset actions: 0.5 = their mean (SARSA), -> 1 = their max (Q-learning)
-    cql_alpha: float = 0.1  # weight of the conservative term logsumexp Q(s, .) - Q(s, a) (trlx `cql_scale`)
-    bc_weight: float = 1.0  # weight of the LM head's cross-entropy on action tokens (Snell's `awac` weight)
-    q_loss_weight: float = 1.0  # weight of the Bellman MSE (summed over both Q heads)
-    v_loss_weight: float = 1.0  # weight of the expectile loss on V
-    target_update_rate: float = 0.005  # Polyak alpha per optimizer step: target <- alpha*online + (1-alpha)*target
-    target_warmup: bool = True  # Polyak rate max(alpha, 1 / (step + 2)): for the first 1/alpha steps the targets
-    #                             are the running mean of the online heads, not a 200-step-old copy (short runs)
+    lr: float = 1e-4  # AdamW peak learning rate for the LM and the online heads (Snell et al.: 1e-4)
+    gamma: float = 0.99  # per-token discount in y = r + gamma * (1 - done) * V(s') (paper 1 and Snell et al.);
+    #                      episodes are finite, so 1.0 is valid too: 0.99 keeps results comparable to paper 1
+    tau: float = 0.7  # expectile of V over dataset actions (Snell et al.: 0.7): 0.5 = their mean (SARSA),
+    #                  -> 1 = their max (Q-learning)
+    cql_alpha: float = 0.1  # weight of the conservative term logsumexp Q(s, .) - Q(s, a) (trlx's `cql_scale`)
+    bc_weight: float = 1.0  # weight of the LM head's cross-entropy on action tokens (Snell et al.'s `awac`
+    #                        weight, trlx's `awac_scale`)
+    q_loss_weight: float = 1.0  # weight of the Bellman MSE, summed over both Q heads (Snell et al.: 1)
+    v_loss_weight: float = 1.0  # weight of the expectile loss on V (Snell et al.: 1)
+    target_update_rate: float = 0.005  # Polyak alpha per optimizer step, target <- alpha*online + (1-alpha)*target
+    #                                   (paper 1 and Snell et al.: 0.005)
+    target_warmup: bool = False  # ours, opt-in: Polyak rate max(alpha, 1 / (step + 2)), so for the first
+    #                             1/alpha steps the targets are the running mean of the online heads, not
+    #                             ~(1 - alpha)^step their near-zero init: for runs much shorter than 1/alpha
     two_q: bool = True  # two Q heads (clipped double Q): min of the targets is V's target and guides decoding
-    head_hidden_mult: int = 1  # heads are Linear(H, m*H)-ReLU-Linear(m*H, out); 0 = a single Linear. Snell uses
-    #                           m = 2; the H x vocab output layer dominates the size, so m = 1 halves the heads
+    #                    (Snell et al.'s `double_q`; paper 1)
+    head_hidden_mult: int = 1  # heads are Linear(H, m*H)-ReLU-Linear(m*H, out); 0 = a single Linear. Ours:
+    #                           Snell et al. use m = 2; the H x vocab output layer dominates, so m = 1 halves the heads
     q_head_rank: int = 0  # > 0: factor each Q head's output layer as (width -> rank -> vocab), for large
-    #                      vocabularies (see ILQLHeads); 0: the full width x vocab layer
-    beta: float = 1.0  # guidance strength at decoding: log pi + beta * (Q - V); 0 = the plain (BC) LM
-    reward_placement: str = "full"  # episodes' rewards: "full" (usefulness + correct) or "sparse" (correct only)
+    #                      vocabularies (see ILQLHeads); 0: the full width x vocab layer (Snell et al., paper 1)
+    beta: float = 1.0  # guidance strength at decoding: log pi + beta * (Q - V); 0 = the plain (BC) LM. Ours:
+    #                   Snell et al. tune beta per task at decoding; 1 weighs the advantage like one nat of log-prob
+    reward_placement: str = "full"  # episodes' rewards: "full" (usefulness + correct) or "sparse" (correct
+    #                                only), paper 1's two placements; ours: "full" uses the usefulness feedback
 
 
 HEAD_INIT_SCALE = 0.01  # std of an untrained head's output for a unit-scale hidden state (see _head)

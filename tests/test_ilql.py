@@ -118,8 +118,11 @@ def train_tabular(batch: dict[str, torch.Tensor], *, tau: float, steps: int, gam
     model = PrefixModel(max_len=max_len)
     heads = ILQLHeads(model.n_codes, VOCAB, two_q=True, hidden_mult=0)
     # Adam on lookup tables: lr 0.02 moves a value ~2 in 100 steps; a larger lr or Polyak rate oscillates.
+    # The lr decays to 0 over the run: at a constant lr Adam never settles on the fixed point (its step is
+    # ~lr whatever the gradient), so the end state was a snapshot of an oscillation of up to ~0.08 whose
+    # phase at step 300 moved with the seed or the first Polyak rates.
     cfg = ILQLConfig(gamma=gamma, tau=tau, cql_alpha=0.0, bc_weight=0.0, target_update_rate=0.2, lr=0.02,
-                     max_grad_norm=0.0)
+                     max_grad_norm=0.0, lr_decay="cosine", decay_steps=steps)
     algo = ILQL(model, heads, cfg)
     for _ in range(steps):
         algo.train_step(batch)
@@ -192,7 +195,7 @@ def test_expectile_v_between_mean_and_max(tau: float, expected: float) -> None:
     """One state, dataset actions with Q = 0, 1, 3: V -> the tau-expectile (0.5: mean, -> 1: max)."""
     q_of = {1: 0.0, 2: 1.0, 3: 3.0}
     batch = episodes_batch(horizon=1, reward_fn=lambda prefix, a: q_of[a])
-    model, heads = train_tabular(batch, tau=tau, steps=300, max_len=2)
+    model, heads = train_tabular(batch, tau=tau, steps=600, max_len=2)
     q, v = learned(model, heads, ())
     assert q == pytest.approx([0.0, 1.0, 3.0], abs=0.01)
     assert expectile([0.0, 1.0, 3.0], tau) == pytest.approx(expected, abs=1e-6)
@@ -372,7 +375,7 @@ def test_untrained_heads_barely_move_decoding_scores() -> None:
 def test_target_warmup_keeps_the_running_mean_of_the_online_heads() -> None:
     model = PrefixModel(max_len=2)
     heads = ILQLHeads(model.n_codes, VOCAB, hidden_mult=0)
-    algo = ILQL(model, heads, ILQLConfig(lr=0.05, target_update_rate=0.005))
+    algo = ILQL(model, heads, ILQLConfig(lr=0.05, target_update_rate=0.005, target_warmup=True))
     batch = episodes_batch(horizon=1, reward_fn=lambda prefix, a: float(a))
     history = [_params(heads.q1_head)]
     rates = []
@@ -383,7 +386,20 @@ def test_target_warmup_keeps_the_running_mean_of_the_online_heads() -> None:
     assert rates == pytest.approx([1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
     mean = [torch.stack(ps).mean(0) for ps in zip(*history, strict=True)]
     assert all(torch.allclose(t, m, atol=1e-6) for t, m in zip(_params(heads.target_q1), mean, strict=True))
-    late = ILQL(model, heads, ILQLConfig(target_update_rate=0.005))
+    late = ILQL(model, heads, ILQLConfig(target_update_rate=0.005, target_warmup=True))
     late.step = 500
     assert late.target_rate() == 0.005  # the constant rate once 1 / (step + 2) falls below it
     assert ILQL(model, heads, ILQLConfig(target_update_rate=0.005, target_warmup=False)).target_rate() == 0.005
+
+
+def test_default_target_update_is_paper_1s_polyak_average() -> None:
+    """Paper 1 / Snell et al.: target <- 0.005 * online + 0.995 * target from the first step (warm-up opt-in)."""
+    model = PrefixModel(max_len=2)
+    heads = ILQLHeads(model.n_codes, VOCAB, hidden_mult=0)
+    algo = ILQL(model, heads, ILQLConfig(lr=0.05))
+    assert (algo.cfg.target_update_rate, algo.cfg.target_warmup) == (0.005, False)
+    before, online_before = _params(heads.target_q1), _params(heads.q1_head)
+    assert algo.train_step(episodes_batch(horizon=1, reward_fn=lambda prefix, a: float(a)))["charts/target_rate"] == 0.005
+    for t, t0, o in zip(_params(heads.target_q1), before, _params(heads.q1_head), strict=True):
+        assert torch.allclose(t, 0.995 * t0 + 0.005 * o, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, _params(heads.q1_head), strict=True))
