@@ -10,14 +10,26 @@
 - text: SQuAD normalisation (lower case, no punctuation, no articles, single spaces); correct = exact
   match with any accepted answer (Bamboogle lists alternatives); ``f1`` = best token F1 over them.
 
-A final answer that offers more than one value ("18 or 20", "between 5 and 7", "5-7", "yes/no",
-"A, B, C", "C or D") gets no prediction and ``error`` "more than one ...": a hedge is a parse
-failure, counted as one, never scored by its first value.
+**Strict answers, no hedge scores.** A final answer that hedges gets no prediction and ``error``
+"hedged final answer (...)": a parse failure, counted as one, never correct for any value it offers.
+- number: the rules of ``protocol.answers`` (module docstring), shared with collection's parser:
+  "or", "maybe", "possibly", "perhaps", "probably", "either", ... anywhere ("20 (maybe 18)",
+  "20, possibly 18", "18 or more"), a range or list ("18-20", "18 to 20", "18, 20", "20 / 18"), a
+  lone second value in parentheses ("20 (18)"). A parenthesised explanation is allowed:
+  "18 (3 boxes of 6)" is 18. "3/4" is one value (0.75).
+- choice: two different letters side by side or joined ("C or D", "C (or D)", "C/D", "A, C",
+  "(C) (D)", "C, possibly D"), or an uncertainty word ("maybe C"; "or" alone is not one here, as
+  option texts may hold it).
+- yesno: yes and no side by side or joined ("Yes (or no)", "yes/no", "No, but maybe yes"), or any
+  hedge word ("Yes, possibly", "Probably no").
+- text: "or", an uncertainty word or a spaced " / " ("X or Y", "maybe X", "X / Y"), unless the
+  whole answer is itself an accepted answer.
 
-A reply without the marker still gets a prediction from a fallback (number: the last number in the
-text, as ``protocol.answers.extract_final_value`` does; choice: "Answer: B"; yesno and text: the last
-non-empty line) and may be correct, but ``Score.error`` says the format was not followed: the report
-counts such replies as parse failures. ``error`` is None only when the answer came from a marker.
+A reply without the marker gets a ``prediction`` from a fallback, for the record (number: the last
+number in the text, as ``protocol.answers.extract_final_value`` does; choice: "Answer: B"; yesno and
+text: the last non-empty line), but it is **never correct** (f1 0.0) and ``error`` says the format
+was not followed. So ``error`` is None only when the answer came from a marker, and a record is
+never correct and a parse failure at once (``correct`` implies ``error is None``, in both modes).
 
 **paper1** (``mode="paper1"``): Tarasov & Shridhar's released evaluation (``results_processing/
 get_all_results.py`` in DT6A/GSM8K-AI-SubQ), reproduced quirks included, for number answers:
@@ -30,7 +42,9 @@ number of the gold answer; a "#### n" string reads n (we read after the last "##
 rationale also gives n, where upstream, which never passed rationales, would take its first number).
 For a GSM8K row the gold is read that way from ``answer_text``, so "#### 2,125" is 2.0 and "#### -10"
 is 10.0, as in upstream's files (16 of the 1,319 test problems); other rows use ``answer_value``.
-Paper 1 evaluated GSM8K only: other answer types are scored strictly in this mode.
+Paper 1 evaluated GSM8K only: other answer types are scored strictly in this mode. A paper-1 parse
+failure is a reply with no number to read (upstream had no other): a reply without the marker, read
+from character 12, has ``error`` None, and a hedge is read by its first number, as upstream did.
 """
 
 from __future__ import annotations
@@ -44,13 +58,15 @@ from typing import Any
 
 from subq.data_store.datasets import accepted_answers
 from subq.protocol.answers import (
-    final_answer_value,
+    HEDGE_WORDS,
+    UNSURE_WORDS,
     find_final_answer,
     gsm8k_gold,
-    hedged_value,
+    hedge_error,
     last_number,
     numbers_match,
     parse_number,
+    read_final_value,
 )
 from subq.protocol.solve_prompts import split_choice
 
@@ -75,8 +91,10 @@ _MARKER = re.compile(r"final\s+answer[\s*_]*(?:is\b|[:=\-\u2013\u2014])[\s*_:]*"
 _NO_MARKER = "no 'Final answer:' line"
 
 
-def _hedge(what: str, answer: str) -> str:
-    return f"more than one {what} in the final answer {answer[:80]!r}"
+def _unsure(answer: str, words: re.Pattern[str] = UNSURE_WORDS) -> str | None:
+    """Why an answer hedges by its wording ("maybe", "possibly", ...), else None."""
+    m = words.search(answer)
+    return None if m is None else f"it says {m[0].lower()!r}"
 
 
 def _after_last_marker(text: str) -> str | None:
@@ -113,15 +131,12 @@ def _number_gold(problem: dict[str, Any]) -> float | None:
 def _score_number(text: str, problem: dict[str, Any]) -> Score:
     answer = find_final_answer(text)
     if answer is None:
-        value, error = last_number(text), f"{_NO_MARKER}; used the last number in the text"
-    elif hedged_value(answer):
-        value, error = None, _hedge("value", answer)
+        value = last_number(text)
+        error = f"{_NO_MARKER}; used the last number in the text" if value is not None else \
+            f"{_NO_MARKER} and no number in the text"
     else:
-        value = final_answer_value(answer)
-        error = None if value is not None else f"no number in the final answer {answer[:80]!r}"
-    if value is None and answer is None:
-        error = f"{_NO_MARKER} and no number in the text"
-    correct = numbers_match(value, _number_gold(problem))
+        value, error = read_final_value(answer)  # the reading collection uses: hedges have no value
+    correct = error is None and numbers_match(value, _number_gold(problem))
     return Score(None if value is None else _fmt(value), correct, None, error)
 
 
@@ -137,8 +152,12 @@ _NAMED_LETTER = re.compile(
     r"|\b(?i:answer)\s*(?i:is\s*)?[:\-]?\s*(?:\(([A-Ea-e])\)|([A-E])\)?)(?!\w)"
 )
 _ANSWER_LETTER = re.compile(r"\b(?i:answer)\s*(?i:is\s*)?[:\-]?[\s*]*\(?([A-E])\)?(?!\w)")  # no marker: "Answer: B"
-# Two option letters joined as alternatives or a list: "A, B, C", "C or D", "(C) or (D)", "C/D", "C and E".
-_SEVERAL_LETTERS = re.compile(r"(?<!\w)\(?([A-E])\)?\s*(?:,|/|&|\bor\b|\band\b)\s*\(?([A-E])\)?(?!\w)")
+# Two option letters side by side or joined: "A, B, C", "C or D", "(C) or (D)", "C/D", "C and E",
+# "C (or D)", "(C) (D)", "C, possibly D".
+_SEVERAL_LETTERS = re.compile(
+    r"(?<!\w)\(?([A-E])\)?\s*[(\[]?\s*"
+    r"(?:(?:,|/|&|\bor\b|\band\b|\bmaybe\b|\bpossibly\b|\bperhaps\b|\bprobably\b)\s*)*"
+    r"[(\[]?\s*([A-E])\)?(?!\w)")
 
 
 def _letter(answer: str, choices: list[str] | None) -> str | None:
@@ -163,8 +182,10 @@ def _letter(answer: str, choices: list[str] | None) -> str | None:
 def _score_choice(text: str, problem: dict[str, Any]) -> Score:
     gold = str(problem.get("gold") or "").strip().upper()
     answer = _after_last_marker(text)
-    if answer is not None and any(m[1] != m[2] for m in _SEVERAL_LETTERS.finditer(answer)):
-        letter, error = None, _hedge("option", answer)
+    several = answer is not None and any(m[1] != m[2] for m in _SEVERAL_LETTERS.finditer(answer))
+    reason = "it names more than one option" if several else (_unsure(answer) if answer is not None else None)
+    if reason is not None:
+        letter, error = None, hedge_error(reason, answer)
     elif answer is not None:
         letter = _letter(answer, problem.get("choices"))
         error = None if letter else f"no option letter in the final answer {answer[:80]!r}"
@@ -172,7 +193,7 @@ def _score_choice(text: str, problem: dict[str, Any]) -> Score:
         found = list(_ANSWER_LETTER.finditer(text))
         letter = found[-1][1].upper() if found else None
         error = f"{_NO_MARKER}; read 'Answer: {letter}'" if letter else f"{_NO_MARKER} and no 'Answer: <letter>'"
-    return Score(letter, letter is not None and letter == gold, None, error)
+    return Score(letter, error is None and letter is not None and letter == gold, None, error)
 
 
 # --- yes / no ----------------------------------------------------------------------------------
@@ -180,16 +201,18 @@ def _score_choice(text: str, problem: dict[str, Any]) -> Score:
 _YESNO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
 _FIRST_WORD = re.compile(r"^\W*(yes|no|true|false)\b", re.IGNORECASE)
 _ANY_YESNO = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
-# "yes/no", "Yes or no.", "true, false": two answers side by side ("Yes, no doubt" is one answer).
-_YESNO_PAIR = re.compile(r"\b(yes|no|true|false)\s*(?:/|,|\bor\b|\band\b)\s*(yes|no|true|false)\b(?=\s*(?:$|[.,;:!?()]))",
-                         re.IGNORECASE)
+# "yes/no", "Yes or no.", "true, false", "Yes (or no)": two answers side by side ("Yes, no doubt" is one).
+_YESNO_PAIR = re.compile(r"\b(yes|no|true|false)\s*[(\[]?\s*(?:(?:/|,|\bor\b|\band\b)\s*)?(yes|no|true|false)\b"
+                         r"(?=\s*(?:$|[.,;:!?()\]]))", re.IGNORECASE)
 
 
 def _score_yesno(text: str, problem: dict[str, Any]) -> Score:
     gold = str(problem.get("gold") or "").strip().lower()
     answer = _after_last_marker(text)
-    if answer is not None and any(_YESNO[m[1].lower()] != _YESNO[m[2].lower()] for m in _YESNO_PAIR.finditer(answer)):
-        word, error = None, _hedge("answer", answer)
+    pair = answer is not None and any(_YESNO[m[1].lower()] != _YESNO[m[2].lower()] for m in _YESNO_PAIR.finditer(answer))
+    reason = "it says both yes and no" if pair else (_unsure(answer, HEDGE_WORDS) if answer is not None else None)
+    if reason is not None:
+        word, error = None, hedge_error(reason, answer)
     elif answer is not None:
         m = _FIRST_WORD.match(answer)
         # "Yes, because ..." reads its first word; otherwise every yes/no in the line must agree.
@@ -201,7 +224,7 @@ def _score_yesno(text: str, problem: dict[str, Any]) -> Score:
         word = found[-1] if found else None
         error = f"{_NO_MARKER}; read the last line" if word else f"{_NO_MARKER} and no yes/no on the last line"
     pred = _YESNO[word.lower()] if word else None
-    return Score(pred, pred is not None and pred == _YESNO.get(gold, gold), None, error)
+    return Score(pred, error is None and pred is not None and pred == _YESNO.get(gold, gold), None, error)
 
 
 # --- text (SQuAD-style EM / F1) ----------------------------------------------------------------
@@ -228,6 +251,9 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+_TEXT_HEDGE = re.compile(rf"{HEDGE_WORDS.pattern}|\s/\s", re.IGNORECASE)
+
+
 def _score_text(text: str, problem: dict[str, Any]) -> Score:
     golds = accepted_answers(problem)
     answer = _after_last_marker(text)
@@ -239,6 +265,11 @@ def _score_text(text: str, problem: dict[str, Any]) -> Score:
     if not answer:
         return Score(None, False, 0.0, error or "empty final answer")
     em = any(_normalize(answer) == _normalize(g) for g in golds)
+    reason = None if em else _unsure(answer, _TEXT_HEDGE)
+    if reason is not None:  # "X or Y", "maybe X": no answer (an accepted answer holding "or" is one)
+        return Score(None, False, 0.0, hedge_error(reason, answer))
+    if error is not None:  # read without the marker: recorded, never scored
+        return Score(answer, False, 0.0, error)
     f1 = max((token_f1(answer, g) for g in golds), default=0.0)
     return Score(answer, em, f1, error)
 
@@ -283,12 +314,9 @@ def _paper1_problem_gold(problem: dict[str, Any]) -> float | None:
 def _score_paper1(text: str, problem: dict[str, Any]) -> Score:
     gold = _paper1_problem_gold(problem)
     pred = paper1_prediction(text)
-    if pred is None:
-        error = "no number found (paper 1 protocol)"
-    elif PAPER1_MARKER not in text.lower():
-        error = "no 'final answer:' marker; paper 1 reads from character 12"
-    else:
-        error = None
+    # Without the marker paper 1 reads from character 12 and scores what it finds: that is its
+    # protocol, not a parse failure (a record is never correct and a parse failure at once).
+    error = "no number found (paper 1 protocol)" if pred is None else None
     return Score(None if pred is None else _fmt(pred), pred is not None and pred == gold, None, error)
 
 

@@ -9,8 +9,22 @@ Rules, in one place so that collection, scoring and evaluation agree:
 - a ``%`` or a unit after the number is ignored: ``"75%"`` is 75.0, not 0.75;
 - in answer text the *last* "Final answer" marker wins; inside it, a trailing ``= <number>`` wins
   (``"2 * 3 = 6"`` is 6); without any marker the last number in the text is taken;
-- a final answer that gives more than one value ("18 or 20", "between 5 and 7", "5-7", "18, 20") is
-  *hedged* (``hedged_value``): parsers and scorers treat it as unreadable, never as its first number.
+- a final answer that hedges is a parse failure (``hedge_reason`` says why, ``read_final_value``
+  returns no value): collection's parser and evaluation's scorer treat it as unreadable, never as
+  its first number, so it is never correct for any of the values it offers. It hedges when
+  * it says "or", "maybe", "possibly", "perhaps", "probably", "either", "alternatively", "could be",
+    "not sure" or "unsure" anywhere ("20 (maybe 18)", "20, possibly 18", "18 or more", "probably 18");
+  * its first two numbers are joined as alternatives, a range or a list, with at most one unit word
+    between: "18-20", "18 to 20", "between 18 and 20", "18, 20", "20 / 18", "18 apples / 20 apples";
+  * a parenthesised group holds a lone second value (one number, at most one word, no operator:
+    "(18)", "($18)", "(18 dollars)", "(~18)") that differs from the answer: "20 (18)". The same
+    value restated is fine ("$18 (18 dollars)"), and so is a parenthesised explanation with more in
+    it: "18 (3 boxes of 6)" and "18 (6 per box)" are 18 (but "18 (6 each)" reads as a second value);
+- a fraction written without spaces is one value: "3/4" is 0.75 (and "20/18" is 1.11..., a wrong
+  answer, not a hedge); with spaces around the slash, "20 / 18" offers two values. GSM8K golds are
+  integers, so a fraction scores there only when it equals the integer ("36/2" is 18);
+- still one value: "$1,234.50", "-3", "18.", "18 dollars", "75%", "3 * 6 = 18", "18 minutes, not 20",
+  "18.50, which is 18 dollars and 50 cents". Approximations ("about 18") are not hedges.
 """
 
 from __future__ import annotations
@@ -117,22 +131,77 @@ def final_answer_value(answer: str) -> float | None:
     return parse_number(_value_part(answer))
 
 
-# What joins two values in a hedge: "or" anywhere between them ("18 (or 20)", "18 apples or 20 apples"),
-# else only a range or list joiner, after at most one unit word ("5 to 7", "5% - 7%", "18, 20", "5 and 7").
+# Words that make any final answer a hedge (all answer types use them; see the module docstring).
+HEDGE_WORDS = re.compile(
+    r"\b(?:or|maybe|possibly|perhaps|probably|either|alternatively|could\s+be|not\s+sure|unsure)\b",
+    re.IGNORECASE)
+# Uncertainty alone (no "or"): for answer types whose option texts may contain "or" (choices, names).
+UNSURE_WORDS = re.compile(
+    r"\b(?:maybe|possibly|perhaps|probably|either|alternatively|could\s+be|not\s+sure|unsure)\b",
+    re.IGNORECASE)
+# What joins the first two values of a hedge: a range or list joiner after at most one unit word
+# ("5 to 7", "5% - 7%", "18, 20", "5 and 7", "20 / 18", "18 apples / 20 apples").
 _HEDGE_GAP = re.compile(
-    r"\bor\b|^\s*(?:[^\s\d]+\s*)?(?:and|to|through|thru|-|\u2013|\u2014|~|,|&)\s*$", re.IGNORECASE)
+    r"^\s*(?:[^\s\d]+\s*)?(?:and|to|through|thru|-|\u2013|\u2014|~|,|&|/)\s*$", re.IGNORECASE)
+# A parenthesised group that is a lone value: one number and at most one word ("(18)", "(18 dollars)").
+_PAREN = re.compile(r"[(\[]([^()\[\]]*)[)\]]")
+# Besides its number, a lone value has at most one word and no operator ("(10+J)" is an expression).
+_ONE_WORD = re.compile(r"^[\s$€£¥%~=\u2248:.,]*(?:[^\W\d]+)?[\s$€£¥%~=\u2248:.,]*$")
+
+
+def _matches(text: str) -> list[re.Match[str]]:
+    return [m for m in _NUMBER.finditer(text) if _value(m) is not None]
+
+
+def _lone_value(group: str) -> float | None:
+    """The value of a parenthesised group that holds one number and at most one word, else None."""
+    found = _matches(group)
+    if len(found) != 1:
+        return None
+    rest = group[: found[0].start()] + " " + group[found[0].end():]
+    return _value(found[0]) if _ONE_WORD.match(rest) else None
+
+
+def hedge_reason(answer: str) -> str | None:
+    """Why a final-answer string offers more than one value or no committed one, else None.
+
+    See the module docstring for the rules; "18 or 20", "20 (maybe 18)", "20 / 18", "18-20" and
+    "20 (18)" hedge; "2 * 3 = 6", "$1,000", "1 1/2", "18 (3 boxes of 6)" and "3/4" do not.
+    """
+    word = HEDGE_WORDS.search(answer)
+    if word is not None:
+        return f"it says {word[0].lower()!r}"
+    part = _value_part(answer)
+    found = _matches(part)
+    if len(found) >= 2 and _HEDGE_GAP.search(part[found[0].end():found[1].start()]) is not None:
+        return "it gives a range or a list of values"
+    if found:
+        first = _value(found[0])
+        for group in _PAREN.finditer(part[found[0].end():]):
+            other = _lone_value(group[1])
+            if other is not None and not numbers_match(other, first):
+                return "it gives a second value in parentheses"
+    return None
 
 
 def hedged_value(answer: str) -> bool:
-    """Whether a final-answer string offers more than one value: its first two numbers (where
-    ``final_answer_value`` reads) are joined by "or", "and", "to", a dash or a bare comma.
+    """Whether a final-answer string hedges (``hedge_reason`` is not None)."""
+    return hedge_reason(answer) is not None
 
-    "18 or 20", "between 5 and 7", "5-7", "18, 20" are hedged; "2 * 3 = 6", "$1,000", "1 1/2",
-    "18.50, which is 18 dollars and 50 cents" and "18 or more" are not.
-    """
-    part = _value_part(answer)
-    found = [m for m in _NUMBER.finditer(part) if _value(m) is not None][:2]
-    return len(found) == 2 and _HEDGE_GAP.search(part[found[0].end():found[1].start()]) is not None
+
+def hedge_error(reason: str, answer: str) -> str:
+    """The error message of a hedged final answer (shared, so collection and evaluation say the same)."""
+    return f"hedged final answer ({reason}): {answer[:80]!r}"
+
+
+def read_final_value(answer: str) -> tuple[float | None, str | None]:
+    """The value of a final-answer string and None, or None and why it has no value (a hedge or no
+    number): the one reading that collection's parser and evaluation's scorer share."""
+    reason = hedge_reason(answer)
+    if reason is not None:
+        return None, hedge_error(reason, answer)
+    value = final_answer_value(answer)
+    return value, None if value is not None else f"no number in the final answer {answer[:80]!r}"
 
 
 def extract_final_value(text: str) -> float | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from subq.protocol.answers import FINAL_MARKER, final_answer_value, find_final_answer, hedged_value
+from subq.protocol.answers import FINAL_MARKER, find_final_answer, read_final_value
 
 _BULLET = r"(?:[-*\u2022]\s+)?"  # "- Q1: ..." / "* Q1: ..." / "• Q1: ..."
 # "Q1: ...", "**Q1.** ...", "Question 2) ...", "Sub-question 3 - ...", "Q4 ..." (no punctuation).
@@ -55,7 +55,7 @@ class ParsedSubquestions:
 class ParsedAnswers:
     subanswers: list[str]
     final_answer: str | None  # the text after the last "Final answer" marker
-    final_value: float | None  # the number in it
+    final_value: float | None  # the number in it; None when it has none or hedges (protocol.answers)
     error: str | None
 
 
@@ -184,11 +184,8 @@ def parse_answers(text: str, n_subquestions: int) -> ParsedAnswers:
             subanswers, None, None,
             f"no 'Final answer:' line (found {len(subanswers)} of {n_subquestions} answers)",
         )
-    if hedged_value(final_answer):  # "18 or 20" is no answer: it must not count as correct for either
-        return ParsedAnswers(subanswers, final_answer, None,
-                             f"more than one value in the final answer {final_answer[:80]!r}")
-    value = final_answer_value(final_answer)
-    error = None if value is not None else f"no number in the final answer {final_answer[:80]!r}"
+    # A hedge ("18 or 20", "20 (maybe 18)") has no value: it must not count as correct for any of them.
+    value, error = read_final_value(final_answer)
     return ParsedAnswers(subanswers, final_answer, value, error)
 
 

@@ -13,9 +13,11 @@ from subq.protocol.answers import (
     final_answer_value,
     find_final_answer,
     gsm8k_gold,
+    hedge_reason,
     last_number,
     numbers_match,
     parse_number,
+    read_final_value,
 )
 
 
@@ -202,3 +204,44 @@ def test_extractors_never_raise(text: str) -> None:
         value = fn(text)
         assert value is None or math.isfinite(value)
     assert find_final_answer(text) is None or isinstance(find_final_answer(text), str)
+    value, error = read_final_value(text)
+    assert (value is None) != (error is None) and (value is None or math.isfinite(value))
+
+
+# --- strict answers: hedges (issue 20 item 4; the big table is tests/test_hedged_answers.py) -------
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("20 (maybe 18)", "it says 'maybe'"),
+        ("18 or more", "it says 'or'"),
+        ("I could be wrong, 18", "it says 'could be'"),
+        ("20 / 18", "it gives a range or a list of values"),
+        ("18 - 20", "it gives a range or a list of values"),
+        ("20 (18)", "it gives a second value in parentheses"),
+        ("20 ($18)", "it gives a second value in parentheses"),
+        ("$20 (~18 dollars)", "it gives a range or a list of values"),  # "(~" reads as a range joiner
+        ("20 (18 dollars)", "it gives a second value in parentheses"),
+        ("18 (6 each)", "it gives a second value in parentheses"),  # one number, one word: a lone value
+        ("18 (3 boxes of 6)", None),  # an explanation: more than a lone value
+        ("18 (6 per box)", None),
+        ("(10+J) + J = 100-(10+J)-J", None),  # an expression in parentheses is not a lone value
+        ("$18 (18 dollars)", None),  # the same value restated
+        ("3/4", None),
+        ("36/2", None),
+        ("18 minutes, not 20", None),
+        ("-3", None),
+        ("the author", None),  # "or" only as a word
+    ],
+)
+def test_hedge_reason(answer: str, reason: str | None) -> None:
+    assert hedge_reason(answer) == reason
+
+
+def test_read_final_value() -> None:
+    assert read_final_value("36/2") == (18.0, None)  # a fraction equal to an integer gold scores
+    assert read_final_value("$1,234.50") == (1234.5, None)
+    value, error = read_final_value("20 (maybe 18)")
+    assert value is None and error == "hedged final answer (it says 'maybe'): '20 (maybe 18)'"
+    assert read_final_value("unknown") == (None, "no number in the final answer 'unknown'")

@@ -71,7 +71,7 @@ def test_number_strict_wrong(text: str, gold: float, prediction: str) -> None:
 
 def test_number_without_marker_falls_back_to_the_last_number_and_says_so() -> None:
     s = score("She has 3 + 4 = 7 apples.", number(7))
-    assert s.prediction == "7" and s.correct
+    assert s.prediction == "7" and not s.correct  # read for the record, never scored (issue 20 item 4)
     assert s.error is not None and "Final answer" in s.error and "last number" in s.error
     s = score("I do not know.", number(7))
     assert s.prediction is None and not s.correct and "no number" in s.error
@@ -170,8 +170,8 @@ def test_the_two_modes_differ_where_they_should(text: str, gold: float, strict: 
 def test_paper1_score_fields() -> None:
     s = score("Final answer: 1,000", number(1000), "paper1")
     assert s == Score("1", False, None, None)
-    s = score("In 2023 she had 5 apples", number(5), "paper1")
-    assert s.correct and s.prediction == "5" and "character 12" in s.error
+    s = score("In 2023 she had 5 apples", number(5), "paper1")  # read from character 12: upstream's protocol
+    assert s == Score("5", True, None, None)
     s = score("Final answer: none", number(5), "paper1")
     assert s.prediction is None and not s.correct and "no number" in s.error
     # a "#### n" gold string when the problem carries no answer_value
@@ -248,9 +248,9 @@ def test_choice_wrong_or_unreadable(text: str, prediction: str | None) -> None:
 
 def test_choice_without_marker() -> None:
     s = score("Let me think. 20 - 12 = 8.\nAnswer: C", AQUA)
-    assert s.prediction == "C" and s.correct and "Final answer" in s.error
+    assert s.prediction == "C" and not s.correct and "Final answer" in s.error
     s = score("So the answer is (C).", AQUA)
-    assert s.prediction == "C" and s.correct
+    assert s.prediction == "C" and not s.correct and s.error
     s = score("It is 8, I think.", AQUA)
     assert s.prediction is None and not s.correct and s.error
 
@@ -294,7 +294,7 @@ def test_yesno_unreadable(text: str) -> None:
 
 def test_yesno_without_marker_reads_the_last_line() -> None:
     s = score("A week has 7 days.\nYes.", YES)
-    assert s.prediction == "yes" and s.correct and "last line" in s.error
+    assert s.prediction == "yes" and not s.correct and "last line" in s.error
     s = score("Yes, maybe.\nI am not sure", YES)
     assert s.prediction is None and not s.correct
 
@@ -330,7 +330,7 @@ def test_text_alternatives_only_for_bamboogle_rows() -> None:
 
 def test_text_without_marker_or_with_an_empty_answer() -> None:
     s = score("Her name was\nAnswer: Mildred Gale", BAMBOOGLE)
-    assert s.prediction == "Mildred Gale" and s.correct and "last line" in s.error
+    assert s == Score("Mildred Gale", False, 0.0, s.error) and "last line" in s.error
     s = score("Final answer:", BAMBOOGLE)
     assert s == Score(None, False, 0.0, "empty final answer")
 
@@ -380,6 +380,7 @@ def test_score_never_raises_on_model_text(text: str, answer_type: str, mode: str
     assert (s.f1 is not None) == (answer_type == "text")
     if s.prediction is None:
         assert not s.correct and s.error
+    assert not (s.correct and s.error is not None)  # never correct and a parse failure at once
 
 
 @settings(max_examples=300, deadline=None)
@@ -464,7 +465,7 @@ def test_number_hedged_final_answer_is_a_parse_failure(text: str) -> None:
     for gold in (18, 20):
         s = score(text, number(gold))
         assert s.prediction is None and not s.correct
-        assert s.error is not None and "more than one" in s.error
+        assert s.error is not None and "hedged" in s.error
 
 
 @pytest.mark.parametrize(
@@ -475,7 +476,6 @@ def test_number_hedged_final_answer_is_a_parse_failure(text: str) -> None:
         ("Final answer: $1,000.50", "1000.5"),
         ("Final answer: 1 1/2 hours", "1.5"),
         ("Final answer: 18.50, which is 18 dollars and 50 cents", "18.5"),  # one value, then commentary
-        ("Final answer: 18 or more", "18"),  # one number
         ("Final answer: 25 (5 x 5)", "25"),
     ],
 )
@@ -492,7 +492,7 @@ def test_number_single_values_are_not_hedges(text: str, prediction: str) -> None
 def test_yesno_hedged_final_answer_is_a_parse_failure(text: str) -> None:
     for gold in ("yes", "no"):
         s = score(text, {"answer_type": "yesno", "gold": gold})
-        assert s.prediction is None and not s.correct and "more than one" in s.error
+        assert s.prediction is None and not s.correct and "hedged" in s.error
 
 
 def test_yesno_with_a_no_later_in_the_sentence_is_not_a_hedge() -> None:
@@ -507,4 +507,4 @@ def test_yesno_with_a_no_later_in_the_sentence_is_not_a_hedge() -> None:
 def test_choice_listing_several_options_is_a_parse_failure(text: str) -> None:
     for gold in ("A", "C"):
         s = score(text, {**AQUA, "gold": gold})
-        assert s.prediction is None and not s.correct and "more than one" in s.error
+        assert s.prediction is None and not s.correct and "hedged" in s.error
