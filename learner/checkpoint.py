@@ -8,6 +8,13 @@ Layout of a checkpoint directory:
 - ``subq_checkpoint.json``: algo, step, config (secrets removed), library and prompt versions, extras.
   It is written last, so its presence means "complete".
 
+A decomposer's checkpoint also describes how to prompt it, for tools that know nothing of subq
+(``transformers``, ``vllm serve``): its tokenizer's chat template renders the last user message as
+exactly the prompt it was trained on (:func:`student_chat_template`), and ``generation_config.json``
+holds greedy decoding, the ``<end>`` marker as a stop string, the eos ids serving stops at and the
+default token budget serving uses (:func:`default_max_new_tokens`). A solver (``solver-bc``) keeps its
+base model's chat template: it is prompted through it.
+
 Writes are atomic: everything goes to a hidden temporary sibling directory, which is renamed into
 place at the end. A crash leaves a ``.<name>.tmp-*`` directory without metadata behind, which
 :func:`is_checkpoint` rejects, never a half-written checkpoint at ``path``.
@@ -34,15 +41,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from subq.learner.models import load_model_and_tokenizer
-from subq.protocol.prompts import PROMPT_VERSION
+from subq.learner.train import SOLVERS
+from subq.protocol.prompts import PROMPT_VERSION, SUBQ_END, student_prompt
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 META_FILE = "subq_checkpoint.json"
 HEADS_FILE = "heads.safetensors"
 SECRET_WORDS = frozenset({"key", "keys", "apikey", "token", "secret", "secrets", "password", "passwd",
                           "credential", "credentials"})
 _LIBRARIES = ("subq", "torch", "transformers", "peft", "safetensors")
+DEFAULT_MAX_NEW_TOKENS = 128  # when a checkpoint does not record its training targets' length
+MAX_NEW_TOKENS_CAP = 512  # a derived default never exceeds this
 
 
 @dataclass
@@ -95,6 +105,73 @@ def _plain_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def default_max_new_tokens(meta: dict[str, Any] | None) -> int:
+    """A decomposition's default token budget: the longest training target the learner recorded
+    (``extra.data.max_target_tokens``) plus a quarter (at least 16 tokens) of margin, capped at
+    ``MAX_NEW_TOKENS_CAP``; ``DEFAULT_MAX_NEW_TOKENS`` when the checkpoint does not say."""
+    data = ((meta or {}).get("extra") or {}).get("data")
+    longest = data.get("max_target_tokens") if isinstance(data, dict) else None
+    if isinstance(longest, int) and not isinstance(longest, bool) and longest > 0:
+        return min(MAX_NEW_TOKENS_CAP, longest + max(16, longest // 4))
+    return DEFAULT_MAX_NEW_TOKENS
+
+
+def student_chat_template() -> str:
+    """A Jinja chat template that renders a conversation as the student's training prompt.
+
+    Like ``subq serve``'s chat route, the last user message is the problem and every other message is
+    ignored (the student never saw a system prompt or earlier turns); its whitespace is collapsed as
+    ``protocol.prompts.student_prompt`` does (Python's ``str.split``). The prompt already ends where the
+    student starts writing, so ``add_generation_prompt`` adds nothing. Built from ``student_prompt`` itself,
+    so a change of the format cannot leave the template behind.
+    """
+    head, tail = student_prompt("\x00").split("\x00")
+    return (
+        "{%- set ns = namespace(problem=none) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if message['content'] is string -%}{%- set ns.problem = message['content'] -%}"
+        "{%- else -%}{%- set ns.problem = message['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join('') -%}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if ns.problem is none -%}"
+        "{{- raise_exception('a subq decomposer needs a user message: the problem to decompose') -}}"
+        "{%- endif -%}"
+        f"{{{{- {json.dumps(head)} + (ns.problem.split() | join(' ')) + {json.dumps(tail)} -}}}}"
+    )
+
+
+def student_generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                              max_new_tokens: int) -> GenerationConfig:
+    """The base model's generation config with the student's decoding: greedy, stopping at ``SUBQ_END``
+    (a string of several tokens, so a stop string, not an eos id) or at any eos id serving stops at (the
+    model's and the tokenizer's), with serving's default budget."""
+    base = getattr(model, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    eos: set[int] = set()
+    for value in (tokenizer.eos_token_id, config.eos_token_id):
+        eos.update([value] if isinstance(value, int) else list(value or ()))
+    config.eos_token_id = sorted(eos) if len(eos) > 1 else next(iter(eos), None)
+    if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+    config.stop_strings = [SUBQ_END]
+    config.max_new_tokens = max_new_tokens
+    config._from_model_config = False  # a config of its own: transformers must not rebuild it from config.json
+    return config
+
+
+def _save_student_format(path: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                         extra: dict[str, Any] | None) -> None:
+    """The chat template and generation config that let plain transformers / vLLM prompt the student."""
+    described = copy.deepcopy(tokenizer)  # the live tokenizer keeps its template (training may use it)
+    described.chat_template = student_chat_template()
+    described.save_pretrained(path)
+    max_new = default_max_new_tokens({"extra": extra or {}})
+    student_generation_config(model, tokenizer, max_new).save_pretrained(path)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -115,8 +192,12 @@ def save_checkpoint(
     config_dict = asdict(config) if is_dataclass(config) and not isinstance(config, type) else dict(config)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _plain_model(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        plain = _plain_model(model)
+        plain.save_pretrained(tmp)
+        if algo in SOLVERS:
+            tokenizer.save_pretrained(tmp)
+        else:
+            _save_student_format(tmp, plain, tokenizer, extra)
         if heads is not None:
             # clone: safetensors refuses tensors that share storage (e.g. tied target heads)
             state = {k: v.detach().to("cpu").clone().contiguous() for k, v in heads.state_dict().items()}

@@ -9,13 +9,17 @@ reads its rows of every micro-batch by position, in a per-epoch shuffled order f
 
 Outputs under ``out``: ``data/`` (the episode table, its split and manifest), ``ray/`` (Ray Train's
 run: checkpoints every K steps, resumable), ``final/`` (the last checkpoint in HF format + heads +
-config + data statistics, loadable without training code; the optimizer state stays in ``ray/``),
+config + data statistics, loadable without training code, and for a decomposer the training prompt as its
+chat template, ``<end>`` as a stop string in ``generation_config.json`` and a model card ``README.md``
+(``learner/model_card.py``): transformers or vLLM can prompt it without subq; the optimizer state stays in
+``ray/``),
 ``metrics.jsonl`` and ``train_config.json``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -281,12 +285,23 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
     cast_weights(tmp, final_dtype(cfg.final_dtype, init))
-    os.rename(tmp, target)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    (target / SUMMARY_FILE).write_text(json.dumps({"planned_steps": planned, "metrics": metrics}))
+    (tmp / SUMMARY_FILE).write_text(json.dumps({"planned_steps": planned, "metrics": metrics}))
+    _write_card(tmp, _summary(tmp, stats, planned, metrics), out.name)
+    os.rename(tmp, target)
     if not cfg.keep_checkpoints:  # the run is complete: its resumable state (GBs of AdamW moments) goes
         shutil.rmtree(out / "ray", ignore_errors=True)
     return _summary(target, stats, planned, metrics)
+
+
+def _write_card(final: Path, summary: dict[str, Any], name: str) -> None:
+    """final/README.md, named after the run (its folder); a card that cannot be written costs no run."""
+    from subq.learner.model_card import write_model_card
+
+    try:
+        write_model_card(final, summary, name)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning("could not write the model card in %s: %s", final, exc)
 
 
 SUMMARY_FILE = "train_summary.json"  # in final/: what run_train returned, for a re-run that finds it done

@@ -48,6 +48,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from subq.learner.checkpoint import is_checkpoint
 from subq.learner.models import model_display_name
 from subq.protocol.prompts import SUBQ_END
 from subq.serve.chat_stream import stream_chat
@@ -93,7 +94,9 @@ class DecomposerConfig:
     """One served decomposer; fields are plain values so YAML can fill them."""
 
     model: str = "embedded:smollm2-135m-instruct"  # a learner checkpoint dir, a HF dir, embedded:..., tiny-random:...
-    served_model_name: str | None = None  # the "model" clients send; default: the checkpoint dir's name / spec name
+    served_model_name: str | None = None  # the "model" clients send and /v1/models lists; default: the training
+    #                                       run's name for its final/ (runs/bc/final -> "bc"), else the dir's name
+    #                                       or the spec's (served_name)
     prompt_format: str = "auto"  # student (the learner's "Problem:/Sub-questions:" format) | chat (zero-shot
     #                              decompose_messages through the chat template) | auto: student for a subq
     #                              checkpoint, chat otherwise
@@ -120,7 +123,7 @@ class DecomposerConfig:
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
-            self.served_model_name = model_display_name(self.model)
+            self.served_model_name = served_name(self.model)
         local = Path(self.model).expanduser()
         if local.exists():  # replicas need not share the driver's working directory
             self.model = str(local.resolve())
@@ -140,6 +143,16 @@ class DecomposerConfig:
             raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
         if self.max_subquestions is not None and self.max_subquestions < 1:
             raise ValueError("max_subquestions must be >= 1 (or None)")
+
+
+def served_name(model: str) -> str:
+    """The default served name: a training run's ``final/`` checkpoint is named after its run folder (the
+    pipeline's run names: ``bc``, ``ilql``, ...), so that several served students are told apart; any other
+    model by ``learner.models.model_display_name``."""
+    local = Path(model).expanduser()
+    if local.name == "final" and is_checkpoint(local):
+        return local.resolve().parent.name
+    return model_display_name(model)
 
 
 app = FastAPI(title="subq decomposer", docs_url=None, redoc_url=None, openapi_url=None)

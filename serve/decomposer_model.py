@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from subq.learner.checkpoint import is_checkpoint, load_checkpoint
+from subq.learner.checkpoint import (  # noqa: F401 (the budget rule is the learner's: re-exported)
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS_CAP,
+    default_max_new_tokens,
+    is_checkpoint,
+    load_checkpoint,
+)
 from subq.learner.episodes import encode_prompt
 from subq.learner.guided_decoding import generate_guided
 from subq.learner.ilql import ILQLConfig, ILQLHeads
@@ -34,19 +40,6 @@ logger = logging.getLogger(__name__)
 # train_loop stores the resolved ILQLConfig in meta["extra"]["algo_config"]; json.dumps(default=str)
 # turns the dataclass into its repr, "ILQLConfig(gamma=0.99, ..., beta=1.0, ...)" (not "betas=").
 _BETA_IN_REPR = re.compile(r"(?<![\w.])beta=([-+0-9.eE]+)")
-DEFAULT_MAX_NEW_TOKENS = 128  # when a checkpoint does not record its training targets' length
-MAX_NEW_TOKENS_CAP = 512  # a derived default never exceeds this
-
-
-def default_max_new_tokens(meta: dict[str, Any] | None) -> int:
-    """A decomposition's default token budget: the longest training target the learner recorded
-    (``extra.data.max_target_tokens``) plus a quarter (at least 16 tokens) of margin, capped at
-    ``MAX_NEW_TOKENS_CAP``; ``DEFAULT_MAX_NEW_TOKENS`` when the checkpoint does not say."""
-    data = ((meta or {}).get("extra") or {}).get("data")
-    longest = data.get("max_target_tokens") if isinstance(data, dict) else None
-    if isinstance(longest, int) and not isinstance(longest, bool) and longest > 0:
-        return min(MAX_NEW_TOKENS_CAP, longest + max(16, longest // 4))
-    return DEFAULT_MAX_NEW_TOKENS
 
 
 @dataclass(frozen=True)
