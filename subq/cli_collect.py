@@ -13,8 +13,10 @@ import argparse
 import json
 import sys
 
+from subq.exit_codes import ACCOUNT_REFUSED as EXIT_ACCOUNT
+from subq.exit_codes import INCOMPLETE as EXIT_FAILED_ROWS
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-EXIT_FAILED_ROWS, EXIT_ACCOUNT = 1, 3
 
 
 def _json_object(text: str) -> dict:
@@ -29,6 +31,8 @@ def _json_object(text: str) -> dict:
 
 
 def add_collect(sub: argparse._SubParsersAction) -> None:
+    from subq.cli import TIMEOUT_S
+
     p = sub.add_parser("collect", help="query a teacher for decompositions, answers and feedback")
     p.add_argument("--problems", default="gsm8k:train[:8]", help="dataset spec, e.g. gsm8k:train[:100]")
     p.add_argument("--store", default=".subq/store", help="store root: a path or a pyarrow URI (s3://...)")
@@ -51,7 +55,7 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
                    help="seconds an outage of the teacher is waited out before the run stops (resume later)")
     p.add_argument("--price-table",
                    help='JSON {"version": ..., "prices": {"model": [usd_in, usd_out(, usd_cached_in)] per 1M}}')
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per attempt")
     p.add_argument("--max-attempts", type=int, default=6)
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=4)
@@ -74,7 +78,7 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-model", default=EMBEDDED_MODEL, help="model served when no base URL is given")
     p.add_argument("--local-port", type=int, default=8011)
     p.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_collect)
 
@@ -267,22 +271,24 @@ def add_store(sub: argparse._SubParsersAction) -> None:
     ssub = p.add_subparsers(dest="store_cmd", required=True)
     s = ssub.add_parser("stats", help="counts per table, status and why not ok, teacher, tokens and $")
     s.add_argument("--store", default=".subq/store")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the counts as JSON")
     s.set_defaults(func=cmd_store_stats)
     c = ssub.add_parser("compact", help="merge small part files (takes the store's writer lock)")
     c.add_argument("--store", default=".subq/store")
     c.add_argument("--target-rows", type=int, default=200_000, help="rows per merged file")
+    c.add_argument("--json", action="store_true", help="print part files before/after per table as JSON")
     c.set_defaults(func=cmd_store_compact)
     h = ssub.add_parser("history", help="every attempt of samples that were retried")
     h.add_argument("--store", default=".subq/store")
     h.add_argument("--key", action="append", default=[], help="only these sample keys")
+    h.add_argument("--json", action="store_true", help="print the attempts as JSON")
     h.set_defaults(func=cmd_store_history)
 
 
 def cmd_store_stats(args: argparse.Namespace) -> int:
-    from subq.data_store.store import Store
+    from subq.cli import existing_store
 
-    stats = Store(args.store).stats()
+    stats = existing_store(args.store).stats()
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -313,25 +319,36 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_store_compact(args: argparse.Namespace) -> int:
+    from subq.cli import existing_store
     from subq.data_store.schema import SCHEMAS
-    from subq.data_store.store import Store
 
-    store = Store(args.store)
+    store = existing_store(args.store)
+    parts = {}
     with store.lock("subq store compact"):
         for table in SCHEMAS:
-            before, after = store.compact(table, args.target_rows)
-            print(f"{table:<18}{before:>6} -> {after} part files")
+            parts[table] = before, after = store.compact(table, args.target_rows)
+            if not args.json:
+                print(f"{table:<18}{before:>6} -> {after} part files")
+    if args.json:
+        print(json.dumps({t: {"before": b, "after": a} for t, (b, a) in parts.items()}, indent=2))
     return 0
 
 
 def cmd_store_history(args: argparse.Namespace) -> int:
-    from subq.data_store.store import Store
+    from subq.cli import existing_store
     from subq.data_store.store_stats import failure_reason
 
-    rows = Store(args.store).read_rows("samples", history=True)
+    rows = existing_store(args.store).read_rows("samples", history=True)
     retried = {r["sample_key"] for r in rows if (r["attempt"] or 0) > 0}
     keys = set(args.key) or retried
-    for r in sorted((r for r in rows if r["sample_key"] in keys), key=lambda r: (r["sample_key"], r["attempt"] or 0)):
+    shown = sorted((r for r in rows if r["sample_key"] in keys), key=lambda r: (r["sample_key"], r["attempt"] or 0))
+    if args.json:
+        print(json.dumps({"retried": len(retried), "attempts": [
+            {"sample_key": r["sample_key"], "attempt": r["attempt"] or 0, "status": r["status"],
+             "reason": None if r["status"] == "ok" else failure_reason(r), "run_id": r["run_id"],
+             "updated_at": r["updated_at"]} for r in shown]}, indent=2, default=str))
+        return 0
+    for r in shown:
         why = "" if r["status"] == "ok" else f"  ({failure_reason(r)})"
         print(f"{r['sample_key']}  attempt {r['attempt'] or 0}  {r['status']}{why}  run {r['run_id']}  "
               f"{r['updated_at']:%Y-%m-%d %H:%M:%S}")

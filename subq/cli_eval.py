@@ -265,7 +265,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print("\n" + format_stages(result))
         print(f"\noutputs in {result.out} (resolved config: {result.out}/pipeline_config.yaml)")
     if result.incomplete:
-        print(f"subq: stopped before training: {result.incomplete}", file=sys.stderr)
+        then = ("trained on it anyway (train_on_incomplete)" if cfg.train_on_incomplete
+                else "stopped before training on partial data (train_on_incomplete: true trains on it)")
+        print(f"subq: {result.incomplete}; {then}", file=sys.stderr)
     return exit_codes.INCOMPLETE if result.incomplete or result.eval_failures else exit_codes.DONE
 
 

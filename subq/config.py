@@ -37,7 +37,7 @@ class TeacherSection:
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key (the key never enters a config)
     local_model: str = EMBEDDED_MODEL  # served as teacher and as solver "local" when no base_url
     local_port: int = 8011
-    timeout_s: float = 60.0  # per attempt
+    timeout_s: float = 120.0  # per attempt (as `subq collect --timeout` and `subq eval --timeout`)
     max_attempts: int = 6
     price_table: str | None = None  # JSON price table file (default: the built-in versioned table)
 
@@ -87,6 +87,9 @@ class PipelineConfig:
     store: str | None = None  # default: <out>/store; any pyarrow URI (s3://...) on a cluster
     ray_address: str | None = None  # default: $RAY_ADDRESS (set by `ray job submit`) or a local Ray
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # a subset skips the others
+    # Collection stopped early (budget, outage) or left failed rows: train on what is stored anyway.
+    # False: the pipeline stops after collect with exit 1 (raise the budget or wait, then re-run).
+    train_on_incomplete: bool = False
     teacher: TeacherSection = field(default_factory=TeacherSection)
     collect: dict[str, Any] = field(default_factory=dict)  # CollectConfig fields; {} or enabled: false skips
     imports: ImportSection = field(default_factory=ImportSection)

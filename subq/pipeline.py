@@ -2,6 +2,11 @@
 
 Every stage is skipped when its output already exists, so re-running the same command resumes a
 killed run where it stopped (collection and evaluation also resume *inside* a stage, key by key).
+A trained student is kept only while the data and settings it was trained on are unchanged: each
+``train/<run>/final/`` records them (``TRAINED_ON``), and a run whose record no longer matches (more
+samples collected after a budget stop, a changed train config, a retrained BC under filtered BC /
+ILQL / DPO) is trained again from scratch. A collection that stops incomplete (budget, outage, failed
+rows) stops the pipeline before training on partial data, unless ``train_on_incomplete`` is set.
 Everything that can be checked without doing work is checked first: config keys and types, files,
 dataset specs, model paths and endpoints; a mistake fails in one line before the first paid call.
 """
@@ -9,9 +14,11 @@ dataset specs, model paths and endpoints; a mistake fails in one line before the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +38,8 @@ from subq.config import (
     train_config,
 )
 from subq.data_store.datasets import load_problems
+from subq.data_store.fingerprint import store_fingerprint
+from subq.data_store.schema import STATUS_API_ERROR, STATUS_PARTIAL
 from subq.data_store.store import Store
 from subq.eval_setup import (
     ServeOptions,
@@ -64,6 +73,27 @@ class PipelineResult:
     summaries: list[Any] = field(default_factory=list)  # evaluation.report.RunSummary
     out: str = ""
     eval_failures: int = 0  # evaluation records that failed at the API and are not final (re-run retries)
+    incomplete: str = ""  # why collection is incomplete ("" = it is not): exit 1, and no training unless
+    # train_on_incomplete
+
+
+TRAINED_ON = "pipeline_trained_on.json"  # in final/: the data and settings fingerprints it was trained on
+
+
+def collect_incomplete(report: Any) -> str:
+    """Why a collection's data is partial ("" when it is not): stopped early, samples missing, or rows
+    failed at the API. Truncated and unparsable replies are the teacher's answers: not partial."""
+    failed = sum(report.not_ok.get(s, 0) for s in (STATUS_API_ERROR, STATUS_PARTIAL))
+    if report.stopped == "budget":
+        return "the budget is spent; raise collect.budget_usd and run the same command again"
+    if report.stopped:
+        return f"collection stopped ({report.stopped}); run the same command again later"
+    if not report.complete:
+        return (f"{report.samples_total}/{report.samples_expected} samples stored; "
+                "run the same command again to finish")
+    if failed:
+        return f"{failed} samples failed at the API; run the same command again to retry them"
+    return ""
 
 
 class Pipeline:
@@ -261,6 +291,11 @@ class Pipeline:
             cost = sum(s.cost_usd for s in stages.values())
             res.note = (f"{report.samples_total}/{report.samples_expected} samples, {failed} stage failures, "
                         f"${cost:.4f}")
+            why = collect_incomplete(report)
+            if why:
+                res.status = "incomplete"
+                res.note += f"; {why}"
+                self.result.incomplete = f"collection incomplete: {why}"
 
     def imports(self) -> None:
         with self._stage("import") as res:
@@ -283,21 +318,54 @@ class Pipeline:
                 notes.append(f"GSM8K-AI-SubQ: +{r.samples_added} samples")
             res.note = "; ".join(notes)
 
+    def trained_on(self, name: str, data: str) -> dict[str, Any]:
+        """What run ``name`` is (to be) trained on: the store's data, its TrainConfig, and the record id of
+        the BC checkpoint it starts from (a retrained BC retrains its followers)."""
+        tc = dataclasses.asdict(self.algo_train_config(name))
+        tc.pop("progress", None)
+        config = hashlib.sha256(json.dumps(tc, sort_keys=True, default=str).encode()).hexdigest()
+        bc = self.bc_run()
+        init = None
+        if self.algo(name) in FROM_BC and bc and bc != name and "init" not in (self.cfg.train.per_algo.get(name) or {}):
+            init = _read_record(self.train_dir(bc) / "final").get("id")
+        return {"data": data, "config": config, "init": init}
+
+    def _stale(self, name: str, wanted: dict[str, Any]) -> str:
+        """Why run ``name``'s final/ must be trained again ("" when it still matches)."""
+        saved = _read_record(self.train_dir(name) / "final")
+        if not saved:
+            return "no record of the data it was trained on"
+        changed = [what for key, what in (("data", "the store's data"), ("config", "the train settings"),
+                                          ("init", "the BC checkpoint it starts from"))
+                   if saved.get(key) != wanted[key]]
+        return " and ".join(changed) + (" changed" if changed else "")
+
     def train(self) -> None:
         from subq.learner.checkpoint import is_checkpoint
         from subq.learner.train import run_train
 
+        data = None
         for algo in self.cfg.train.algos if "train" in self.cfg.stages else []:
             with self._stage(f"train {algo}") as res:
                 out = self.train_dir(algo)
+                data = data or store_fingerprint(Store(self.cfg.store_uri))
+                wanted = self.trained_on(algo, data)
                 if is_checkpoint(out / "final"):
-                    res.status, res.note = "skipped", f"{out / 'final'} exists"
-                    continue
+                    why = self._stale(algo, wanted)
+                    if not why:
+                        res.status, res.note = "skipped", f"{out / 'final'} was trained on this data"
+                        continue
+                    # never keep a student trained on other data: the run starts over (run_train would
+                    # otherwise return the finished run, or resume Ray's checkpoints of the old data)
+                    self.echo(f"{out / 'final'}: {why}; training it again")
+                    shutil.rmtree(out)
+                    res.note = f"retrained: {why}; "
                 summary = run_train(dataclasses.replace(self.algo_train_config(algo), progress=self.progress))
+                _write_record(out / "final", {**wanted, "id": uuid.uuid4().hex})
                 metrics = summary.get("metrics") or {}
                 loss = next((v for k, v in metrics.items() if k.endswith("loss")), None)
-                res.note = (f"{summary['step']} steps on {summary['episodes']} episodes"
-                            + (f", loss {loss:.3f}" if loss is not None else ""))
+                res.note += (f"{summary['step']} steps on {summary['episodes']} episodes"
+                             + (f", loss {loss:.3f}" if loss is not None else ""))
 
     def evaluate(self) -> None:
         with self._stage("serve + eval") as res:
@@ -366,10 +434,25 @@ class Pipeline:
         (self.out / "pipeline_config.yaml").write_text(dump(resolved))
         init_ray(self.cfg.ray_address)
         for step in (self.collect, self.imports, self.train, self.evaluate, self.report):
+            if self.result.incomplete and not self.cfg.train_on_incomplete:
+                break  # nothing is trained (or evaluated) on partial data
             step()
         (self.out / "pipeline_summary.json").write_text(json.dumps(
             [dataclasses.asdict(s) for s in self.result.stages], indent=2))
         return self.result
+
+
+def _read_record(final: Path) -> dict[str, Any]:
+    try:
+        return json.loads((final / TRAINED_ON).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(final: Path, record: dict[str, Any]) -> None:
+    tmp = final / f".{TRAINED_ON}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(final / TRAINED_ON)
 
 
 def _serve_options(s: ServeSection) -> ServeOptions:
