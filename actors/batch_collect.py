@@ -6,12 +6,17 @@ One run (one *round* without ``--wait``):
    failed) are downloaded and their rows stored exactly as online (``actors.batch_requests``):
    a result line becomes the stage's row, an error line the stage's ``api_error`` (retried as a
    new attempt by the next batch, as a re-run retries online); requests an ended job left
-   unanswered store nothing and go into the next batch;
+   unanswered store nothing and go into the next batch (a cancelled job's: see below);
 2. the plan (``actors.collect_plan``) says what each sample needs next; keys that still have a
    live job are left out, so nothing is submitted twice;
 3. each stage's requests become one or more jobs (split at the request and byte limits),
    registered in the store before upload (``actors.batch_jobs``), under the $ budget at
-   batch prices.
+   batch prices and, where set, the model's enqueued-token limit (``max_enqueued_tokens``).
+
+A batch the API fails as a whole (validation: a queue over its token limit, a bad line) is
+reported with the API's reason and its requests go again in jobs of half its size (a job of one
+request: after ``failed_retry_after_s``), never as the same upload. What a cancelled job left
+unanswered is held: someone cancelled it, so only ``resubmit_cancelled`` sends it again.
 
 Without ``wait`` the run returns after submitting; the next run with the same arguments picks
 up where this one left (the next stage of the samples whose jobs ended). With ``wait`` it polls
@@ -25,6 +30,7 @@ line's custom_id with the request the same arguments would export now.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -69,6 +75,13 @@ class BatchConfig:
     poll_interval_s: float = 30.0  # seconds between two polls of the live jobs (with wait)
     max_requests_per_batch: int = BatchLimits.max_requests  # a stage with more requests is split
     max_bytes_per_batch: int = BatchLimits.max_bytes  # JSONL bytes per batch
+    # the model's batch queue limit: tokens (prompt bound + n * max_tokens) over all its live jobs; what does
+    # not fit waits for a later round or run. None: not enforced (a batch over it fails as a whole, then smaller)
+    max_enqueued_tokens: int | None = None
+    resubmit_cancelled: bool = False  # send again what a cancelled job left unanswered (else held: someone cancelled it)
+    # a batch the API failed as a whole is retried in jobs of half its size; a single request whose own
+    # job failed so waits this long before it is sent again (the queue may have cleared by then)
+    failed_retry_after_s: float = 600.0
     export_requests: str | None = None  # write the pending requests to this JSONL instead of uploading
     import_results: str | None = None  # store this results JSONL (vllm run-batch -o) instead of polling
 
@@ -80,6 +93,9 @@ class BatchReport(CollectReport):
     submitted: list[dict[str, Any]] = field(default_factory=list)  # jobs this run submitted
     live: list[dict[str, Any]] = field(default_factory=list)  # jobs still running when the run returned
     failed_jobs: list[str] = field(default_factory=list)  # batches the API failed as a whole, and why
+    held_cancelled: int = 0  # requests a cancelled job left unanswered, not resubmitted (resubmit_cancelled)
+    held_failed: int = 0  # requests of a failed one-request job, waiting failed_retry_after_s
+    queue_left_out: int = 0  # requests not submitted: over the model's enqueued-token limit (a later round)
     budget_left_out: int = 0  # requests not submitted: they would not fit the budget
     exported: int = 0  # request lines written by export_requests
     imported: int = 0  # result lines stored by import_results
@@ -100,9 +116,9 @@ class _BatchRun:
         self.settings.price_table_version = self.prices.version  # rows say they were priced as batch
         self.offline = batch.export_requests is not None or batch.import_results is not None
         self.jobs = BatchJobs(store, None if self.offline else cfg.teacher)
-        self.limits = BatchLimits(batch.max_requests_per_batch, batch.max_bytes_per_batch)
+        self.limits = BatchLimits(batch.max_requests_per_batch, batch.max_bytes_per_batch, batch.max_enqueued_tokens)
         self.report = BatchReport(problems=len(problems))
-        self.held: set[str] = set()  # keys of batches that failed as a whole this run: not resubmitted
+        self.caps: dict[str, int] = {}  # custom_id -> most requests of its next job (after a failed batch)
         self.left_out: dict[str, int] = dict.fromkeys(STAGES, 0)
 
     # ---- the run ---------------------------------------------------------------------------
@@ -181,9 +197,9 @@ class _BatchRun:
         latency = float(ended - api.created_at) if ended else 0.0
         answered = self._store_results(lines, items, self._job_settings(job), latency)
         self.report.unanswered += len(set(items) - answered)
-        if job["status"] == "failed":
-            self.report.failed_jobs.append(f"{job['batch_id']}: {job['error'] or 'failed'}")
-            self.held |= {k for _, item in items.values() for k in _keys(item)}
+        if job["status"] == "failed":  # the API refused the batch as a whole: _hold decides when it goes again
+            self.report.failed_jobs.append(f"{job['batch_id']} ({job['requests']} requests): "
+                                           f"{job['error'] or 'failed, no reason given'}")
         self.jobs.mark_ingested(job)
 
     def _store_results(self, lines: list[Row], items: dict[str, tuple[str, Row]], settings: StageSettings,
@@ -221,7 +237,7 @@ class _BatchRun:
     def _plan(self, retry: bool) -> Plan:
         plan = plan_work(self.store, self.problems, self.settings, self.cfg.samples_per_problem, retry)
         live = self.jobs.requests_of({j["job_key"] for j in self.jobs.live()}, ["sample_keys"])
-        busy = self.held | {k for r in live for k in r["sample_keys"]}
+        busy = {k for r in live for k in r["sample_keys"]}
         self.report.retried += plan.retried
         if not busy:
             return plan
@@ -254,22 +270,75 @@ class _BatchRun:
 
     # ---- 3: submit -------------------------------------------------------------------------
     def _submit(self, requests: dict[str, list[BatchRequest]]) -> None:
+        requests = self._hold(requests)
+        live_jobs = self.jobs.live()
         budget = None
         if self.cfg.budget_usd is not None:
-            live = self.jobs.requests_of({j["job_key"] for j in self.jobs.live()}, ["worst_usd"])
+            live = self.jobs.requests_of({j["job_key"] for j in live_jobs}, ["worst_usd"])
             reserved = sum(r["worst_usd"] or 0.0 for r in live)  # live jobs may still bill their worst case
             spent = 0.0 if self.cfg.budget_per_run else self.store.spent_usd()
             budget = Budget(self.cfg.budget_usd, spent + reserved)
+        room = None  # tokens the model's batch queue has left
+        if self.limits.max_enqueued_tokens is not None:
+            mine = {j["job_key"] for j in live_jobs if j["teacher_model"] == self.cfg.teacher.model}
+            room = self.limits.max_enqueued_tokens - sum(r["tokens"] or 0 for r in self.jobs.requests_of(mine, ["tokens"]))
+        queue_left_out = 0
         for stage in STAGES:
             todo = requests[stage]
+            if room is not None:
+                fits = []
+                for r in todo:
+                    if r.tokens <= room:
+                        fits.append(r)
+                        room -= r.tokens
+                queue_left_out += len(todo) - len(fits)
+                todo = fits
             if budget is not None:
                 fits = [r for r in todo if budget.reserve(r.worst_usd or 0.0)]
                 self.left_out[stage] += len(todo) - len(fits)
                 self.report.budget_left_out += len(todo) - len(fits)
                 todo = fits
-            for group in split(todo, self.limits) if todo else []:
-                job = self.jobs.register(stage, group, self.settings, self.run_id)
-                self.report.submitted.append(_job_view(self._upload(job, group)))
+            by_cap: dict[int, list[BatchRequest]] = {}
+            for r in todo:
+                by_cap.setdefault(self.caps.get(r.custom_id, self.limits.max_requests), []).append(r)
+            for cap, group_of in sorted(by_cap.items(), reverse=True):
+                limits = dataclasses.replace(self.limits, max_requests=min(cap, self.limits.max_requests))
+                for group in split(group_of, limits):
+                    job = self.jobs.register(stage, group, self.settings, self.run_id)
+                    self.report.submitted.append(_job_view(self._upload(job, group)))
+        self.report.queue_left_out = queue_left_out  # as of the last round: the rest went in later rounds
+
+    def _hold(self, requests: dict[str, list[BatchRequest]]) -> dict[str, list[BatchRequest]]:
+        """Leave out what must not go again yet, by the last ended job that held each request:
+        a cancelled job's (someone cancelled it: only with resubmit_cancelled), and a one-request job
+        the API failed as a whole (for failed_retry_after_s). A larger failed job's requests go in
+        jobs of at most half its size (``self.caps``): never the same upload again."""
+        last: dict[str, Row] = {}
+        jobs = {j["job_key"]: j for j in self.jobs.jobs() if j["ingested"] and j["batch_id"]}
+        for r in self.store.read_rows("batch_requests", ["custom_id", "job_key"], history=True):
+            job = jobs.get(r["job_key"])
+            if job is not None and (r["custom_id"] not in last or job["created_at"] > last[r["custom_id"]]["created_at"]):
+                last[r["custom_id"]] = job
+        self.caps = {}
+        self.report.held_cancelled = self.report.held_failed = 0  # as of this round's plan
+        now = datetime.now(timezone.utc).timestamp()
+        out: dict[str, list[BatchRequest]] = {}
+        for stage, todo in requests.items():
+            out[stage] = []
+            for r in todo:
+                job = last.get(r.custom_id)
+                if job is not None and job["status"] == "cancelled" and not self.batch.resubmit_cancelled:
+                    self.report.held_cancelled += 1
+                    continue
+                if job is not None and job["status"] == "failed":
+                    if (job["requests"] or 1) <= 1:
+                        if now < job["updated_at"].timestamp() + self.batch.failed_retry_after_s:
+                            self.report.held_failed += 1
+                            continue
+                    else:
+                        self.caps[r.custom_id] = (job["requests"] or 2) // 2
+                out[stage].append(r)
+        return out
 
     def _upload(self, job: Row, requests: list[BatchRequest], adopt: bool = False) -> Row:
         try:
@@ -277,10 +346,13 @@ class _BatchRun:
         except openai.APIStatusError as e:
             if is_transient(e):  # the batch may exist after all: the next run looks for it (adopt)
                 raise
-            why = error_text(e, [self.jobs.key])  # refused for good (e.g. no Batch API there): free its keys
+            why = error_text(e, [self.jobs.key])  # refused for good: free its keys
             self.jobs.abandon(job, why)
-            raise ValueError(f"the teacher at {job['base_url']} refused the batch job: {why[:300]} (an endpoint "
-                             "without the Batch API: use --export-requests / --import-results)") from None
+            if e.status_code in (404, 405):  # no such route: the endpoint has no Batch API
+                raise ValueError(f"the teacher at {job['base_url']} refused the batch job: {why[:300]} (an endpoint "
+                                 "without the Batch API: use --export-requests / --import-results)") from None
+            raise ValueError(f"the teacher at {job['base_url']} refused the upload of a batch of {len(requests)} "
+                             f"requests (HTTP {e.status_code}): {why[:300]}") from None
 
     # ---- offline ---------------------------------------------------------------------------
     def _export(self, path: str, requests: dict[str, list[BatchRequest]]) -> None:
@@ -301,10 +373,6 @@ class _BatchRun:
         requests = self._build(plan, store_passed=False)
         items = {r.custom_id: (r.stage, r.item) for stage in STAGES for r in requests[stage]}
         self.report.imported = len(self._store_results(lines, items, self.settings, 0.0))
-
-
-def _keys(item: Row) -> list[str]:
-    return list(item["sample_keys"]) if "sample_keys" in item else [item["sample_key"]]
 
 
 class _Bar:

@@ -42,22 +42,31 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 @dataclass
 class BatchLimits:
     max_requests: int = 50_000  # request lines per batch (the OpenAI limit)
-    max_bytes: int = 200 * 1024 * 1024  # bytes of JSONL per batch (the OpenAI limit: 200 MB)
+    max_bytes: int = 200_000_000  # bytes of JSONL per batch (the OpenAI limit: 200 MB, decimal)
+    # tokens one model may have enqueued over all live batches (the account's "batch queue limit",
+    # per model and tier: see the organisation's limits page); None: unknown, not enforced
+    max_enqueued_tokens: int | None = None
 
 
 def split(requests: list[BatchRequest], limits: BatchLimits) -> list[list[BatchRequest]]:
-    """Consecutive groups within both limits (one line larger than the byte limit is an error)."""
+    """Consecutive groups within every limit (one line over a limit on its own is an error)."""
     groups: list[list[BatchRequest]] = []
-    size = 0
+    size = tokens = 0
     for r in requests:
         n = len(r.line().encode()) + 1
         if n > limits.max_bytes:
             raise ValueError(f"request {r.custom_id} alone is {n} bytes, over the batch limit of {limits.max_bytes}")
-        if not groups or len(groups[-1]) >= limits.max_requests or size + n > limits.max_bytes:
+        cap = limits.max_enqueued_tokens
+        if cap is not None and r.tokens > cap:
+            raise ValueError(f"request {r.custom_id} alone may enqueue {r.tokens} tokens, over the limit of {cap}: "
+                             "lower max_tokens or raise --max-enqueued-tokens")
+        if (not groups or len(groups[-1]) >= limits.max_requests or size + n > limits.max_bytes
+                or (cap is not None and tokens + r.tokens > cap)):
             groups.append([])
-            size = 0
+            size = tokens = 0
         groups[-1].append(r)
         size += n
+        tokens += r.tokens
     return groups
 
 
@@ -116,7 +125,8 @@ class BatchJobs:
         key, now, submitted = f"subq-{uuid.uuid4().hex[:16]}", _now(), self.submissions()
         self.store.append("batch_requests", [{
             "custom_id": r.custom_id, "attempt": submitted.get(r.custom_id, -1) + 1, "job_key": key, "stage": stage,
-            "sample_keys": r.sample_keys, "item": encode_item(r.item), "worst_usd": r.worst_usd, "created_at": now,
+            "sample_keys": r.sample_keys, "item": encode_item(r.item), "worst_usd": r.worst_usd, "tokens": r.tokens,
+            "created_at": now,
         } for r in requests])
         job = {"job_key": key, "attempt": 0, "stage": stage, "base_url": self.teacher.base_url,
                "teacher_model": self.teacher.model, "settings": settings_json(settings), "status": PREPARING,
@@ -153,7 +163,7 @@ class BatchJobs:
         counts = b.request_counts
         change = {"status": b.status, "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
                   "completed": counts.completed if counts else None, "failed": counts.failed if counts else None,
-                  "error": "; ".join(e.message or e.code or "" for e in (b.errors.data or [])) if b.errors else None}
+                  "error": "; ".join(_reason(e) for e in (b.errors.data or [])) if b.errors else None}
         if any(job.get(k) != v for k, v in change.items()):
             job = self._save(job, **change)
         return job, b
@@ -181,6 +191,12 @@ class BatchJobs:
             if reason is not None:
                 raise TeacherFatalError(fatal_message(self.teacher, e, reason, self.key)) from None
             raise
+
+
+def _reason(e: Any) -> str:
+    """One validation error of a failed batch, as the API gave it: code, message, line."""
+    where = f" (line {e.line})" if getattr(e, "line", None) else ""
+    return ": ".join(x for x in (e.code, e.message) if x) + where or "failed"
 
 
 def items_of(requests: list[Row]) -> dict[str, tuple[str, Row]]:

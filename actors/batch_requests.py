@@ -53,6 +53,7 @@ class BatchRequest:
     item: Row  # the stage function's input: a problem's missing samples, or a sample row
     body: dict[str, Any]  # the chat request, exactly as the online path sends it
     worst_usd: float | None  # the most it can cost at batch prices (None: price unknown)
+    tokens: int = 0  # what it can enqueue: a bound on its prompt tokens + n * max_tokens (the queue limit's unit)
 
     @property
     def sample_keys(self) -> list[str]:
@@ -121,8 +122,9 @@ async def _build(stage: str, items: list[Row], s: StageSettings, teacher: Teache
             continue
         messages, n, temperature, max_tokens = recorder.call
         body = {"model": teacher.model, "messages": messages, **chat_params(teacher, n, temperature, max_tokens)}
-        worst = prices.worst_case(teacher.model, max_prompt_tokens(messages), n * max_tokens)
-        requests.append(BatchRequest(custom_id(stage, item), stage, item, body, worst))
+        prompt = max_prompt_tokens(messages)
+        worst = prices.worst_case(teacher.model, prompt, n * max_tokens)
+        requests.append(BatchRequest(custom_id(stage, item), stage, item, body, worst, prompt + n * max_tokens))
     return requests, passed
 
 

@@ -10,6 +10,13 @@ the FaultPlan, billing and counters apply to every line exactly as to a chat cal
 end "expired" (the rest get ``batch_expired`` error lines, as OpenAI writes them) or "cancelled"
 (the rest get nothing). Every line submitted is counted by custom_id and by chat content,
 across runs (``stats()["batch_lines"]``, ``["batch_lines_by_content"]``).
+
+Validation, as OpenAI's: a job fails as a whole (status "failed", ``errors`` naming the reason and
+line, no line answered, nothing billed) when a line repeats a custom_id, has another ``url`` or a
+``method`` other than POST, when it is named in ``fail``, or when the tokens it enqueues (its own
+estimate: a quarter token per character of the messages + n * max_tokens) would take the model's
+queue of unfinished jobs over ``enqueued_token_limit``. ``upload_error`` answers every file upload
+with that status and message.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ class BatchPlan:
     cancel: tuple[int, ...] = ()  # jobs the server cancels part way
     answered_share: float = 0.5  # of an expiring / cancelled job's lines, the share answered first
     concurrency: int = 32  # lines answered at once
+    fail: tuple[int, ...] = ()  # jobs (creation order) failed as a whole at validation, with fail_message
+    fail_message: str = "The batch could not be processed (injected failure)."
+    enqueued_token_limit: int | None = None  # per model, over the jobs not yet ended; None: no limit
+    upload_error: tuple[int, str] | None = None  # (status, message) answered to every file upload
 
 
 class BatchStats:
@@ -50,6 +61,7 @@ class BatchStats:
         self.by_content: Counter[str] = Counter()  # chat content key -> times submitted
         self.files = 0
         self.batches: list[dict[str, Any]] = []  # every batch object, in creation order
+        self.enqueued: dict[str, tuple[str, int]] = {}  # batch id -> (model, tokens it holds in the queue until it ends)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -88,6 +100,8 @@ def add_batch_routes(app: FastAPI, plan: BatchPlan, stats: BatchStats, content_k
 
     @app.post("/v1/files")
     async def upload(request: Request) -> Response:
+        if plan.upload_error is not None:
+            return _error(*plan.upload_error)
         form = _multipart(request.headers.get("content-type", ""), await request.body())
         if "file" not in form or form.get("purpose", (None, b""))[1] != b"batch":
             return _error(400, "expected a multipart body with a file and purpose=batch")
@@ -112,6 +126,7 @@ def add_batch_routes(app: FastAPI, plan: BatchPlan, stats: BatchStats, content_k
         except json.JSONDecodeError:
             return _error(400, "the input file is not JSONL")
         bid = f"batch_{uuid.uuid4().hex[:24]}"
+        model = str(((lines[0].get("body") or {}) if lines else {}).get("model"))
         batch = {"id": bid, "object": "batch", "endpoint": body["endpoint"], "errors": None,
                  "input_file_id": fid, "completion_window": "24h", "status": "validating",
                  "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
@@ -121,14 +136,44 @@ def add_batch_routes(app: FastAPI, plan: BatchPlan, stats: BatchStats, content_k
                  "metadata": body.get("metadata")}
         with stats.lock:
             index = len(stats.batches)
+            invalid = validate(lines, index, model)
+            if invalid is None:
+                stats.enqueued[bid] = (model, sum(_tokens(x.get("body") or {}) for x in lines))
             stats.batches.append(batch)
             for line in lines:
                 stats.lines[str(line.get("custom_id"))] += 1
                 stats.by_content[content_key(line.get("body") or {})] += 1
         batches[bid] = batch
         auth = request.headers.get("authorization")
-        asyncio.get_running_loop().create_task(run(batch, lines, index, auth))
+        asyncio.get_running_loop().create_task(run(batch, lines, index, auth, invalid))
         return JSONResponse(batch)
+
+    def validate(lines: list[dict[str, Any]], index: int, model: str) -> dict[str, Any] | None:
+        """The first reason this job fails as a whole (an OpenAI ``errors.data`` entry), or None."""
+        seen: set[str] = set()
+        for i, line in enumerate(lines, 1):
+            cid = str(line.get("custom_id"))
+            if cid in seen:
+                return {"code": "duplicate_custom_id", "line": i, "param": "custom_id",
+                        "message": f"The custom_id '{cid}' is used more than once in this batch."}
+            seen.add(cid)
+            if line.get("url") != "/v1/chat/completions":
+                return {"code": "invalid_url", "line": i, "param": "url",
+                        "message": f"The url '{line.get('url')}' does not match the batch's endpoint."}
+            if line.get("method") != "POST":
+                return {"code": "invalid_method", "line": i, "param": "method",
+                        "message": f"The method '{line.get('method')}' is not supported; use POST."}
+        if index in plan.fail:
+            return {"code": "failed", "line": None, "param": None, "message": plan.fail_message}
+        if plan.enqueued_token_limit is not None:
+            mine = sum(_tokens(x.get("body") or {}) for x in lines)
+            queued = sum(n for b, (m, n) in stats.enqueued.items() if m == model and batches[b]["status"] not in TERMINAL)
+            if queued + mine > plan.enqueued_token_limit:
+                return {"code": "token_limit_exceeded", "line": None, "param": None,
+                        "message": f"Enqueued token limit reached for {model} in organization org-test. Limit: "
+                                   f"{plan.enqueued_token_limit:,} enqueued tokens. Please try submitting your batch "
+                                   "again once your queue has cleared."}
+        return None
 
     @app.get("/v1/batches")
     async def list_batches(limit: int = 20, after: str | None = None) -> dict[str, Any]:
@@ -166,8 +211,13 @@ def add_batch_routes(app: FastAPI, plan: BatchPlan, stats: BatchStats, content_k
         return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": line.get("custom_id"),
                 "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
 
-    async def run(batch: dict[str, Any], lines: list[dict[str, Any]], index: int, auth: str | None) -> None:
+    async def run(batch: dict[str, Any], lines: list[dict[str, Any]], index: int, auth: str | None,
+                  invalid: dict[str, Any] | None) -> None:
         await asyncio.sleep(plan.slow_s if index in plan.slow_jobs else plan.delay_s)
+        if invalid is not None:  # validation failed: no line runs, nothing is billed
+            now = int(time.time())
+            batch["request_counts"].update(completed=0, failed=0)
+            return batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [invalid]})
         if batch["id"] in cancel_asked:
             return finish(batch, [], "cancelled")
         batch.update(status="in_progress", in_progress_at=int(time.time()))
@@ -203,3 +253,10 @@ def add_batch_routes(app: FastAPI, plan: BatchPlan, stats: BatchStats, content_k
         now = int(time.time())
         batch["request_counts"].update(completed=len(good), failed=len(bad))
         batch.update(status=status, finalizing_at=now, **{f"{status}_at": now})
+
+
+def _tokens(body: dict[str, Any]) -> int:
+    """The server's own estimate of what a request enqueues (lower than subq's bound)."""
+    chars = sum(len(str(m.get("content") or "")) for m in body.get("messages") or [])
+    out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return chars // 4 + 4 * len(body.get("messages") or []) + int(out) * int(body.get("n") or 1)

@@ -83,7 +83,8 @@ def test_batch_rows_equal_online_rows_at_half_price(ray_session, tmp_path):
     faults = FaultPlan(rate=0.3, kinds=("malformed", "400", "truncated"), seed=3,
                        persistent=("malformed", "400", "truncated"))
     with TeacherServer(answer_fn=half_correct(), model=MODEL, faults=faults) as srv:
-        run_collect(config(srv, tmp_path / "online"))
+        # a batch cannot ask again within its job: online rows without the longer ask (actors/stages.py)
+        run_collect(config(srv, tmp_path / "online", truncated_max_tokens=0))
         online_stats = srv.stats()
     with TeacherServer(answer_fn=half_correct(), model=MODEL, faults=faults, batch=BatchPlan(delay_s=0.05)) as srv:
         report = run_batch_collect(config(srv, tmp_path / "batch"), FAST)
@@ -218,9 +219,11 @@ def test_error_file_lines_are_retried_by_the_next_run(tmp_path):
 
 def test_cancelled_and_expired_jobs_have_their_unanswered_requests_resubmitted(tmp_path):
     """The first job is cancelled and the second expires, each after answering half its lines:
-    the answered half is stored, the rest goes into the next batch, and nothing is paid twice."""
+    the answered half is stored, the rest goes into the next batch (the cancelled job's because
+    resubmit_cancelled says so: tests.test_collect_batch_limits), and nothing is paid twice."""
     with TeacherServer(model=MODEL, batch=BatchPlan(cancel=(0,), expire=(1,))) as srv:
-        report = run_batch_collect(config(srv, tmp_path), FAST)
+        report = run_batch_collect(config(srv, tmp_path), BatchConfig(wait=True, poll_interval_s=0.05,
+                                                                      resubmit_cancelled=True))
         stats = srv.stats()
     statuses = [b["status"] for b in stats["batches"]]
     assert statuses[:2] == ["cancelled", "expired"] and set(statuses[2:]) == {"completed"}
