@@ -32,7 +32,7 @@ from subq.actors.stage_worker import STAGE_OUTPUT, StageWorker
 from subq.actors.stages import StageSettings
 from subq.actors.teacher import TeacherConfig, TeacherFatalError
 from subq.data_store.datasets import load_problems
-from subq.data_store.schema import RETRYABLE_STATUSES, STATUS_OK, STATUS_SKIPPED
+from subq.data_store.schema import RETRYABLE_STATUSES, STATUS_OK, STATUS_SKIPPED, STATUS_TRUNCATED
 from subq.data_store.store import Store
 from subq.data_store.store_stats import not_ok_summary
 
@@ -53,7 +53,10 @@ class CollectConfig:
     tokens_per_minute: float | None = None
     budget_usd: float | None = None  # a cap on spend; calls are reserved at their worst case first
     budget_per_run: bool = False  # False: the store's recorded spend counts against the budget
-    retry_failed: bool = True  # re-run rows stored as api_error / partial / truncated (new attempt)
+    retry_failed: bool = True  # re-run rows stored as api_error / partial (new attempt)
+    retry_truncated: bool = False  # re-run rows stored as truncated too (they were asked at the larger limit already)
+    truncated_max_tokens: int | None = None  # a reply cut at its limit is asked again once with this one (the
+    #                                          model's output limit); None: 4x; <= max_tokens: never
     patience_s: float = 600.0  # an outage longer than this stops the run (nothing stored as failed)
     prices: PriceTable = field(default_factory=PriceTable)
     min_actors: int = 1  # the actor pool autoscales between these
@@ -105,11 +108,17 @@ class CollectReport:
 
     @property
     def retryable(self) -> int:
-        """Rows a re-run would retry."""
+        """Rows a plain re-run would retry (api_error, partial)."""
         return sum(n for s, n in self.not_ok.items() if s in RETRYABLE_STATUSES)
 
+    @property
+    def truncated(self) -> int:
+        """Rows cut at the larger limit too: final unless a re-run asks (``retry_truncated``)."""
+        return self.not_ok.get(STATUS_TRUNCATED, 0)
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "cost_usd": self.cost_usd, "complete": self.complete, "retryable": self.retryable}
+        return {**asdict(self), "cost_usd": self.cost_usd, "complete": self.complete, "retryable": self.retryable,
+                "truncated": self.truncated}
 
 
 def batched_dataset(rows: list[dict] | pa.Table, batch_size: int):
@@ -199,7 +208,7 @@ def stage_settings(cfg: CollectConfig, run_id: str = "") -> StageSettings:
         samples_per_problem=cfg.samples_per_problem, feedback_samples=cfg.feedback_samples,
         max_subquestions=cfg.max_subquestions, decompose_temperature=cfg.decompose_temperature,
         answer_temperature=cfg.answer_temperature, feedback_temperature=cfg.feedback_temperature,
-        max_tokens=cfg.max_tokens, run_id=run_id,
+        max_tokens=cfg.max_tokens, run_id=run_id, truncated_max_tokens=cfg.truncated_max_tokens,
     )
 
 
@@ -210,7 +219,8 @@ def plan_keys(problems: list[dict], cfg: CollectConfig) -> dict[str, list[str]]:
 
 def collect_todo(cfg: CollectConfig, problems: list[dict]) -> int:
     """Samples a run of ``cfg`` would work on: missing, unfinished, or to retry (no writes)."""
-    plan = plan_work(Store(cfg.store), problems, stage_settings(cfg), cfg.samples_per_problem, cfg.retry_failed)
+    plan = plan_work(Store(cfg.store), problems, stage_settings(cfg), cfg.samples_per_problem, cfg.retry_failed,
+                     cfg.retry_truncated)
     return plan.todo["feedback"]
 
 
@@ -234,7 +244,7 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
     with store.lock("subq collect"):
         store.append("problems", problems)
         settings = stage_settings(cfg, run_id=uuid.uuid4().hex[:12])
-        plan = plan_work(store, problems, settings, cfg.samples_per_problem, cfg.retry_failed)
+        plan = plan_work(store, problems, settings, cfg.samples_per_problem, cfg.retry_failed, cfg.retry_truncated)
         todo = plan.todo
         report = CollectReport(problems=len(problems), samples_expected=len(plan.wanted), retried=plan.retried)
         governor = ray.remote(num_cpus=0)(Governor).remote(GovernorConfig(

@@ -4,7 +4,7 @@ Every sample key lives in up to three tables (``journal_decompose``, ``journal_a
 ``samples``), each holding attempts. The key's latest attempt decides where it re-enters the
 pipeline: nothing stored -> decompose; the latest attempt only decomposed -> answer; only
 answered -> feedback; in ``samples`` -> done, unless it failed in a retryable way
-(``RETRYABLE_STATUSES``) and retries are on: then a new attempt (number + 1) re-runs the failed
+(``RETRYABLE_STATUSES``; ``truncated`` only with ``retry_truncated``) and retries are on: then a new attempt (number + 1) re-runs the failed
 stage and the ones after it, keeping the paid results of the stages before (and of partial
 feedback, the judgements it got).
 """
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from subq.actors.stages import StageSettings
-from subq.data_store.schema import RETRYABLE_STATUSES, STAGES, STATUS_PARTIAL, sample_key
+from subq.data_store.schema import RETRYABLE_STATUSES, STAGES, STATUS_PARTIAL, STATUS_TRUNCATED, sample_key
 from subq.data_store.store import Store
 
 Row = dict[str, Any]
 # columns a stage fills, cleared when a retry re-runs that stage
 _STAGE_COLUMNS = ("status", "error", "raw", "tokens_in", "tokens_out", "latency_s", "cost_usd", "calls",
-                  "finish_reason")
+                  "finish_reason", "max_tokens")
 _KEPT_BY_PARTIAL = tuple(c for c in _STAGE_COLUMNS if c not in ("status", "error"))  # its judgements, their usage
 _DERIVED = {"answer": ("subanswers", "final_answer", "final_value", "correct"), "feedback": ("usefulness",)}
 
@@ -49,11 +49,13 @@ def plan_keys(problems: list[Row], settings: StageSettings, samples_per_problem:
                               for i in range(samples_per_problem)] for p in problems}
 
 
-def retry_stage(row: Row) -> str | None:
-    """The first stage of a stored row that failed in a retryable way (None: nothing to retry)."""
+def retry_stage(row: Row, retry_failed: bool = True, retry_truncated: bool = False) -> str | None:
+    """The first stage of a stored row that failed in a way to retry (None: nothing to retry):
+    api_error / partial with ``retry_failed``, truncated with ``retry_truncated``."""
+    statuses = (RETRYABLE_STATUSES if retry_failed else ()) + ((STATUS_TRUNCATED,) if retry_truncated else ())
     for stage in STAGES:
         status = row.get(f"{stage}_status")
-        if status in RETRYABLE_STATUSES:
+        if status in statuses:
             return stage
         if status not in ("ok", None):  # a parse error before it: the row's failure is final
             return None
@@ -78,7 +80,7 @@ def reset_from(row: Row, stage: str, attempt: int, run_id: str) -> Row:
 
 
 def plan_work(store: Store, problems: list[Row], settings: StageSettings, samples_per_problem: int,
-              retry_failed: bool = True) -> Plan:
+              retry_failed: bool = True, retry_truncated: bool = False) -> Plan:
     keys = plan_keys(problems, settings, samples_per_problem)
     plan = Plan(wanted={k for ks in keys.values() for k in ks})
     latest = {t: store.attempts(t, fresh=True) for t in ("journal_decompose", "journal_answer", "samples")}
@@ -104,7 +106,7 @@ def plan_work(store: Store, problems: list[Row], settings: StageSettings, sample
                 plan.answer.append(row)
             elif table == "journal_answer":
                 plan.feedback.append(row)
-            elif retry_failed and (stage := retry_stage(row)) is not None:
+            elif (stage := retry_stage(row, retry_failed, retry_truncated)) is not None:
                 plan.retried += 1
                 if stage == "decompose":
                     redo.append((i, k, attempt + 1))

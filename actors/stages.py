@@ -15,6 +15,12 @@ refused (budget spent, outage past the patience, a fatal account error) yields *
 later run does that work. Output cut at the token limit (finish_reason "length") is
 ``truncated``: for feedback only when the cut judgement lacks a verdict (its cap is tight on
 purpose, and verdicts written before the cut are complete).
+
+Truncation is deterministic at a given limit, so asking again with the same ``max_tokens`` would
+pay for the same cut. A cut reply is asked again once, at once, with a larger limit
+(``StageSettings.truncated_max_tokens``; the limit each stage used is stored in ``<stage>_max_tokens``).
+If that reply is cut too (or the ask fails), the row stays ``truncated``: final for a plain re-run,
+which does not pay for it again (``subq collect --retry-truncated`` asks again, at the larger limit).
 """
 
 from __future__ import annotations
@@ -60,15 +66,24 @@ class StageSettings:
     max_tokens: int = 256
     prompt_version: str = PROMPT_VERSION
     run_id: str = ""  # the collection run (stored with every attempt it writes)
+    # A reply cut at its limit is asked again once with this limit: set it to the model's output limit.
+    # None: 4x the limit that cut it; <= that limit: never asked again (the row stays truncated).
+    truncated_max_tokens: int | None = None
 
     def output_settings(self) -> dict[str, Any]:
         """Everything that changes a sample's content: its fingerprint is part of the key, so
         other settings make other samples. Not in it: samples_per_problem (more samples of the
-        same settings extend a collection), prices, run ids, concurrency."""
+        same settings extend a collection), prices, run ids, concurrency, and the limit a cut reply
+        is asked again with (a row records the limit it used in ``<stage>_max_tokens``)."""
         fields = asdict(self)
-        for name in ("price_table_version", "samples_per_problem", "run_id"):
+        for name in ("price_table_version", "samples_per_problem", "run_id", "truncated_max_tokens"):
             fields.pop(name)
         return fields
+
+    def longer(self, used: int) -> int | None:
+        """The limit a reply cut at ``used`` tokens is asked again with, or None (no larger one)."""
+        limit = 4 * used if self.truncated_max_tokens is None else self.truncated_max_tokens
+        return limit if limit > used else None
 
     @property
     def fingerprint(self) -> str:
@@ -129,6 +144,23 @@ async def _chat_n(client: TeacherClient, messages: list[dict], n: int, temperatu
     return texts, reasons, calls
 
 
+async def _ask_longer(client: TeacherClient, messages: list[dict], cut: list[int], texts: list[str],
+                      reasons: list[str | None], limits: list[int], temperature: float,
+                      longer: int | None) -> CallResult | None:
+    """Ask once more, with the larger limit ``longer``, for the replies at ``cut`` (indices into
+    ``texts``): each answer that comes back replaces one of them in place, with its finish reason and
+    limit. Returns the call (None: nothing cut, or no larger limit). A failed ask replaces nothing:
+    the cut replies stay, paid for already."""
+    if not cut or longer is None:
+        return None
+    call = await client.chat(messages, n=len(cut), temperature=temperature, max_tokens=longer)
+    if call.ok:
+        got = call.finish_reasons or [None] * len(call.texts)
+        for j, text, reason in zip(cut, call.texts, got, strict=False):  # fewer choices: the rest stay cut
+            texts[j], reasons[j], limits[j] = text, reason, longer
+    return call
+
+
 async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> Output:
     """``item``: problem_id, question, gold_value, sample_indices (the ones still missing), and
     per index its sample key and attempt (``sample_keys``, ``attempts``)."""
@@ -139,6 +171,10 @@ async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> Outpu
     last = calls[-1]
     if last.refused:
         indices = indices[: len(texts)]  # the rest stays unpaid and undone
+    limits = [s.max_tokens] * len(texts)
+    cut = [j for j, r in enumerate(reasons) if r == LENGTH]
+    retry = await _ask_longer(client, messages, cut, texts, reasons, limits, s.decompose_temperature,
+                              s.longer(s.max_tokens))
     fingerprint, settings = s.fingerprint, json.dumps(s.output_settings(), sort_keys=True)
     rows = []
     for j, idx in enumerate(indices):
@@ -163,10 +199,11 @@ async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> Outpu
             parsed = parse_subquestions(texts[j], s.max_subquestions)
             row["decompose_raw"] = texts[j]
             row["decompose_finish_reason"] = reasons[j]
+            row["decompose_max_tokens"] = limits[j]
             row["subquestions"] = parsed.subquestions or None
             if reasons[j] == LENGTH:
                 row["decompose_status"] = STATUS_TRUNCATED
-                row["decompose_error"] = f"cut at the token limit ({s.max_tokens})"
+                row["decompose_error"] = f"cut at the token limit ({limits[j]})"
             else:
                 row["decompose_status"] = STATUS_OK if parsed.error is None else STATUS_PARSE_ERROR
                 row["decompose_error"] = parsed.error
@@ -183,6 +220,10 @@ async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> Outpu
         for row in owners:
             _account(row, "decompose", call, share=len(owners))
         produced += len(call.texts) if call.ok else 0
+    if retry is not None:  # the longer ask is paid by the rows it was made for
+        calls.append(retry)
+        for j in cut:
+            _account(rows[j], "decompose", retry, share=len(cut))
     return [finalize(r) for r in rows], calls
 
 
@@ -190,22 +231,27 @@ async def answer(client: TeacherClient, row: Row, s: StageSettings) -> Output:
     if row.get("decompose_status") != STATUS_OK:
         row["answer_status"] = STATUS_SKIPPED
         return [finalize(row)], []
-    call = await client.chat(
-        answer_messages(row["question"], list(row["subquestions"])),
-        temperature=s.answer_temperature,
-        max_tokens=s.max_tokens,
-    )
+    messages = answer_messages(row["question"], list(row["subquestions"]))
+    call = await client.chat(messages, temperature=s.answer_temperature, max_tokens=s.max_tokens)
     if call.refused:
         return [], [call]
     _account(row, "answer", call)
     if not call.ok:
         row.update(answer_status=STATUS_API_ERROR, answer_error=call.error)
         return [finalize(row)], [call]
-    parsed = parse_answers(call.texts[0], len(row["subquestions"]))
-    reason = call.finish_reasons[0] if call.finish_reasons else None
+    texts, reasons, limits = call.texts[:1], (call.finish_reasons or [None])[:1], [s.max_tokens]
+    retry = await _ask_longer(client, messages, [0] if reasons[0] == LENGTH else [], texts, reasons, limits,
+                              s.answer_temperature, s.longer(s.max_tokens))
+    calls = [call]
+    if retry is not None:
+        calls.append(retry)
+        _account(row, "answer", retry)
+    parsed = parse_answers(texts[0], len(row["subquestions"]))
+    reason = reasons[0]
     row.update(
-        answer_raw=call.texts[0],
+        answer_raw=texts[0],
         answer_finish_reason=reason,
+        answer_max_tokens=limits[0],
         subanswers=parsed.subanswers or None,
         final_answer=parsed.final_answer,
         final_value=parsed.final_value,
@@ -213,10 +259,10 @@ async def answer(client: TeacherClient, row: Row, s: StageSettings) -> Output:
         answer_error=parsed.error,
     )
     if reason == LENGTH:
-        row.update(answer_status=STATUS_TRUNCATED, answer_error=f"cut at the token limit ({s.max_tokens})")
+        row.update(answer_status=STATUS_TRUNCATED, answer_error=f"cut at the token limit ({limits[0]})")
     if parsed.final_value is not None and row.get("gold_value") is not None:
         row["correct"] = numbers_match(parsed.final_value, row["gold_value"])
-    return [finalize(row)], [call]
+    return [finalize(row)], calls
 
 
 async def feedback(client: TeacherClient, row: Row, s: StageSettings) -> Output:
@@ -233,22 +279,30 @@ async def feedback(client: TeacherClient, row: Row, s: StageSettings) -> Output:
     texts, reasons = have + texts, [row.get("feedback_finish_reason")] * len(have) + reasons
     if calls and calls[-1].refused and not texts:
         return [], calls
+    limits = [max_tokens] * len(texts)
+    cut = [j for j, (t, r) in enumerate(zip(texts, reasons, strict=True))
+           if r == LENGTH and parse_feedback(t, len(subqs)).error]  # cut before its verdicts
+    retry = await _ask_longer(client, messages, cut, texts, reasons, limits, s.feedback_temperature,
+                              s.longer(max_tokens))
+    error = calls[-1].error if calls else None
+    calls += [retry] if retry is not None else []
     for call in calls:
         _account(row, "feedback", call)
     if not texts:
-        row.update(feedback_status=STATUS_API_ERROR, feedback_error=calls[-1].error)
+        row.update(feedback_status=STATUS_API_ERROR, feedback_error=error)
         return [finalize(row)], calls
     parsed = [parse_feedback(t, len(subqs)) for t in texts]
+    row["feedback_max_tokens"] = max(limits)
     row["feedback_raw"] = texts
     row["feedback_finish_reason"] = LENGTH if LENGTH in reasons else reasons[0]
     row["usefulness"] = usefulness(parsed, len(subqs))
     errors = [p.error for p in parsed if p.error]
     if len(texts) < s.feedback_samples:
         status = STATUS_PARTIAL
-        errors.insert(0, f"only {len(texts)} of {s.feedback_samples} judgements: {calls[-1].error}")
+        errors.insert(0, f"only {len(texts)} of {s.feedback_samples} judgements: {error}")
     elif any(p.error and r == LENGTH for p, r in zip(parsed, reasons, strict=True)):
         status = STATUS_TRUNCATED
-        errors.insert(0, f"a judgement was cut at the token limit ({max_tokens})")
+        errors.insert(0, f"a judgement was cut at the token limit ({max(limits)})")
     else:
         status = STATUS_OK if all(u is not None for u in row["usefulness"]) else STATUS_PARSE_ERROR
     row["feedback_status"] = status

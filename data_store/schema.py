@@ -31,8 +31,10 @@ STATUS_SKIPPED = "skipped"
 STATUS_TRUNCATED = "truncated"  # the output was cut at the token limit (finish_reason "length")
 STATUS_PARTIAL = "partial"  # fewer judgements than asked, and asking for the rest failed
 STATUSES = (STATUS_OK, STATUS_PARSE_ERROR, STATUS_API_ERROR, STATUS_TRUNCATED, STATUS_PARTIAL, STATUS_SKIPPED)
-# Failures a re-run retries by default; a parse error is the teacher's real answer and is kept.
-RETRYABLE_STATUSES = (STATUS_API_ERROR, STATUS_TRUNCATED, STATUS_PARTIAL)
+# Failures a re-run retries by default; a parse error is the teacher's real answer and is kept. A
+# truncated reply was already asked again with a larger limit: a re-run retries it only when asked
+# (``subq collect --retry-truncated``), since the same limit would pay for the same cut.
+RETRYABLE_STATUSES = (STATUS_API_ERROR, STATUS_PARTIAL)
 
 # Answer types of benchmark problems (evaluation scores each differently).
 ANSWER_TYPES = ("number", "choice", "yesno", "text")
@@ -89,6 +91,8 @@ def _stage_fields(stage: str) -> list[pa.Field]:
         pa.field(f"{stage}_cost_usd", pa.float64()),  # null when the model's price is unknown
         pa.field(f"{stage}_calls", pa.int64()),  # HTTP attempts made, retries included
         pa.field(f"{stage}_finish_reason", pa.string()),  # "stop", "length" (cut: truncated), ...
+        pa.field(f"{stage}_max_tokens", pa.int64()),  # the limit its reply was asked with (a cut one: asked
+        #                                               again with a larger one); null: older stores
     ]
 
 

@@ -1,7 +1,8 @@
 """``subq collect`` and ``subq store {stats,compact,history}``.
 
 Exit status of ``subq collect``: 0 when every requested sample is stored and none is left in a
-retryable failure (parse errors are the teacher's real answers and do not count); 1 when rows
+retryable failure (parse errors are the teacher's real answers and do not count); 4 when done but
+rows stay truncated at their token limit (a plain re-run does not pay for them: --retry-truncated); 1 when rows
 remain failed or missing (budget spent, outage past the patience, --no-retry-failed); 2 for a
 mistake in the input (one line, nothing written); 3 when the teacher refused the account
 (exhausted quota, billing, key): the run stopped at once and stored nothing as failed.
@@ -14,6 +15,7 @@ import json
 import sys
 
 from subq.exit_codes import ACCOUNT_REFUSED as EXIT_ACCOUNT
+from subq.exit_codes import DONE_TRUNCATED
 from subq.exit_codes import INCOMPLETE as EXIT_FAILED_ROWS
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -50,7 +52,12 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
                    help="cap on $: the store's recorded spend counts; each call's worst case is reserved first")
     p.add_argument("--budget-per-run", action="store_true", help="the budget counts this run's spend only")
     p.add_argument("--no-retry-failed", action="store_true",
-                   help="leave rows stored as api_error / partial / truncated as they are")
+                   help="leave rows stored as api_error / partial as they are")
+    p.add_argument("--retry-truncated", action="store_true",
+                   help="ask again for rows stored as truncated (a plain re-run does not pay for them again)")
+    p.add_argument("--truncated-max-tokens", type=int, metavar="N",
+                   help="a reply cut at --max-tokens is asked again once with this limit, recorded in the row "
+                        "(set it to the model's output limit; default 4x; <= --max-tokens: never)")
     p.add_argument("--patience", type=float, default=600.0,
                    help="seconds an outage of the teacher is waited out before the run stops (resume later)")
     p.add_argument("--price-table",
@@ -128,7 +135,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(format_collect_report(report, args.store, cfg))
-    return 0 if report.complete and not report.retryable else EXIT_FAILED_ROWS
+    if not report.complete or report.retryable:
+        return EXIT_FAILED_ROWS
+    return DONE_TRUNCATED if report.truncated else 0
 
 
 def collect_config(args: argparse.Namespace, teacher, prices):
@@ -142,6 +151,7 @@ def collect_config(args: argparse.Namespace, teacher, prices):
         feedback_temperature=args.temperature, max_tokens=args.max_tokens,
         requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
         budget_usd=args.budget_usd, budget_per_run=args.budget_per_run, retry_failed=not args.no_retry_failed,
+        retry_truncated=args.retry_truncated, truncated_max_tokens=args.truncated_max_tokens,
         patience_s=args.patience, prices=prices, min_actors=args.min_actors,
         max_actors=args.max_actors, batch_size=args.batch_size, progress=not args.no_progress,
         actor_num_cpus=args.actor_num_cpus, actor_resources=args.actor_resources,
@@ -262,6 +272,9 @@ def format_collect_report(report, store: str, cfg) -> str:
                  + (" without --no-retry-failed" if not cfg.retry_failed else ""))
     elif not report.complete:
         last += "; run the same command again to finish"
+    if report.truncated:
+        last += (f"; {report.truncated} stay truncated (cut at the larger limit too): --retry-truncated asks "
+                 "again, a larger --truncated-max-tokens helps")
     lines.append(last)
     return "\n".join(lines)
 

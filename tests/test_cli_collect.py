@@ -45,8 +45,8 @@ def test_embedded_teacher_end_to_end(ray_session, tmp_path, capsys):
                "--no-progress", "--json"])
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{"):])
-    # a reply cut at --max-tokens is stored as truncated: retryable, so the exit code says rows remain
-    assert rc == (1 if report["retryable"] else 0)
+    # a reply cut at --max-tokens, then at 4x, is stored as truncated: final (exit 4), not retried by a re-run
+    assert rc == (1 if report["retryable"] else 4 if report["truncated"] else 0)
     assert report["complete"] and report["samples_total"] == 2 and report["cost_usd"] == 0.0
     rows = Store(str(store)).read_rows("samples")
     assert len(rows) == 2 and max(Counter(r["sample_key"] for r in rows).values()) == 1

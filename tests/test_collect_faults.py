@@ -144,17 +144,20 @@ def test_reasoning_models_get_max_completion_tokens_and_no_temperature(ray_sessi
     assert all(r["cost_usd"] is not None and r["cost_usd"] > 0 for r in rows)  # the dated snapshot is priced
 
 
-def test_output_cut_at_the_token_limit_is_truncated_then_retried(ray_session, tmp_path):
+def test_output_cut_at_the_token_limit_is_asked_again_longer_in_the_same_run(ray_session, tmp_path):
+    """Each faulted content is cut on its first arrival only: the same run asks again with 4x the
+    limit (recorded in the row), so nothing stays truncated and a re-run has nothing to do."""
     faults = FaultPlan(rate=0.4, kinds=("truncated",), seed=2)
     with TeacherServer(faults=faults, model=MODEL) as srv:
-        run_collect(config(srv, tmp_path))
+        report = run_collect(config(srv, tmp_path))
+        assert srv.stats()["by_outcome"]["truncated"] > 0
         rows = Store(str(tmp_path)).read_rows("samples")
-        cut = [r for r in rows if "length" in {r["decompose_finish_reason"], r["answer_finish_reason"]}]
-        assert cut and all(r["status"] == "truncated" for r in cut)
-        assert "parse_error" not in statuses(tmp_path)
-        srv.account.content_faults = False
+        longer = [r for r in rows if 4 * 256 in {r["decompose_max_tokens"], r["answer_max_tokens"]}]
+        assert longer and all(r["decompose_finish_reason"] == r["answer_finish_reason"] == "stop" for r in rows)
+        assert statuses(tmp_path) == {"ok": N_SAMPLES} and report.truncated == 0
+        billed = srv.stats()["billed"]
         run_collect(config(srv, tmp_path))
-    assert statuses(tmp_path) == {"ok": N_SAMPLES}
+        assert srv.stats()["billed"] == billed
 
 
 def test_a_response_without_usage_is_priced_unknown(ray_session, tmp_path):
