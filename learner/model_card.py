@@ -124,6 +124,7 @@ def build_model_card(meta: dict[str, Any], summary: dict[str, Any], facts: dict[
              json.dumps(strip_secrets((meta.get("extra") or {}).get("algo_config") or {}), indent=1, default=str),
              "```", ""]
     stats = summary.get("data") or {}
+    excluded = ", ".join(f"{n} {why}" for why, n in (stats.get("excluded") or {}).items())
     teachers = facts.get("teachers")
     source = ("GSM8K socratic human decompositions (the store's problems table)"
               if cfg.get("source") == "reference" else "teacher decompositions (the store's samples table)")
@@ -138,8 +139,8 @@ def build_model_card(meta: dict[str, Any], summary: dict[str, Any], facts: dict[
               + (f" of {facts['val_problems']} problems" if "val_problems" in facts else "")
               + (f" (human sub-questions of `{cfg['val_problems']}`)" if cfg.get("val_problems")
                  else f" (a {cfg.get('val_fraction')} share of the problems, held out)"),
-              f"- Not trained on: {stats.get('excluded') or {}} excluded, {stats.get('filtered_out', 0)} not kept by "
-              "the algorithm's rule", ""]
+              f"- Not trained on: {excluded or 'no'} excluded samples, {stats.get('filtered_out', 0)} episodes not "
+              "kept by the algorithm's rule", ""]
     val = {k: v for k, v in (summary.get("metrics") or {}).items() if "/val_" in k}
     lines += ["## Held-out figures", ""]
     lines += (["| metric | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in sorted(val.items())), ""]

@@ -140,3 +140,17 @@ def test_card_base_model_license_and_ilql_note(tmp_path):
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
     assert "without Q/V guidance" in card and "None measured" in card
     assert "hunter2" not in card and "sk-no" not in card
+
+
+def test_serve_cli_sets_the_served_name(ray_session, monkeypatch):
+    import subq.serve.decomposer as decomposer
+
+    import subq.runtime
+    from subq.cli import main
+
+    served: list[DecomposerConfig] = []
+    monkeypatch.setattr(subq.runtime, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(decomposer, "run_decomposer_forever", served.append)  # no Ray: the config is the point
+    assert main(["serve", "--model", TINY, "--served-model-name", "mine"]) == 0
+    assert main(["serve", "--model", TINY]) == 0
+    assert [c.served_model_name for c in served] == ["mine", "tiny-random-llama"]
