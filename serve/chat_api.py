@@ -2,8 +2,10 @@
 
 Kept apart from the Serve deployments so every rule about what a client may send is in one readable
 place and can be tested without a server. Every field of OpenAI's schema is either honoured or refused
-with a 400 that names it; ``null`` means absent; unknown fields are refused (a misspelt option would
-otherwise be ignored silently). Client mistakes become :class:`ApiError` (a 4xx with OpenAI's error
+with a 400 that names it; ``null`` means absent, in the body and in a message (replayed assistant
+messages carry ``refusal: null``, ``tool_calls: null``); unknown fields are refused (a misspelt option would
+otherwise be ignored silently). A message's ``name`` (LangChain, AutoGen) is passed on to the chat
+template, which uses it if it knows the key (ChatML templates such as SmolLM2's ignore it). Client mistakes become :class:`ApiError` (a 4xx with OpenAI's error
 shape), never a 500. Streaming chunks are built in ``serve/chat_stream.py``.
 """
 
@@ -36,7 +38,7 @@ HONOURED = ("model", "messages", "temperature", "top_p", "n", "max_tokens", "max
 METADATA = ("user", "metadata")  # describe the caller, never change the answer: accepted and not used
 # OpenAI fields this server cannot honour: the values that mean "off" pass, anything else is a 400.
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "logprobs": ((False,), "logprobs are not supported by this server"),
+    "logprobs": ((False,), "logprobs are not supported by this server"),  # the LLM server honours them
     "top_logprobs": ((), "logprobs are not supported by this server"),
     "response_format": (({"type": "text"},), "only response_format {\"type\": \"text\"} is supported: this "
                                              "server cannot guarantee JSON output"),
@@ -54,14 +56,17 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "store": ((False,), "this server stores nothing; send 'store': false"),
     "service_tier": (("auto", "default"), "this server has one service tier"),
 }
-MESSAGE_FIELDS = ("role", "content")
+MESSAGE_FIELDS = ("role", "content", "name")
+MAX_NAME_CHARS = 256  # a participant's name (OpenAI allows 64; be lenient, it only reaches the template)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs (vLLM's default max_logprobs)
+LOGPROBS = ("logprobs", "top_logprobs")
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     """A validated request; ``max_tokens`` is None when the client left it to the server."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, str]]  # role, content and, when sent, name
     temperature: float
     top_p: float
     n: int
@@ -73,6 +78,7 @@ class ChatRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; k: each token's log-prob and its k most likely alternatives
 
     def sampling(self, max_tokens: int, beta: float = 0.0) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -82,17 +88,20 @@ class ChatRequest:
 
 def parse_chat_request(body: Any, *, served_model: str, max_n: int, max_new_tokens: int,
                        vocab_size: int | None = None, max_prompt_chars: int | None = None,
-                       extensions: tuple[str, ...] = ()) -> ChatRequest:
+                       extensions: tuple[str, ...] = (), logprobs: bool = False) -> ChatRequest:
     """Validate a decoded JSON body against the OpenAI schema and this server's limits.
 
     ``max_prompt_chars`` bounds the messages' total length before anything is tokenized;
-    ``extensions`` are extra fields the caller validates itself (the decomposer's ``beta``).
+    ``extensions`` are extra fields the caller validates itself (the decomposer's ``beta``);
+    ``logprobs``: the server honours ``logprobs``/``top_logprobs`` (not with ``stream``), else they are refused.
     """
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not a JSON {json_type(body)}",
                        code="invalid_json")
     refuse_unknown(body, {*HONOURED, *METADATA, *REFUSED, *extensions}, "/v1/chat/completions")
     for key, (allowed, message) in REFUSED.items():
+        if logprobs and key in LOGPROBS:
+            continue
         if body.get(key) is not None and not any(body[key] == a and type(body[key]) is type(a) for a in allowed):
             raise ApiError(400, f"'{key}': {message}", code="unsupported_parameter", param=key)
     check_model(body.get("model"), served_model)
@@ -111,7 +120,20 @@ def parse_chat_request(body: Any, *, served_model: str, max_n: int, max_new_toke
         logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
         presence_penalty=number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logprobs=_logprobs(body, stream) if logprobs else None,
     )
+
+
+def _logprobs(body: dict, stream: bool) -> int | None:
+    """OpenAI's chat pair: ``logprobs: true`` turns them on, ``top_logprobs`` (0-20) asks for alternatives."""
+    on = boolean(body, "logprobs")
+    top = integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not on:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if on and stream:
+        raise ApiError(400, "'logprobs' are not supported with 'stream': true on this server; ask without "
+                            "streaming", code="unsupported_parameter", param="logprobs")
+    return (top or 0) if on else None
 
 
 def _max_tokens(body: dict, max_new_tokens: int) -> int | None:
@@ -134,13 +156,20 @@ def _messages(value: Any, max_chars: int | None) -> list[dict[str, str]]:
         if not isinstance(msg, dict):
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", code="invalid_type",
                            param=where)
-        extra = sorted(str(k) for k in msg if k not in MESSAGE_FIELDS)
+        # null means absent: replayed assistant messages carry refusal/tool_calls/audio set to null
+        extra = sorted(str(k) for k, v in msg.items() if k not in MESSAGE_FIELDS and v is not None)
         if extra:
-            raise ApiError(400, f"'{where}.{extra[0][:64]}' is not supported: messages take only 'role' and "
-                                "'content' here", code="unsupported_parameter", param=f"{where}.{extra[0][:64]}")
-        role, content = msg.get("role"), msg.get("content")
+            raise ApiError(400, f"'{where}.{extra[0][:64]}' is not supported: messages take only 'role', "
+                                "'content' and 'name' here", code="unsupported_parameter",
+                           param=f"{where}.{extra[0][:64]}")
+        role, content, name = msg.get("role"), msg.get("content"), msg.get("name")
         if not isinstance(role, str) or not role:
             raise ApiError(400, f"'{where}.role' must be a non-empty string", code="invalid_type", param=where)
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS):
+            raise ApiError(400, f"'{where}.name' must be a string of 1 to {MAX_NAME_CHARS} characters",
+                           code="invalid_type", param=f"{where}.name")
+        if content is None and role == "assistant":  # OpenAI: optional on assistant messages
+            content = ""
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        and set(p) <= {"type", "text"} for p in content):
@@ -149,11 +178,11 @@ def _messages(value: Any, max_chars: int | None) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"'{where}.content' must be a string", code="invalid_type", param=where)
-        total += len(role) + len(content)
+        total += len(role) + len(content) + len(name or "")
         if max_chars is not None and total > max_chars:
             raise ApiError(400, f"the messages are longer than {max_chars} characters, more than the model's "
                                 "context can hold; shorten them", code="context_length_exceeded", param="messages")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content} | ({"name": name} if name is not None else {}))
     return out
 
 
@@ -195,8 +224,10 @@ def _logit_bias(value: Any, vocab_size: int | None) -> tuple[tuple[int, float], 
     return tuple(out)
 
 
-def chat_completion(model: str, prompt_tokens: int, completions: list[Completion]) -> dict[str, Any]:
-    """The ``chat.completion`` object; usage counts the prompt once and every sampled token."""
+def chat_completion(model: str, prompt_tokens: int, completions: list[Completion],
+                    logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``chat.completion`` object; usage counts the prompt once and every sampled token.
+    ``logprobs``: each choice's ``{"content": [...], "refusal": None}`` when the request asked for them."""
     completion_tokens = sum(c.generated_tokens for c in completions)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -204,8 +235,8 @@ def chat_completion(model: str, prompt_tokens: int, completions: list[Completion
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-             "finish_reason": c.finish_reason}
+            {"index": i, "message": {"role": "assistant", "content": c.text},
+             "logprobs": logprobs[i] if logprobs is not None else None, "finish_reason": c.finish_reason}
             for i, c in enumerate(completions)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
