@@ -131,6 +131,10 @@ def cmd_llm_server(args: argparse.Namespace) -> int:
                        token_env=args.token_env, num_cpus=args.num_cpus, num_gpus=args.num_gpus, dtype=args.dtype,
                        torch_threads=args.torch_threads)
     init_ray(args.ray_address)
+    from subq.resources import require, serve_demand
+
+    require([serve_demand("the llm-server replica", cfg.num_cpus, cfg.num_gpus,
+                          hint="without GPUs: --num-gpus 0")])  # a replica nobody can host would wait silently
     run_forever(cfg)
     return 0
 
@@ -231,6 +235,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     init_ray(args.ray_address)
+    from subq.resources import require, train_demand
+
+    require([train_demand(cfg.algo, cfg.num_workers, cfg.use_gpu, hint="without GPUs: --num-gpus 0")])
     summary = run_train(cfg)
     if args.json:
         print_json(summary)
@@ -280,8 +287,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from subq.data_store.datasets import DatasetError
     from subq.data_store.store import StoreError
     from subq.learner.models import ModelError
+    from subq.resources import ResourceError
 
-    return (UserError, TeacherUnreachable, DatasetError, StoreError, ModelError, FileNotFoundError)
+    return (UserError, TeacherUnreachable, DatasetError, StoreError, ModelError, FileNotFoundError, ResourceError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"subq: error: {e}", file=sys.stderr)
             return exit_codes.ACCOUNT_REFUSED
         if isinstance(e, _user_errors()) or (isinstance(e, ValueError) and str(e).startswith("no API key")):
-            print(f"subq: error: {e}", file=sys.stderr)
+            for line in str(e).splitlines() or [""]:  # one line per problem, each a full error line
+                print(f"subq: error: {line}", file=sys.stderr)
             return exit_codes.BAD_INPUT
         raise
 

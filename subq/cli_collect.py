@@ -116,6 +116,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.wait or args.export_requests or args.import_results:
         raise UserError("--wait, --export-requests and --import-results need --mode batch")
     init_ray(args.ray_address)
+    from subq.resources import actor_pool_demand, require
+
+    require([actor_pool_demand("collection actors", args.actor_num_cpus, args.actor_resources, args.min_actors,
+                               hint="drop --actor-resources on a machine without such nodes")])
     with local_teacher(args.teacher_base_url, args.local_model, args.local_port) as (base_url, served):
         model = args.teacher_model or served
         if model is None:

@@ -66,6 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus, dtype=args.dtype, torch_threads=args.torch_threads,
     )
     init_ray(args.ray_address)
+    from subq.resources import require, serve_demand
+
+    require([serve_demand("decomposer replicas", cfg.num_cpus, cfg.num_gpus, args.min_replicas,
+                          hint="without GPUs: --num-gpus 0")])
     run_decomposer_forever(cfg)
     return 0
 
@@ -169,6 +173,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if pending(cfg, keys):
         init_ray(args.ray_address)
+        from subq.resources import actor_pool_demand, require
+
+        require([actor_pool_demand("evaluation actors", cfg.actor_num_cpus, cfg.actor_resources, cfg.min_actors)])
         try:
             evaluate_decomposers(cfg, decomposers, solvers_raw, local_model=args.local_model,
                                  local_port=args.local_port, api_key_env=args.api_key_env, prices=prices,
@@ -218,7 +225,12 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 def add_pipeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="the whole loop: collect -> train BC / filtered BC / ILQL -> serve -> eval "
                                         "-> report (re-run to resume)")
-    p.add_argument("--config", required=True, help="a YAML file, e.g. configs/quickstart.yaml")
+    p.add_argument("--config", required=True,
+                   help="a YAML file, or a shipped config by name (quickstart, gsm8k-openai, ...); a path that "
+                        "exists wins")
+    p.add_argument("--check", action="store_true",
+                   help="check everything the run needs (models, datasets, keys by name, outputs, Ray resources) "
+                        "without running it or calling any endpoint; exit 0 or 2")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set train.defaults.max_steps=10 "
                         "--set 'eval.benchmarks=[\"gsm8k:test[:20]\"]' (YAML values)")
@@ -232,12 +244,17 @@ def add_pipeline(sub: argparse._SubParsersAction) -> None:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from subq.cli import UserError
     from subq.config import ConfigError, load_config
+    from subq.preflight import check, print_report, resolve_config
 
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     try:
-        cfg, raw = load_config(args.config, overrides)
+        cfg, raw = load_config(resolve_config(args.config), overrides)
     except ConfigError as e:
         raise UserError(str(e)) from None
+    # the same preflight before every run; resources are checked by the run itself, once Ray is up
+    verdict = print_report(check(cfg, raw, resources=args.check), verbose=args.check)
+    if args.check or verdict:
+        return verdict
     import sys
 
     from subq import exit_codes

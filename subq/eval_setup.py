@@ -247,6 +247,10 @@ def _served(spec: str, index: int, opts: ServeOptions) -> Iterator[str]:
     cfg = DecomposerConfig(model=spec, port=opts.port, route_prefix=f"/decomposer-{index}",
                            app_name=f"subq-decomposer-{index}", max_batch_size=opts.max_batch_size,
                            num_gpus=opts.num_gpus, num_cpus=opts.num_cpus, max_new_tokens=opts.max_new_tokens)
+    from subq.resources import require, serve_demand
+
+    require([serve_demand(f"the decomposer replica for {spec}", cfg.num_cpus, cfg.num_gpus,
+                          hint="without GPUs: serve.num_gpus=0 (subq eval: --num-gpus 0)")])
     url = start_decomposer(cfg)
     try:
         yield url
@@ -269,6 +273,10 @@ def served_solver(solver: SolverSpec, index: int, opts: ServeOptions) -> Iterato
                           route_prefix=f"/solver-{index}", app_name=f"subq-solver-{index}",
                           max_batch_size=opts.max_batch_size, num_gpus=opts.num_gpus, num_cpus=opts.num_cpus,
                           torch_threads=os.cpu_count())
+    from subq.resources import require, serve_demand
+
+    require([serve_demand(f"the solver replica for {solver.served}", cfg.num_cpus, cfg.num_gpus,
+                          hint="without GPUs: serve.num_gpus=0 (subq eval: --num-gpus 0)")])
     url = start_llm_server(cfg)
     try:
         yield replace(solver, base_url=url)

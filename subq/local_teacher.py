@@ -25,6 +25,9 @@ def local_teacher(base_url: str | None, local_model: str, port: int) -> Iterator
     # Ray's own tasks on a 2-core machine; but the model is the stage's real work, so it decodes on
     # every core (torch threads would otherwise follow the reservation: 1).
     cfg = LLMServerConfig(model=local_model, port=port, num_cpus=0.5, torch_threads=os.cpu_count())
+    from subq.resources import require, serve_demand
+
+    require([serve_demand("the local teacher/solver server", cfg.num_cpus, cfg.num_gpus)])
     url = start_llm_server(cfg)
     try:
         yield url, cfg.served_model_name

@@ -433,6 +433,10 @@ class Pipeline:
         resolved = dataclasses.asdict(self.cfg)
         (self.out / "pipeline_config.yaml").write_text(dump(resolved))
         init_ray(self.cfg.ray_address)
+        from subq.preflight import pipeline_demands
+        from subq.resources import require
+
+        require(pipeline_demands(self), echo=self.echo)  # a resource no node has fails now, not silently later
         for step in (self.collect, self.imports, self.train, self.evaluate, self.report):
             if self.result.incomplete and not self.cfg.train_on_incomplete:
                 break  # nothing is trained (or evaluated) on partial data
