@@ -9,7 +9,8 @@ sends each key to the stage where it stopped, so a re-run after a kill finishes 
 duplicates and never re-sends a call whose result was stored. Rows that failed in a retryable
 way get a new attempt unless ``retry_failed`` is off.
 
-One run writes a store at a time (the store's lock). One governor actor is shared by the whole
+One run writes a store at a time (the store's lease, ``data_store.lease``): the actors write for the
+driver's lease and stop when it lapses (a killed driver's actors). One governor actor is shared by the whole
 pool: rate limits, the $ budget (cumulative over the store's ledger unless ``budget_per_run``),
 the circuit breaker and the stop after a fatal account error.
 """
@@ -32,6 +33,7 @@ from subq.actors.stage_worker import STAGE_OUTPUT, StageWorker
 from subq.actors.stages import StageSettings
 from subq.actors.teacher import TeacherConfig, TeacherFatalError
 from subq.data_store.datasets import load_problems
+from subq.data_store.lease import held_holder
 from subq.data_store.schema import RETRYABLE_STATUSES, STATUS_OK, STATUS_SKIPPED, STATUS_TRUNCATED
 from subq.data_store.store import Store
 from subq.data_store.store_stats import not_ok_summary
@@ -153,7 +155,8 @@ def run_pipeline(stages: list[str], inputs: list[dict], cfg: CollectConfig, sett
         ds = ds.map_batches(
             StageWorker,
             fn_constructor_kwargs=dict(stage=stage, teacher=cfg.teacher, settings=settings,
-                                       prices=cfg.prices, governor=governor, store_root=cfg.store),
+                                       prices=cfg.prices, governor=governor, store_root=cfg.store,
+                                       lease_holder=held_holder(Store(cfg.store))),
             batch_size=None,  # one block = one batch
             batch_format="pyarrow",
             compute=ActorPoolStrategy(
@@ -229,7 +232,7 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
 
     Ray must be initialised and the teacher endpoint reachable (see ``actors.teacher.check_endpoint``).
     Work left by an interrupted run enters the pipeline at the stage where it stopped. Raises
-    ``TeacherFatalError`` (quota, billing, key) and ``data_store.lock.StoreLocked``.
+    ``TeacherFatalError`` (quota, billing, key) and ``data_store.lease.StoreLocked``.
     """
     import ray
 

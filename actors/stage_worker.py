@@ -47,10 +47,10 @@ def ledger_rows(stage: str, item: Row, rows: list[Row], calls: list[CallResult],
 
 class StageWorker:
     def __init__(self, stage: str, teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
-                 governor: Any, store_root: str):
+                 governor: Any, store_root: str, lease_holder: str | None = None):
         self.stage, self.teacher_cfg, self.settings = stage, teacher, settings
         self.prices, self.governor = prices, governor
-        self.store = Store(store_root)
+        self.store = Store(store_root, holder=lease_holder)  # each commit checks the driver's lease
         self.table = STAGE_OUTPUT[stage]
         self._client: TeacherClient | None = None
         self._pending: tuple[list[Row], list[Row]] = ([], [])  # rows, ledger rows not yet written

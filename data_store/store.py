@@ -14,7 +14,9 @@ only the part files that hold the wanted keys.
 
 Bulk reads for pipelines go through Ray Data (:meth:`Store.dataset`); small driver-side reads
 (key sets, stats) read the same files with pyarrow, which is far cheaper than a Ray job. Only one
-process may write a store at a time (:meth:`Store.lock`, ``data_store.lock``).
+process may write a store at a time (:meth:`Store.lock`, ``data_store.lease``): a store bound to a
+lease holder (the driver's while it holds the lease, an actor's through ``holder=``) checks the lease
+is still its own before it commits each part file, and refuses the commit otherwise.
 """
 
 from __future__ import annotations
@@ -94,8 +96,12 @@ def _parallel(fn: Callable[[str], _T], paths: list[str]) -> list[_T]:
 
 
 class Store:
-    def __init__(self, root: str):
+    def __init__(self, root: str, holder: str | None = None):
         self.root_uri = str(root)
+        # the lease holder id this store writes for (a collection actor's); None: the lease this
+        # process holds on the store, if any (``data_store.lease``); writes without either are unchecked
+        self.holder = holder
+        self._backend: Any = None
         try:
             self.fs, self.root = pafs.FileSystem.from_uri(self._as_uri(self.root_uri))
         except (pa.ArrowInvalid, ValueError, OSError) as e:
@@ -115,11 +121,27 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.root_uri!r})"
 
-    def lock(self, command: str = ""):
-        """The store's writer lock (a context manager); raises ``StoreLocked`` if another holds it."""
-        from subq.data_store.lock import StoreLock
+    def lock(self, command: str = "", config: Any = None):
+        """The store's writer lease (a context manager, ``data_store.lease.StoreLease``); acquiring
+        raises ``StoreLocked`` naming the holder if another run holds it."""
+        from subq.data_store.lease import StoreLease
 
-        return StoreLock(self, command)
+        return StoreLease(self, command, config)
+
+    def _lease_backend(self) -> Any:
+        if self._backend is None:
+            from subq.data_store.lease import backend_for
+
+            self._backend = backend_for(self)
+        return self._backend
+
+    def check_lease(self) -> None:
+        """Raise ``LeaseLost`` if this store writes for a lease that is no longer valid and its own."""
+        from subq.data_store.lease import check_lease, held_holder
+
+        holder = self.holder or held_holder(self)
+        if holder is not None:
+            check_lease(self, holder)
 
     # ---- paths -----------------------------------------------------------------------------
     def table_dir(self, table: str) -> str:
@@ -253,6 +275,11 @@ class Store:
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp, final = f"{directory}/{_TMP_PREFIX}{name}", f"{directory}/{name}"
         pq.write_table(data, tmp, filesystem=self.fs)
+        try:
+            self.check_lease()  # the commit is the move: a writer whose lease lapsed stops here
+        except StoreError:
+            self.fs.delete_file(tmp)
+            raise
         self.fs.move(tmp, final)
         return final
 
@@ -285,6 +312,7 @@ class Store:
             if not all(keep):
                 data = data.filter(pa.array(keep, type=pa.bool_()))
             self._write_part(self.table_dir(table), data)
+            self.check_lease()
             for path in group:
                 self.fs.delete_file(path)
         return len(files), len(self.part_files(table))

@@ -283,13 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from subq.actors.teacher import TeacherUnreachable
-    from subq.data_store.datasets import DatasetError
-    from subq.data_store.store import StoreError
-    from subq.learner.models import ModelError
-    from subq.resources import ResourceError
-
-    return (UserError, TeacherUnreachable, DatasetError, StoreError, ModelError, FileNotFoundError, ResourceError)
+    # Only the classes of modules already imported (an error of a module never imported cannot have
+    # been raised): importing them here (learner.models imports torch) kept a refused run waiting.
+    classes = {"subq.actors.teacher": "TeacherUnreachable", "subq.data_store.datasets": "DatasetError",
+               "subq.data_store.store": "StoreError", "subq.learner.models": "ModelError",
+               "subq.resources": "ResourceError"}
+    return (UserError, FileNotFoundError,
+            *(getattr(sys.modules[m], c) for m, c in classes.items() if m in sys.modules))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         print("subq: interrupted; finished batches are stored, run the same command to resume", file=sys.stderr)
         return exit_codes.INTERRUPTED
     except Exception as e:
-        from subq.actors.teacher import TeacherFatalError
-
-        if isinstance(e, TeacherFatalError):  # the account, not the command: 3 wherever it surfaces
+        teacher = sys.modules.get("subq.actors.teacher")  # not imported: none of its errors was raised
+        if teacher is not None and isinstance(e, teacher.TeacherFatalError):  # the account: 3 wherever it surfaces
             print(f"subq: error: {e}", file=sys.stderr)
             return exit_codes.ACCOUNT_REFUSED
         if isinstance(e, _user_errors()) or (isinstance(e, ValueError) and str(e).startswith("no API key")):

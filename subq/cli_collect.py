@@ -91,6 +91,10 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    from subq.data_store.lease import refuse_if_held
+    from subq.data_store.store import Store
+
+    refuse_if_held(Store(args.store))  # a store another run writes: refused in a second, before the heavy imports
     from subq.actors.collect import run_collect
     from subq.actors.prices import PriceTable
     from subq.actors.teacher import TeacherConfig, TeacherFatalError, check_endpoint
@@ -115,26 +119,28 @@ def cmd_collect(args: argparse.Namespace) -> int:
         return cmd_collect_batch(args, problems, prices)
     if args.wait or args.export_requests or args.import_results:
         raise UserError("--wait, --export-requests and --import-results need --mode batch")
-    init_ray(args.ray_address)
-    from subq.resources import actor_pool_demand, require
+    # The store's lease is taken before Ray starts: a second run on the store is refused in a second.
+    with Store(args.store).lock("subq collect"):
+        init_ray(args.ray_address)
+        from subq.resources import actor_pool_demand, require
 
-    require([actor_pool_demand("collection actors", args.actor_num_cpus, args.actor_resources, args.min_actors,
-                               hint="drop --actor-resources on a machine without such nodes")])
-    with local_teacher(args.teacher_base_url, args.local_model, args.local_port) as (base_url, served):
-        model = args.teacher_model or served
-        if model is None:
-            raise UserError("--teacher-model is required with --teacher-base-url")
-        if served is not None:
-            prices = prices.with_price(model, 0.0, 0.0)  # our own local server costs nothing per token
-        teacher = TeacherConfig(base_url=base_url, model=model, api_key_env=args.api_key_env,
-                                timeout_s=args.timeout, max_attempts=args.max_attempts)
-        check_endpoint(teacher)
-        cfg = collect_config(args, teacher, prices)
-        try:
-            report = run_collect(cfg, problems)
-        except TeacherFatalError as e:
-            print(f"subq: error: {e}", file=sys.stderr)
-            return EXIT_ACCOUNT
+        require([actor_pool_demand("collection actors", args.actor_num_cpus, args.actor_resources, args.min_actors,
+                                   hint="drop --actor-resources on a machine without such nodes")])
+        with local_teacher(args.teacher_base_url, args.local_model, args.local_port) as (base_url, served):
+            model = args.teacher_model or served
+            if model is None:
+                raise UserError("--teacher-model is required with --teacher-base-url")
+            if served is not None:
+                prices = prices.with_price(model, 0.0, 0.0)  # our own local server costs nothing per token
+            teacher = TeacherConfig(base_url=base_url, model=model, api_key_env=args.api_key_env,
+                                    timeout_s=args.timeout, max_attempts=args.max_attempts)
+            check_endpoint(teacher)
+            cfg = collect_config(args, teacher, prices)
+            try:
+                report = run_collect(cfg, problems)
+            except TeacherFatalError as e:
+                print(f"subq: error: {e}", file=sys.stderr)
+                return EXIT_ACCOUNT
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,6 +345,8 @@ class Pipeline:
         from subq.learner.train import run_train
 
         data = None
+        if hasattr(getattr(self, "_lease", None), "release"):
+            self._lease.release()  # the store is only read from here on: another run may write it
         for algo in self.cfg.train.algos if "train" in self.cfg.stages else []:
             with self._stage(f"train {algo}") as res:
                 out = self.train_dir(algo)
@@ -426,6 +428,19 @@ class Pipeline:
                 self.echo(format_failures(failed, ec.retry_failed))
 
     def run(self) -> PipelineResult:
+        with self._store_lease():  # taken before Ray starts: a second writer of the store is refused at once
+            return self._run()
+
+    def _store_lease(self) -> Any:
+        """The store's lease while the pipeline may write it (collect, import); ``train`` hands it back
+        early, as training and evaluation only read the store."""
+        imp = self.cfg.imports
+        writes = self.collect_config() is not None or (
+            "import" in self.cfg.stages and bool(imp.reference or imp.gsm8k_ai_subq))
+        self._lease = Store(self.cfg.store_uri).lock("subq pipeline") if writes else nullcontext()
+        return self._lease
+
+    def _run(self) -> PipelineResult:
         from subq.runtime import init_ray
 
         self.preflight()

@@ -34,3 +34,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3 API (moto server mode) for the session; env points boto3 and pyarrow at it."""
+    from tests.s3_server import s3_server
+
+    with s3_server() as server:
+        yield server

@@ -181,6 +181,19 @@ def _collect_cmd(srv: TeacherServer, store: Path, problems: str, timeout_s: floa
             "--max-actors", "1", "--no-progress", "--timeout", str(timeout_s)]
 
 
+def wait_for_lapse(root: Path, timeout_s: float = 120.0) -> None:
+    """Until the store's lease (of a killed run) has lapsed."""
+    from subq.data_store.lease import LEASE_NAME, LeaseInfo
+
+    deadline = time.monotonic() + timeout_s
+    while (root / LEASE_NAME).exists():
+        info = LeaseInfo.parse((root / LEASE_NAME).read_bytes())
+        if info is None or info.expires_at < time.time():
+            return
+        assert time.monotonic() < deadline, "the killed run's lease never lapsed"
+        time.sleep(0.1)
+
+
 def test_killed_driver_resumes_without_paying_twice(tmp_path):
     """SIGKILL `subq collect` and its local Ray mid-run (a crashed machine), then run it again.
 
@@ -191,7 +204,8 @@ def test_killed_driver_resumes_without_paying_twice(tmp_path):
     """
     problems, n_problems = "gsm8k:train[:8]", 8
     faults = FaultPlan(rate=0.25, kinds=("slow",), seed=1, slow_s=4.0)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a short store lease: the re-run takes over the killed run's lease once it lapses
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_LEASE_TTL_S": "6", "SUBQ_LEASE_RENEW_S": "1"}
     with TeacherServer(model=MODEL, latency_s=0.1, faults=faults) as srv:
         proc = subprocess.Popen(_collect_cmd(srv, tmp_path, problems, timeout_s=8.0), cwd=ROOT, env=env,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -213,6 +227,7 @@ def test_killed_driver_resumes_without_paying_twice(tmp_path):
         at_kill = _store_keys(tmp_path)
         total = 2 * n_problems
         assert len(at_kill["samples"]) < total, "the run finished before it was killed"
+        wait_for_lapse(tmp_path)  # liveness is the lease's heartbeat, not the dead driver's pid
         done = subprocess.run(_collect_cmd(srv, tmp_path, problems, timeout_s=8.0), cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
