@@ -263,3 +263,27 @@ def test_a_second_collect_is_refused_before_ray_starts(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not started
     assert len(err) == 1 and f"being written by pid {os.getpid()}" in err[0] and "'subq collect'" in err[0], err
+
+
+def test_a_second_pipeline_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    import subq.runtime
+    from subq.cli import main
+
+    started: list[str] = []
+    monkeypatch.setattr(subq.runtime, "init_ray", lambda *a, **k: started.append("ray"))
+    root = str(tmp_path / "store")
+    cfg = {"name": "t", "out": str(tmp_path / "run"), "store": root,
+           "teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+           "collect": {"problems": "gsm8k:train[:2]"}, "train": {"algos": []}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    running = Store(root).lock("subq collect", FAST).acquire()
+    lease_mod._HELD.pop(running.backend.ident)  # the first run is another process
+    try:
+        rc = main(["pipeline", "--config", str(tmp_path / "p.yaml")])
+    finally:
+        lease_mod._HELD[running.backend.ident] = running
+        running.release()
+    err = capsys.readouterr().err
+    assert rc == 2 and not started and "being written by pid" in err, err
