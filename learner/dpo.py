@@ -57,14 +57,17 @@ class DPOConfig(OptimConfig):
     """DPO's settings; the optimizer's fields are ``OptimConfig``'s (``learner/optim.py``)."""
 
     lr: float = 1e-6  # AdamW learning rate (Rafailov et al. and TRL's DPOTrainer default)
-    beta: float = 0.1  # strength of the KL anchor to the reference (DPO's beta; IPO's tau)
-    loss_type: str = "sigmoid"  # "sigmoid" (DPO, cDPO with label_smoothing) or "ipo"
+    beta: float = 0.1  # strength of the KL anchor to the reference (DPO's beta, Rafailov et al.: 0.1; IPO's tau)
+    loss_type: str = "sigmoid"  # "sigmoid" (DPO, Rafailov et al.; cDPO with label_smoothing) or "ipo"
     label_smoothing: float = 0.0  # cDPO's eps in [0, 0.5): the assumed chance a preference label is wrong
+    #                              (0: plain DPO, Rafailov et al.)
     nll_weight: float = 0.0  # weight of the chosen decomposition's token NLL added to the loss (0: plain DPO)
-    return_kind: str = "both"  # what ranks decompositions: "correctness", "usefulness", "both" (episodes.py)
-    margin: float = 0.5  # a pair needs returns that differ by at least this (> 0: equal returns never pair)
-    max_pairs_per_problem: int = 0  # > 0: keep a problem's pairs with the largest return gaps; 0: all of them
-    disable_dropout: bool = True  # no dropout in the policy, so it matches the reference at step 0
+    return_kind: str = "both"  # what ranks decompositions: "correctness", "usefulness", "both" (episodes.py);
+    #                           ours: both kinds of teacher feedback, as filtered BC's ranking
+    margin: float = 0.5  # a pair needs returns that differ by at least this (> 0: equal returns never pair);
+    #                     ours: small usefulness differences are noise from a few feedback samples
+    max_pairs_per_problem: int = 0  # > 0: keep a problem's pairs with the largest return gaps; 0: all (ours)
+    disable_dropout: bool = True  # no dropout in the policy, so it matches the reference at step 0 (as TRL)
 
 
 def check_config(cfg: DPOConfig) -> None:

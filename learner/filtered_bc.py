@@ -37,8 +37,10 @@ RANK_WITHIN = ("problem", "global")
 class FilteredBCConfig(BCConfig):
     correct_only: bool = True  # keep only decompositions that led to the gold answer (paper 1's code, paper 2)
     fraction: float = 1.0  # then keep this top share by return, in (0, 1]; 1.0 keeps all (paper 1's rule)
-    return_kind: str = "both"  # what ranks when fraction < 1: "correctness", "usefulness" or "both" (episodes.py)
-    rank_within: str = "problem"  # fraction < 1: rank each problem's decompositions ("problem") or all ("global")
+    return_kind: str = "both"  # what ranks when fraction < 1: "correctness", "usefulness" or "both" (episodes.py);
+    #                           ours: both kinds of teacher feedback
+    rank_within: str = "problem"  # fraction < 1: rank each problem's decompositions ("problem") or all ("global");
+    #                              ours: every problem keeps its best, hard problems are not filtered away
 
 
 class Rankable(Protocol):

@@ -20,12 +20,14 @@ DRIVER_FIELDS = ("batch_size", "max_length", "seed")  # filled from TrainConfig,
 class OptimConfig:
     """Settings every algorithm shares (BCConfig and ILQLConfig extend it)."""
 
-    lr: float = 5e-5  # AdamW learning rate (peak, after warmup)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this; <= 0 disables clipping
-    warmup_steps: int = 0  # linear warmup from 0 to lr over this many optimizer steps
-    lr_decay: str = "none"  # after warmup: "none" (constant lr), "cosine" or "linear" down to min_lr_ratio * lr
+    lr: float = 5e-5  # AdamW learning rate (peak, after warmup); BC's (ours: transformers' Trainer default)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (ours: none, as transformers' Trainer)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates (PyTorch's defaults)
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; <= 0 disables clipping (ours, as Trainer)
+    warmup_steps: int = 0  # linear warmup from 0 to lr over this many optimizer steps (ours: short runs train at lr)
+    lr_decay: str = "none"  # after warmup: "none" (constant lr), "cosine" or "linear" down to min_lr_ratio * lr.
+    #                         Constant by default, as Rafailov et al.'s DPO after its warmup; ours: a run continued
+    #                         with more --max-steps keeps its schedule (a decay ends at the planned last step)
     decay_steps: int = 0  # optimizer step at which the decay ends; 0: the run's planned steps (driver fills it)
     min_lr_ratio: float = 0.0  # the decayed lr's floor, as a share of lr
     # Filled by the driver from TrainConfig (recorded with the checkpoint; not settable per algorithm):
