@@ -30,7 +30,15 @@ from subq.data_store.store import Store
 from tests.batch_routes import BatchPlan
 from tests.processes import kill_tree
 from tests.teacher_server import FaultPlan, TeacherServer
-from tests.test_collect import MODEL, PROBLEMS, ROOT, assert_unique_and_complete, config, half_correct
+from tests.test_collect import (
+    MODEL,
+    PROBLEMS,
+    ROOT,
+    assert_unique_and_complete,
+    config,
+    half_correct,
+    wait_for_lapse,
+)
 
 N = 12  # 6 problems x 2 samples (tests.test_collect.config)
 FAST = BatchConfig(wait=True, poll_interval_s=0.05)
@@ -153,7 +161,8 @@ def test_kill_9_while_jobs_run_then_resume_submits_no_line_twice(tmp_path):
     polls that job, stores its rows and finishes: no request line was submitted twice, no call
     billed twice, no row lost or duplicated. Without --wait a run returns after submitting and
     says what to run next; `subq store stats` lists the jobs."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a short store lease: the re-run takes over the killed run's lease once it lapses
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_LEASE_TTL_S": "6", "SUBQ_LEASE_RENEW_S": "1"}
     store = tmp_path / "store"
     with TeacherServer(model=MODEL, batch=BatchPlan(delay_s=0.1, slow_jobs=(0,), slow_s=12.0)) as srv:
         proc = subprocess.Popen(_batch_cmd(srv, store, "--wait", "--poll-interval", "0.1"), cwd=ROOT, env=env,
@@ -165,6 +174,7 @@ def test_kill_9_while_jobs_run_then_resume_submits_no_line_twice(tmp_path):
             time.sleep(0.05)
         kill_tree(proc)  # SIGKILL
         assert len(srv.stats()["batches"]) == 1 and srv.stats()["batches"][0]["status"] != "completed"
+        wait_for_lapse(store)  # liveness is the lease's heartbeat, not the dead driver's pid
         first = subprocess.run(_batch_cmd(srv, store), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert first.returncode == 0, first.stderr[-3000:]
         if "stored the results of" not in first.stdout:  # the job was still running: nothing submitted again
