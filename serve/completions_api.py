@@ -176,7 +176,8 @@ def legacy_logprobs(tokens: list[str], logprobs: list[float | None], top: list[l
                     offset: int) -> dict[str, Any]:
     """The completions API's log-probs: parallel lists; ``text_offset`` counts characters from the start
     of prompt + completion (``offset`` is where the first token starts). Each ``top_logprobs`` entry maps
-    token text to log-prob and includes the chosen token (as vLLM's), so a greedy token is its maximum."""
+    token text to log-prob and includes the chosen token (as vLLM's), so a greedy token is its maximum;
+    tokens that read alike (e.g. lone bytes of a character, all "\ufffd") share one key, the likelier's."""
     offsets = []
     for token in tokens:
         offsets.append(offset)
@@ -186,7 +187,9 @@ def legacy_logprobs(tokens: list[str], logprobs: list[float | None], top: list[l
         if lp is None or alternatives is None:
             tops.append(None)
             continue
-        entry = dict(alternatives)
+        entry: dict[str, float] = {}
+        for text, value in alternatives:  # most likely first: where two tokens read alike, the likelier stays
+            entry.setdefault(text, value)
         entry.setdefault(token, lp)
         tops.append(entry)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}

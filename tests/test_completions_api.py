@@ -77,6 +77,8 @@ def test_legacy_logprobs_shape_as_lm_eval_reads_it():
     pairs = zip(out["token_logprobs"][1:], out["top_logprobs"][1:], strict=True)
     assert [lp == max(top.values()) for lp, top in pairs] == [True, False]
     assert legacy_logprobs(["a"], [-1.0], [[]], offset=7)["text_offset"] == [7]
+    same = legacy_logprobs(["\ufffd"], [-3.0], [[("\ufffd", -1.0), ("\ufffd", -2.0)]], offset=0)  # two lone bytes
+    assert same["top_logprobs"] == [{"\ufffd": -1.0}]
 
 
 # ------------------------------------------------------------------------------ scoring
