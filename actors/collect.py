@@ -31,6 +31,7 @@ from subq.actors.governor import REFUSED_BUDGET, REFUSED_OUTAGE, Governor, Gover
 from subq.actors.prices import PriceTable
 from subq.actors.stage_worker import STAGE_OUTPUT, StageWorker
 from subq.actors.stages import StageSettings
+from subq.actors.student import StudentEndpoint
 from subq.actors.teacher import TeacherConfig, TeacherFatalError
 from subq.data_store.datasets import load_problems
 from subq.data_store.lease import held_holder
@@ -71,6 +72,11 @@ class CollectConfig:
     batches_in_flight_per_actor: int = 8  # concurrent batches per actor (x batch_size calls)
     compact_after: bool = True  # merge the run's small part files when it ends
     progress: bool = True  # a tqdm bar per stage on the driver
+    # A student decomposes instead of the teacher (iterated distillation, subq/rounds.py): its endpoint,
+    # and its content fingerprint, which tags its rows (``policy``) and is part of their keys. None: the teacher.
+    decomposer: StudentEndpoint | None = None
+    policy: str | None = None
+    round: int | None = None  # the round tag of the rows this collection writes (None: not a round)
 
 
 @dataclass
@@ -156,7 +162,7 @@ def run_pipeline(stages: list[str], inputs: list[dict], cfg: CollectConfig, sett
             StageWorker,
             fn_constructor_kwargs=dict(stage=stage, teacher=cfg.teacher, settings=settings,
                                        prices=cfg.prices, governor=governor, store_root=cfg.store,
-                                       lease_holder=held_holder(Store(cfg.store))),
+                                       lease_holder=held_holder(Store(cfg.store)), decomposer=cfg.decomposer),
             batch_size=None,  # one block = one batch
             batch_format="pyarrow",
             compute=ActorPoolStrategy(
@@ -212,6 +218,7 @@ def stage_settings(cfg: CollectConfig, run_id: str = "") -> StageSettings:
         max_subquestions=cfg.max_subquestions, decompose_temperature=cfg.decompose_temperature,
         answer_temperature=cfg.answer_temperature, feedback_temperature=cfg.feedback_temperature,
         max_tokens=cfg.max_tokens, run_id=run_id, truncated_max_tokens=cfg.truncated_max_tokens,
+        policy=cfg.policy, round=cfg.round if cfg.policy is not None else None,
     )
 
 
@@ -238,6 +245,8 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
 
     if cfg.teacher is None:
         raise ValueError("CollectConfig.teacher is required")
+    if (cfg.decomposer is None) != (cfg.policy is None):
+        raise ValueError("CollectConfig.decomposer and .policy go together (a student and its fingerprint)")
     if cfg.budget_usd is not None and not cfg.prices.knows(cfg.teacher.model):
         raise ValueError(
             f"--budget-usd needs a known price for {cfg.teacher.model!r}; add it with a price table file"

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 from subq.actors.prices import PriceTable
 from subq.actors.stages import StageSettings, answer, decompose, feedback
+from subq.actors.student import StudentClient, StudentEndpoint
 from subq.actors.teacher import CallResult, TeacherClient, TeacherConfig
 from subq.data_store.schema import SAMPLES_SCHEMA, to_table
 from subq.data_store.store import Store
@@ -47,12 +48,15 @@ def ledger_rows(stage: str, item: Row, rows: list[Row], calls: list[CallResult],
 
 class StageWorker:
     def __init__(self, stage: str, teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
-                 governor: Any, store_root: str, lease_holder: str | None = None):
+                 governor: Any, store_root: str, lease_holder: str | None = None,
+                 decomposer: StudentEndpoint | None = None):
         self.stage, self.teacher_cfg, self.settings = stage, teacher, settings
+        # a student decomposes (free, outside the teacher's governor); the teacher still answers and judges
+        self.student = decomposer if stage == "decompose" and settings.policy is not None else None
         self.prices, self.governor = prices, governor
         self.store = Store(store_root, holder=lease_holder)  # each commit checks the driver's lease
         self.table = STAGE_OUTPUT[stage]
-        self._client: TeacherClient | None = None
+        self._client: TeacherClient | StudentClient | None = None
         self._pending: tuple[list[Row], list[Row]] = ([], [])  # rows, ledger rows not yet written
         self._flush_lock: asyncio.Lock | None = None
 
@@ -78,7 +82,8 @@ class StageWorker:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._client is None:  # created inside the actor's event loop
-            self._client = TeacherClient(self.teacher_cfg, self.prices, governor=self.governor)
+            self._client = (StudentClient(self.student) if self.student is not None
+                            else TeacherClient(self.teacher_cfg, self.prices, governor=self.governor))
             self._flush_lock = asyncio.Lock()
         todo, stored = self._stored(batch.to_pylist())
         results = await asyncio.gather(*(self._run(row) for row in todo), return_exceptions=True)
@@ -93,7 +98,8 @@ class StageWorker:
         rows, calls = await STAGE_FNS[self.stage](self._client, item, self.settings)
         for r in rows:  # the run that wrote this row (earlier stages may have been another run's)
             r["run_id"] = self.settings.run_id
-        await self._store(rows, ledger_rows(self.stage, item, rows, calls, self.settings))
+        ledger = [] if self.student is not None else ledger_rows(self.stage, item, rows, calls, self.settings)
+        await self._store(rows, ledger)  # the student's calls bill nobody: not in the ledger
         return rows
 
     async def _store(self, rows: list[Row], ledger: list[Row]) -> None:

@@ -1,7 +1,9 @@
 """The three collection stages as plain async functions: rows in, rows out, no Ray.
 
 decompose: one call per problem asks for ``n`` decompositions at once (the prompt is paid once,
-           not n times); each choice becomes one ``samples`` row.
+           not n times); each choice becomes one ``samples`` row. With a student decomposer
+           (``StageSettings.policy``, client ``actors.student.StudentClient``) the student writes
+           them, for free, and the teacher answers and judges them exactly as its own.
 answer:    the teacher answers its own sub-questions, ending with "Final answer: <number>";
            ``correct`` compares that number with the gold answer.
 feedback:  one call with ``n = feedback_samples`` judgements; usefulness_i = share of "Yes".
@@ -69,6 +71,10 @@ class StageSettings:
     # A reply cut at its limit is asked again once with this limit: set it to the model's output limit.
     # None: 4x the limit that cut it; <= that limit: never asked again (the row stays truncated).
     truncated_max_tokens: int | None = None
+    # The decomposer, when not the teacher: a student's content fingerprint (``actors.student``). Its rows
+    # are tagged with it and the round; both are in their key, so they never collide with the teacher's.
+    policy: str | None = None
+    round: int | None = None  # the distillation round collecting (subq/rounds.py); None: not a round
 
     def output_settings(self) -> dict[str, Any]:
         """Everything that changes a sample's content: its fingerprint is part of the key, so
@@ -78,6 +84,9 @@ class StageSettings:
         fields = asdict(self)
         for name in ("price_table_version", "samples_per_problem", "run_id", "truncated_max_tokens"):
             fields.pop(name)
+        if self.policy is None:  # the teacher's keys stay what they were before policies existed
+            fields.pop("policy")
+            fields.pop("round")
         return fields
 
     def longer(self, used: int) -> int | None:
@@ -166,7 +175,9 @@ async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> Outpu
     per index its sample key and attempt (``sample_keys``, ``attempts``)."""
     indices: list[int] = list(item["sample_indices"])
     attempts: list[int] = list(item.get("attempts") or [0] * len(indices))
-    messages = decompose_messages(item["question"], s.max_subquestions)
+    # a student is asked with the bare problem (its endpoint applies its own training prompt)
+    messages = ([{"role": "user", "content": item["question"]}] if s.policy is not None
+                else decompose_messages(item["question"], s.max_subquestions))
     texts, reasons, calls = await _chat_n(client, messages, len(indices), s.decompose_temperature, s.max_tokens)
     last = calls[-1]
     if last.refused:
@@ -189,6 +200,8 @@ async def decompose(client: TeacherClient, item: Row, s: StageSettings) -> Outpu
             fingerprint=fingerprint,
             settings=settings,
             run_id=s.run_id,
+            policy=s.policy,
+            round=s.round,
             source="collect",
             question=item["question"],
             gold_value=item.get("gold_value"),

@@ -107,6 +107,9 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("fingerprint", pa.string()),  # hash of the settings that shaped this sample (in the key)
         pa.field("settings", pa.string()),  # those settings as JSON, for inspection
         pa.field("run_id", pa.string()),  # the collection run that wrote this attempt
+        pa.field("policy", pa.string()),  # the decomposer that wrote it: a student's content fingerprint (in the
+        #                                   key); null = the teacher (older stores: always the teacher)
+        pa.field("round", pa.int64()),  # the distillation round that collected it (subq/rounds.py); null = 1
         pa.field("source", pa.string(), nullable=False),  # "collect" or "import:<format>"
         pa.field("question", pa.string(), nullable=False),
         pa.field("gold_value", pa.float64()),

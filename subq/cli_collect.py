@@ -11,6 +11,7 @@ mistake in the input (one line, nothing written); 3 when the teacher refused the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -41,6 +42,12 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-base-url", help="OpenAI-compatible base URL; omitted: serve the embedded model locally")
     p.add_argument("--teacher-model", help="model name at the endpoint (default: the embedded model)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="name of the env var holding the API key")
+    p.add_argument("--decomposer", metavar="SPEC",
+                   help="a student decomposes instead of the teacher (iterated distillation): a checkpoint / model "
+                        "to serve on Ray Serve, or openai:MODEL@BASE_URL; the teacher answers and judges its "
+                        "sub-questions and pays only for that; rows are tagged with its fingerprint (docs/rounds.md)")
+    p.add_argument("--round", type=int, metavar="R",
+                   help="with --decomposer: the round tag of its rows (default 2: the teacher's rows are round 1)")
     p.add_argument("--samples-per-problem", type=int, default=3)
     p.add_argument("--feedback-samples", type=int, default=3)
     p.add_argument("--max-subquestions", type=int)
@@ -115,6 +122,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
         prices = PriceTable.from_json(args.price_table) if args.price_table else PriceTable()
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.decomposer is not None or args.round is not None:
+        from subq.rounds import check_decomposer_spec
+
+        if args.decomposer is None or args.mode == "batch":
+            raise UserError("--round needs --decomposer, and --decomposer works with --mode online only")
+        if (args.round or 2) < 2:
+            raise UserError("--round must be >= 2 (round 1 is the teacher's)")
+        try:
+            check_decomposer_spec(args.decomposer)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if args.mode == "batch":
         return cmd_collect_batch(args, problems, prices)
     if args.wait or args.export_requests or args.import_results:
@@ -137,7 +155,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
             check_endpoint(teacher)
             cfg = collect_config(args, teacher, prices)
             try:
-                report = run_collect(cfg, problems)
+                with _decomposer(args) as (student, policy):
+                    cfg = dataclasses.replace(cfg, decomposer=student, policy=policy,
+                                              round=(args.round or 2) if student else None)
+                    report = run_collect(cfg, problems)
             except TeacherFatalError as e:
                 print(f"subq: error: {e}", file=sys.stderr)
                 return EXIT_ACCOUNT
@@ -148,6 +169,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if not report.complete or report.retryable:
         return EXIT_FAILED_ROWS
     return DONE_TRUNCATED if report.truncated else 0
+
+
+def _decomposer(args: argparse.Namespace):
+    """(endpoint, policy) of --decomposer, served for the block; (None, None) for the teacher."""
+    from contextlib import nullcontext
+
+    from subq.eval_setup import ServeOptions
+    from subq.rounds import student_decomposer
+
+    if args.decomposer is None:
+        return nullcontext((None, None))
+    return student_decomposer(args.decomposer, ServeOptions(), api_key_env=args.api_key_env, timeout_s=args.timeout)
 
 
 def collect_config(args: argparse.Namespace, teacher, prices):
