@@ -61,7 +61,7 @@ class RunKey:
 def run_keys(cfg: EvalConfig, decomposer: str, identity: dict[str, Any], solvers: list[SolverSpec]) -> list[RunKey]:
     """The keys of one decomposer (label, fingerprint identity) with every solver, under ``cfg``'s settings."""
     dec = decomposer_settings(identity, temperature=cfg.decompose_temperature, max_tokens=cfg.decompose_max_tokens,
-                              max_subquestions=cfg.max_subquestions)
+                              max_subquestions=cfg.max_subquestions, version=cfg.decomposer_version)
     keys = []
     for sv in solvers:
         settings = run_settings(dec, solver_settings(sv.identity, temperature=cfg.solve_temperature,

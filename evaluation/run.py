@@ -83,9 +83,15 @@ class EvalConfig:
     #                                        held-out NLL column for decomposers with weights (evaluation.fidelity)
     fidelity_cpu_bf16: str | bool = "off"  # that NLL under bf16 autocast on CPU: on | auto (where the CPU has
     #                                        AMX: 2-2.5x faster, SmolLM2-135M's NLL within 0.001) | off (fp32)
+    # The user's name for the weights of every decomposer that has some (URL, openai:, served checkpoint;
+    # not none or teacher): part of their settings fingerprint, so a new value starts new records. Needed
+    # where nothing visible changes, e.g. vLLM serving a checkpoint retrained in place at the same path.
+    decomposer_version: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.decomposer_version is not None and not str(self.decomposer_version).strip():
+            raise ValueError("decomposer_version must not be empty (leave it unset instead)")
         if self.scorer not in ("strict", "paper1"):
             raise ValueError(f"scorer must be 'strict' or 'paper1', got {self.scorer!r}")
         if self.max_attempts < 1 or self.batch_size < 1:

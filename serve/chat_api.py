@@ -248,5 +248,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_card(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "subq"}
+def model_card(model: str, created: int, fingerprint: str | None = None) -> dict[str, Any]:
+    """A ``/v1/models`` entry; ``fingerprint`` (``sha256:`` content hash of the served checkpoint's files)
+    lets a client tell another checkpoint served under the same name (``evaluation.served_identity``)."""
+    card = {"id": model, "object": "model", "created": created, "owned_by": "subq"}
+    return card if fingerprint is None else {**card, "fingerprint": fingerprint}

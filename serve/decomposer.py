@@ -40,6 +40,7 @@ import asyncio
 import copy
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from subq.learner.checkpoint import is_checkpoint
+from subq.learner.content_hash import model_fingerprint
 from subq.learner.models import model_display_name
 from subq.protocol.prompts import SUBQ_END
 from subq.serve.chat_stream import stream_chat
@@ -177,6 +179,11 @@ class Decomposer:
                              max_new_tokens=self.max_new_tokens, default_temperature=cfg.temperature,
                              default_max_subquestions=cfg.max_subquestions, vocab_size=vocab)
         self.created = int(time.time())
+        # The checkpoint's content hash for /v1/models, so clients see a retrained model behind the same
+        # URL; hashed beside the serving (GBs take seconds), awaited by the first /v1/models.
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="subq-fingerprint")
+        self.fingerprint: Future[str | None] = hasher.submit(model_fingerprint, cfg.model)
+        hasher.shutdown(wait=False)
         self.stats = EngineStats()
         # The engine detokenizes in its own thread with its own tokenizer copy; prompts use the Decoder's.
         batch = BatchDecoder(self.decoder.model, copy.deepcopy(self.decoder.tokenizer), heads=self.decoder.heads,
@@ -207,13 +214,14 @@ class Decomposer:
     async def list_models(self, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        return models_response(self.limits.served_model, self.created)
+        return models_response(self.limits.served_model, self.created, await asyncio.wrap_future(self.fingerprint))
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> JSONResponse:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
-        return model_response(model_id, self.limits.served_model, self.created)
+        return model_response(model_id, self.limits.served_model, self.created,
+                              await asyncio.wrap_future(self.fingerprint))
 
     @app.post("/decompose")
     async def decompose(self, request: Request) -> Response:

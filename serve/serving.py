@@ -126,17 +126,17 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def models_response(served_model: str, created: int) -> JSONResponse:
-    """``GET /v1/models``: the one model this server serves."""
-    return JSONResponse({"object": "list", "data": [model_card(served_model, created)]})
+def models_response(served_model: str, created: int, fingerprint: str | None = None) -> JSONResponse:
+    """``GET /v1/models``: the one model this server serves (``fingerprint``: its files' content hash)."""
+    return JSONResponse({"object": "list", "data": [model_card(served_model, created, fingerprint)]})
 
 
-def model_response(model_id: str, served_model: str, created: int) -> JSONResponse:
+def model_response(model_id: str, served_model: str, created: int, fingerprint: str | None = None) -> JSONResponse:
     """``GET /v1/models/{id}``: its card, or OpenAI's 404 for any other id."""
     if model_id != served_model:
         return api_error(ApiError(404, f"the model {model_id!r} does not exist; this server serves "
                                     f"{served_model!r}", code="model_not_found"))
-    return JSONResponse(model_card(model_id, created))
+    return JSONResponse(model_card(model_id, created, fingerprint))
 
 
 def deploy(application: serve.Application, *, app_name: str, host: str, port: int, route_prefix: str,

@@ -105,6 +105,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decomposer-token-env",
                    help="env var with a bearer token for decomposer URLs and openai: decomposers (default for "
                         "openai: --api-key-env)")
+    p.add_argument("--decomposer-version", metavar="NAME",
+                   help="your name for the weights behind URL, openai: and checkpoint decomposers (not none or "
+                        "teacher): a new value starts new records. Needed where nothing visible changes, e.g. vLLM "
+                        "serving a checkpoint retrained in place at the same path")
     p.add_argument("--price-table", help='JSON {"version": ..., "prices": {"model": [usd_in_per_1M, usd_out_per_1M]}}')
     p.add_argument("--max-subquestions", type=int)
     p.add_argument("--beta", type=float, help="ILQL guidance sent to every served decomposer")
@@ -158,7 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          max_subquestions=args.max_subquestions, solve_max_tokens=args.solve_max_tokens,
                          decompose_max_tokens=args.decompose_max_tokens, max_attempts=args.max_attempts,
                          timeout_s=args.timeout, retry_failed=not args.no_retry_failed,
-                         batch_size=args.batch_size, max_actors=args.max_actors, progress=not args.no_progress)
+                         batch_size=args.batch_size, max_actors=args.max_actors, progress=not args.no_progress,
+                         decomposer_version=args.decomposer_version)
         for s in solvers_raw:
             check_solver_spec(s)  # malformed specs and missing checkpoints fail before Ray starts
         for d in decomposers:
@@ -168,7 +173,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # Labels and settings fingerprints (so what is already stored) are known before any server starts.
         planned = plan_solvers(solvers_raw, args.local_model, args.api_key_env, hash_cache_file(cfg))
         check_labels([decomposer_label(d, planned) for d in decomposers], [sv.label for sv in planned])
-        keys = [k for _, ks in plan_run_keys(cfg, decomposers, planned, serve_opts) for k in ks]
+        keys = [k for _, ks in plan_run_keys(cfg, decomposers, planned, serve_opts,
+                                             token_env=args.decomposer_token_env, api_key_env=args.api_key_env)
+                for k in ks]
     except ValueError as e:
         raise UserError(str(e)) from None
     if pending(cfg, keys):

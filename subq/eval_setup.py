@@ -13,7 +13,8 @@ its column is evaluated, and gets the evaluation's normal solve prompts. ``NAME=
 
 Every decomposer and solver has an *identity* before anything is served (``decomposer_identity``,
 ``plan_solvers``): for a served directory it holds a content hash of its files, so records made with
-another checkpoint, beta or length limit never mix with these (``evaluation.fingerprint``).
+another checkpoint, beta or length limit never mix with these (``evaluation.fingerprint``); a URL or
+``openai:`` decomposer is asked what it serves (its ``/v1/models`` entry: ``evaluation.served_identity``).
 """
 
 from __future__ import annotations
@@ -87,10 +88,9 @@ def _is_api_solver(body: str) -> bool:
 
 def _model_identity(spec: str, hash_cache: Path | None) -> str:
     """A served model as the fingerprint knows it: its files' content hash (a directory), else its spec."""
-    from subq.evaluation.fingerprint import content_hash
+    from subq.learner.content_hash import model_fingerprint
 
-    path = Path(spec).expanduser()
-    return f"sha256:{content_hash(path, hash_cache)}" if path.is_dir() else spec
+    return model_fingerprint(spec, hash_cache) or spec
 
 
 def parse_solver(spec: str, local: tuple[str, str] | None, api_key_env: str,
@@ -188,13 +188,28 @@ def _served_identity(spec: str, opts: ServeOptions, hash_cache: Path | None) -> 
 
 
 def decomposer_identity(raw: str, solvers: list[SolverSpec], serve_opts: ServeOptions,
-                        hash_cache: Path | None = None) -> dict[str, Any]:
-    """What the settings fingerprint calls a decomposer spec, before anything is served."""
+                        hash_cache: Path | None = None, *, token_env: str | None = None,
+                        api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 30.0) -> dict[str, Any]:
+    """What the settings fingerprint calls a decomposer spec, before anything of ours is served.
+
+    A URL or ``openai:`` decomposer is asked what it serves (``evaluation.served_identity``: its
+    ``/v1/models`` entry, with the checkpoint's content hash where the server reports one), so another
+    checkpoint behind the same address starts new records. ``token_env`` / ``api_key_env`` as in
+    ``open_decomposer``.
+    """
+    from subq.evaluation.served_identity import served_model
+
     _, spec = split_label(raw)
     if _needs_serving(spec):
         return _served_identity(spec, serve_opts, hash_cache)
-    return _client_spec(raw, solvers, serve_opts, token_env=None, api_key_env="", timeout_s=0.0,
-                        teacher_endpoint=None).identity
+    client = _client_spec(raw, solvers, serve_opts, token_env=None, api_key_env="", timeout_s=0.0,
+                          teacher_endpoint=None)
+    if client.kind == "url":
+        return {**client.identity, "served": served_model("url", client.url, None, token_env, timeout_s)}
+    if client.kind == "openai":
+        return {**client.identity, "served": served_model("openai", client.url, client.model,
+                                                          token_env or api_key_env, timeout_s)}
+    return client.identity
 
 
 def hash_cache_file(cfg: EvalConfig) -> Path:
@@ -203,13 +218,16 @@ def hash_cache_file(cfg: EvalConfig) -> Path:
 
 
 def plan_run_keys(cfg: EvalConfig, decomposers: list[str], solvers: list[SolverSpec],
-              serve_opts: ServeOptions) -> list[tuple[dict[str, Any], list[RunKey]]]:
-    """Per decomposer spec, its identity and its run keys with every solver: known before any server starts."""
+                  serve_opts: ServeOptions, *, token_env: str | None = None,
+                  api_key_env: str = "OPENAI_API_KEY") -> list[tuple[dict[str, Any], list[RunKey]]]:
+    """Per decomposer spec, its identity and its run keys with every solver: known before any server of
+    ours starts (URL and ``openai:`` decomposers are asked what they serve)."""
     from subq.evaluation.plan import run_keys
 
     out = []
     for raw in decomposers:
-        identity = decomposer_identity(raw, solvers, serve_opts, hash_cache_file(cfg))
+        identity = decomposer_identity(raw, solvers, serve_opts, hash_cache_file(cfg), token_env=token_env,
+                                       api_key_env=api_key_env, timeout_s=cfg.timeout_s)
         out.append((identity, run_keys(cfg, decomposer_label(raw, solvers), identity, solvers)))
     return out
 
@@ -224,12 +242,14 @@ def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts:
     One at a time on purpose: a 2-core machine cannot hold several model replicas at once.
     ``teacher_endpoint`` = (base_url, api_key_env) for ``teacher`` specs; default: the first solver's.
     ``openai:`` decomposers use the key in ``token_env``, else ``api_key_env`` (none needed on loopback).
-    ``identity``: a served spec's, from ``decomposer_identity`` (computed here when not given).
+    ``identity``: the spec's, from ``decomposer_identity`` (the records it writes are keyed by it; for a
+    served spec computed here when not given).
     """
     _, spec = split_label(raw)
     if not _needs_serving(spec):
-        yield _client_spec(raw, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
-                           timeout_s=timeout_s, teacher_endpoint=teacher_endpoint)
+        client = _client_spec(raw, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
+                              timeout_s=timeout_s, teacher_endpoint=teacher_endpoint)
+        yield replace(client, identity=identity) if identity is not None else client
         return
     identity = identity or _served_identity(spec, serve_opts, None)
     with _served(spec, index, serve_opts) as url:
@@ -316,7 +336,8 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
         wants_teacher and local_teacher_model and not teacher_base_url)
     # Keys from the planned solvers: the URLs of our own servers are not part of any fingerprint.
     planned_solvers = plan_solvers(solver_specs, local_model, api_key_env, hash_cache_file(cfg))
-    planned = plan_run_keys(cfg, decomposers, planned_solvers, serve_opts)
+    planned = plan_run_keys(cfg, decomposers, planned_solvers, serve_opts, token_env=token_env,
+                            api_key_env=api_key_env)
     groups = solver_groups(planned_solvers)
     todo = []  # (index, spec, identity, solver groups with answers to do): the rest is not even served
     for i, (raw, (identity, keys)) in enumerate(zip(decomposers, planned, strict=True)):

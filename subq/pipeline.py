@@ -240,7 +240,8 @@ class Pipeline:
 
     def _keys(self, ec: EvalConfig) -> list[RunKey]:
         """Every (decomposer, solver) run key with its settings fingerprint, known before any server."""
-        planned = plan_run_keys(ec, self.decomposer_specs(), self.planned_solvers(ec), _serve_options(self.cfg.serve))
+        planned = plan_run_keys(ec, self.decomposer_specs(), self.planned_solvers(ec), _serve_options(self.cfg.serve),
+                                api_key_env=self.cfg.teacher.api_key_env)  # openai: decomposers' key, as in eval
         return [k for _, keys in planned for k in keys]
 
     def _eval_todo(self, ec: EvalConfig) -> int:

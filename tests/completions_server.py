@@ -4,7 +4,10 @@ for ``vllm serve runs/x/final``, never product code (only tests/ and benchmarks/
 It does what vLLM's completions route does with a plain-text prompt: tokenize it (adding special
 tokens unless the request says ``add_special_tokens: false``), decode greedily up to ``max_tokens``
 with ``transformers``' own ``generate``, and cut the text at the first ``stop`` string (left out).
-Requests are served one at a time; every prompt it received is kept in ``prompts`` for assertions.
+Requests are served one at a time; every prompt it received is kept in ``prompts`` for assertions
+(never reset: a test counts requests across runs). ``load`` puts another checkpoint behind the same
+name and URL, as a retrained model redeployed in place; its ``/v1/models`` entry reports ``root`` as
+vLLM does, and a ``fingerprint`` only when given one (subq's own server reports its content hash).
 """
 
 from __future__ import annotations
@@ -25,21 +28,28 @@ class CompletionsServer(ThreadedServer):
 
     name = "completions-server"
 
-    def __init__(self, model_dir: str, served_name: str) -> None:
-        from subq.learner.models import load_model_and_tokenizer
-
-        self.model, self.tokenizer = load_model_and_tokenizer(model_dir)
-        self.model.eval()
+    def __init__(self, model_dir: str, served_name: str, fingerprint: str | None = None) -> None:
         self.served_name = served_name
         self.prompts: list[str] = []
         self._lock = threading.Lock()
+        self.load(model_dir, fingerprint)
         self._bind(self._app())
+
+    def load(self, model_dir: str, fingerprint: str | None = None) -> None:
+        """Serve ``model_dir`` from now on, under the same name and URL."""
+        from subq.learner.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(model_dir)
+        model.eval()
+        with self._lock:
+            self.model, self.tokenizer, self.fingerprint = model, tokenizer, fingerprint
 
     def complete(self, prompt: str, max_tokens: int, stop: list[str], add_special_tokens: bool) -> dict[str, Any]:
         ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
         with self._lock, torch.no_grad():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0)
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0,
+                                      tokenizer=self.tokenizer)  # a subq checkpoint's generation config has stop strings
         new = out[0, ids.shape[1]:].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=None)
@@ -51,7 +61,9 @@ class CompletionsServer(ThreadedServer):
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{"id": self.served_name, "object": "model", "owned_by": "test"}]}
+            card = {"id": self.served_name, "object": "model", "created": int(time.time()), "owned_by": "test",
+                    "root": self.served_name, "parent": None, "permission": [{"id": f"perm-{time.time()}"}]}
+            return {"object": "list", "data": [card | ({"fingerprint": self.fingerprint} if self.fingerprint else {})]}
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> JSONResponse:

@@ -178,7 +178,7 @@ def test_a_checkpoint_is_identified_by_its_content_hashed_once(tmp_path, monkeyp
     solvers = [SolverSpec(base_url="http://127.0.0.1/v1", model="m")]
     opts, cache = ServeOptions(max_new_tokens=64), tmp_path / "cache.json"
 
-    import subq.evaluation.fingerprint as fp
+    import subq.learner.content_hash as fp
 
     reads: list[str] = []
     digest = fp._file_digest
