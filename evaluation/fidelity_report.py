@@ -10,16 +10,22 @@ what they were computed from, so a re-run recomputes only what changed.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
+
+from subq.data_store import uri
 
 FILE = "fidelity.json"
 
 
 def _identity(spec: str, fmt: str, problems: str, bf16: bool) -> dict[str, Any]:
     """What a figure depends on: the weights (a checkpoint's metadata, written last, changes with them)."""
-    meta = Path(spec) / "subq_checkpoint.json"
-    stamp = meta.stat().st_mtime_ns if meta.is_file() else None
+    meta = uri.join(spec, "subq_checkpoint.json")
+    if uri.is_uri(spec):  # the metadata object changes with every upload of final/
+        found = uri.list_files(spec).get("subq_checkpoint.json")
+        stamp = int(found[1] * 1e9) if found else None
+    else:
+        stamp = os.stat(meta).st_mtime_ns if os.path.isfile(meta) else None
     return {"spec": spec, "fmt": fmt, "problems": problems, "stamp": stamp, "bf16": bf16}
 
 
@@ -30,8 +36,8 @@ def update_fidelity(out_dir: str, problems_spec: str, scored: list[tuple[str, st
     from subq.data_store.datasets import load_problems
     from subq.evaluation.fidelity import held_out_nll
 
-    path = Path(out_dir) / FILE
-    table: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    path = uri.join(out_dir, FILE)
+    table: dict[str, dict[str, Any]] = json.loads(uri.read_text(path)) if uri.is_file(path) else {}
     problems = None
     for label, spec, fmt in scored:
         ident = _identity(spec, fmt, problems_spec, bf16)
@@ -42,15 +48,14 @@ def update_fidelity(out_dir: str, problems_spec: str, scored: list[tuple[str, st
         table[label] = {**nll, "identity": ident}
         echo(f"held-out NLL of the human sub-questions of {problems_spec}, {label}: {nll['nll_per_token']:.3f} "
              f"nats/token over {nll['tokens']} tokens")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=2))
+        uri.write_text(path, json.dumps(table, indent=2))
     return table
 
 
 def read_fidelity(out_dir: str) -> dict[str, float]:
     """label -> held-out NLL per token, for the report ({} when none was computed)."""
-    path = Path(out_dir) / FILE
-    if not path.is_file():
+    path = uri.join(out_dir, FILE)
+    if not uri.is_file(path):
         return {}
-    return {label: v["nll_per_token"] for label, v in json.loads(path.read_text()).items()
+    return {label: v["nll_per_token"] for label, v in json.loads(uri.read_text(path)).items()
             if v.get("nll_per_token") is not None}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from subq.data_store import uri
 from subq.data_store.datasets import load_problems
 from subq.evaluation.clients import SolverSpec
 from subq.evaluation.fingerprint import (
@@ -24,17 +25,22 @@ from subq.evaluation.fingerprint import (
     solver_settings,
 )
 from subq.evaluation.records import (
+    Location,
     attempt_of,
+    decomposer_files,
     decomposition_failed,
     failure,
     failure_counts,
+    fingerprint_files,
     latest,
+    location_name,
     read_history,
     read_records,
     records_dir,
     records_path,
     slug,
 )
+from subq.evaluation.records import exists as records_exist
 
 if TYPE_CHECKING:
     from subq.evaluation.run import EvalConfig
@@ -54,7 +60,7 @@ class RunKey:
     settings: dict[str, Any]  # evaluation.fingerprint.run_settings
     fingerprint: str
 
-    def path(self, out_dir: str, benchmark: str) -> Path:
+    def path(self, out_dir: str, benchmark: str) -> Location:
         return records_path(out_dir, benchmark, self.decomposer, self.solver, self.fingerprint)
 
 
@@ -79,9 +85,10 @@ def _plans_elsewhere(out_dir: str, benchmark: str, keys: list[RunKey]) -> dict[s
     settings are these (e.g. made for another solver, or with other solver settings)."""
     own = {k.path(out_dir, benchmark) for k in keys}
     wanted = keys[0].settings["decomposer"]
-    folder = records_dir(out_dir, benchmark, keys[0].decomposer, "x").parent
+    folder = records_dir(out_dir, benchmark, keys[0].decomposer, "x")
+    folder = folder.parent if isinstance(folder, Path) else uri.parent(folder)
     plans: dict[str, dict] = {}
-    for path in sorted(folder.glob(f"{slug(keys[0].decomposer)}__*/*.jsonl")):
+    for path in decomposer_files(folder, keys[0].decomposer):
         history = read_history(path) if path not in own else []
         if history and (history[0].get("settings") or {}).get("decomposer") == wanted:
             for pid, rec in latest(history).items():
@@ -146,17 +153,17 @@ def settings_changes(cfg: EvalConfig, keys: list[RunKey]) -> list[str]:
         for key in keys:
             path = key.path(cfg.out_dir, bench)
             folder = records_dir(cfg.out_dir, bench, key.decomposer, key.solver)
-            legacy = folder.with_suffix(".jsonl")  # written before records had a settings fingerprint
-            if not path.exists() and legacy.exists():
+            legacy = folder.with_suffix(".jsonl") if isinstance(folder, Path) else None  # before fingerprints
+            if legacy is not None and not path.exists() and legacy.exists():
                 lines.append(f"{key.decomposer} / {key.solver} on {bench}: {legacy} has records without a "
                              "settings fingerprint (an older subq); they are not used: their settings are unknown")
-            others = sorted((f for f in folder.glob("*.jsonl") if f != path), key=lambda f: f.stat().st_mtime)
-            if path.exists() or not others:
+            others = [f for f in fingerprint_files(folder) if f != path]  # oldest first
+            if records_exist(path) or not others:
                 continue
             old = next(iter(read_history(others[-1])), {}).get("settings") or {}
             lines.append(f"{key.decomposer} / {key.solver} on {bench}: settings changed "
-                         f"({describe_change(old, key.settings)}); new records go to {path.name}, the "
-                         f"{len(others)} earlier file(s) in {path.parent} are kept but not used")
+                         f"({describe_change(old, key.settings)}); new records go to {location_name(path)}, the "
+                         f"{len(others)} earlier file(s) in {folder} are kept but not used")
     return lines
 
 

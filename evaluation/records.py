@@ -1,6 +1,9 @@
 """Evaluation record files: one JSON line per (problem, decomposer, solver) attempt, append-only.
 
-Layout: ``<out>/records/<benchmark>/<decomposer>__<solver>/<fingerprint>.jsonl``. The fingerprint
+Layout: ``<out>/records/<benchmark>/<decomposer>__<solver>/<fingerprint>.jsonl``. ``out`` may be a URI
+(``s3://...``, ``data_store/uri.py``): objects cannot be appended to or locked, so there
+``<fingerprint>.jsonl`` is a folder of objects, one per appended batch (``<time_ns>-<random>.jsonl``),
+read back in name order and merged as one file would be. The fingerprint
 (``evaluation.fingerprint``) covers every setting that changes a record's output, so records made
 with other settings live in another file and are never mixed with these.
 
@@ -17,9 +20,15 @@ import fcntl
 import json
 import os
 import re
+import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+
+from subq.data_store import uri
+
+Location = Path | str  # a local Path, or a URI string (never wrapped in Path: "s3://" would become "s3:/")
 
 
 def slug(text: str) -> str:
@@ -27,24 +36,63 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def records_dir(out_dir: str, benchmark: str, decomposer: str, solver: str) -> Path:
+def records_dir(out_dir: str, benchmark: str, decomposer: str, solver: str) -> Location:
     """Where every settings fingerprint of one (benchmark, decomposer, solver) has its file."""
+    if uri.is_uri(out_dir):
+        return uri.join(out_dir, "records", slug(benchmark), f"{slug(decomposer)}__{slug(solver)}")
     return Path(out_dir) / "records" / slug(benchmark) / f"{slug(decomposer)}__{slug(solver)}"
 
 
-def records_path(out_dir: str, benchmark: str, decomposer: str, solver: str, fingerprint: str) -> Path:
-    return records_dir(out_dir, benchmark, decomposer, solver) / f"{fingerprint}.jsonl"
+def records_path(out_dir: str, benchmark: str, decomposer: str, solver: str, fingerprint: str) -> Location:
+    folder = records_dir(out_dir, benchmark, decomposer, solver)
+    return uri.join(folder, f"{fingerprint}.jsonl") if isinstance(folder, str) else folder / f"{fingerprint}.jsonl"
 
 
-def read_history(path: Path) -> list[dict]:
+def exists(path: Location) -> bool:
+    return path.exists() if isinstance(path, Path) else uri.exists(path)
+
+
+def location_name(path: Location) -> str:
+    return path.name if isinstance(path, Path) else uri.name(path)
+
+
+def _parts(path: str) -> dict[str, tuple[int, float]]:
+    return {k: v for k, v in uri.list_files(path).items() if "/" not in k and k.endswith(".jsonl")}
+
+
+def fingerprint_files(folder: Location) -> list[Location]:
+    """The records files (one per settings fingerprint) of one (benchmark, decomposer, solver), oldest first."""
+    if isinstance(folder, Path):
+        return sorted(folder.glob("*.jsonl"), key=lambda f: f.stat().st_mtime)
+    found = []
+    for name in uri.listdir(folder):
+        if name.endswith(".jsonl"):
+            parts = _parts(uri.join(folder, name))
+            found.append((max((m for _, m in parts.values()), default=0.0), uri.join(folder, name)))
+    return [loc for _, loc in sorted(found)]
+
+
+def decomposer_files(benchmark_dir: Location, decomposer: str) -> list[Location]:
+    """Every records file of one decomposer (any solver, any settings) on one benchmark, in name order."""
+    if isinstance(benchmark_dir, Path):
+        return sorted(benchmark_dir.glob(f"{slug(decomposer)}__*/*.jsonl"))
+    return [uri.join(benchmark_dir, d, f) for d in uri.listdir(benchmark_dir) if d.startswith(f"{slug(decomposer)}__")
+            for f in uri.listdir(uri.join(benchmark_dir, d)) if f.endswith(".jsonl")]
+
+
+def _text(path: Location) -> str:
+    if isinstance(path, Path):
+        return path.read_text() if path.exists() else ""
+    return "".join(uri.read_text(uri.join(path, name)) for name in sorted(_parts(path)))
+
+
+def read_history(path: Location) -> list[dict]:
     """Every readable line of a records file, in order (all attempts, duplicates included).
 
     A torn line (a writer killed mid-write) is skipped, so its problem is redone.
     """
-    if not path.exists():
-        return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in _text(path).splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -69,13 +117,18 @@ def latest(records: Iterable[dict]) -> dict[str, dict]:
     return out
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Location) -> list[dict]:
     """The current record of every problem in a records file (its latest attempt), in first-seen order."""
     return list(latest(read_history(path)).values())
 
 
-def append_records(path: Path, lines: list[str]) -> None:
-    """Append whole lines durably; several actors may append to one file at once (hence the lock)."""
+def append_records(path: Location, lines: list[str]) -> None:
+    """Append whole lines durably; several actors may append to one file at once (hence the lock). At a
+    URI the batch is one new object: no lock, no lost update, merged by :func:`read_history`."""
+    if isinstance(path, str):
+        part = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
+        uri.write_text(uri.join(path, part), "".join(line + "\n" for line in lines))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

@@ -349,14 +349,20 @@ def provenance() -> dict[str, Any]:
 
 
 def write_report(summaries: Sequence[RunSummary], out_dir: str | Path,
-                 config: dict[str, Any] | None = None) -> dict[str, Path]:
+                 config: dict[str, Any] | None = None) -> dict[str, Path | str]:
     """Write results.json, results.md and accuracy_vs_cost.png into ``out_dir``; returns their paths.
     results.json: ``subq`` (:func:`provenance`), ``config`` and ``runs``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy_vs_cost.png"}
+    import io
+
+    from subq.data_store import uri
+
+    out = uri.resolve(out_dir) if uri.is_uri(out_dir) else str(out_dir)  # a local path, or a URI (one object each)
+    paths = {"json": uri.join(out, "results.json"), "markdown": uri.join(out, "results.md"),
+             "plot": uri.join(out, "accuracy_vs_cost.png")}
     data = {"subq": provenance(), "config": config or {}, "runs": [asdict(s) for s in summaries]}
-    paths["json"].write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
-    paths["markdown"].write_text(markdown(summaries))
-    plot_accuracy_vs_cost(summaries, paths["plot"])
-    return paths
+    uri.write_text(paths["json"], json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
+    uri.write_text(paths["markdown"], markdown(summaries))
+    png = io.BytesIO()
+    accuracy_vs_cost_figure(summaries).savefig(png, format="png", dpi=120)
+    uri.write_bytes(paths["plot"], png.getvalue())
+    return {k: Path(v) if not uri.is_uri(v) else v for k, v in paths.items()}

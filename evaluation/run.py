@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import pyarrow as pa
 from subq.actors.collect import batched_dataset
 from subq.actors.prices import PriceTable
 from subq.actors.teacher import TeacherClient, TeacherConfig
+from subq.data_store import uri
 from subq.data_store.datasets import load_problems, parse_problem_spec
 from subq.evaluation.clients import (
     ACCOUNT_ERRORS,
@@ -276,7 +276,7 @@ def evaluate(cfg: EvalConfig, dec: DecomposerSpec, solvers: list[SolverSpec], pr
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
-    out_dir = os.path.abspath(cfg.out_dir)  # workers need not share the driver's working directory
+    out_dir = uri.check(cfg.out_dir)  # absolute (workers need not share our working directory), or a URI
     keys = run_keys(cfg, dec.label, dec.identity, solvers)
     for line in settings_changes(cfg, keys):
         print(line, file=sys.stderr)

@@ -227,7 +227,12 @@ def save_checkpoint(
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a complete checkpoint directory: its metadata (written last) and model config exist."""
+    """True for a complete checkpoint directory: its metadata (written last) and model config exist. At a
+    URI (``s3://.../final``) the same objects are looked for (``final/`` is uploaded with them last)."""
+    from subq.data_store import uri
+
+    if uri.is_uri(path):
+        return uri.is_file(uri.join(str(path), META_FILE)) and uri.is_file(uri.join(str(path), "config.json"))
     p = Path(path).expanduser()
     return (p / META_FILE).is_file() and (p / "config.json").is_file()
 
@@ -255,8 +260,16 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a checkpoint for inference or further training; needs no training code.
 
-    ``dtype=None`` means float32 (see ``learner.models.load_model_and_tokenizer``).
+    ``dtype=None`` means float32 (see ``learner.models.load_model_and_tokenizer``). A URI is read from a
+    local copy in the cache (``data_store.uri.local_copy``), downloaded once per version of it.
     """
+    from subq.data_store import uri
+
+    if uri.is_uri(path):
+        if not is_checkpoint(path):
+            raise FileNotFoundError(f"{uri.redact(str(path))} is not a complete subq checkpoint (no {META_FILE} "
+                                    "or config.json)")
+        path = uri.local_copy(str(path), complete=META_FILE)
     p = Path(path).expanduser()
     if not is_checkpoint(p):
         raise FileNotFoundError(f"{p} is not a complete subq checkpoint (no {META_FILE} or config.json)")

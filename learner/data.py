@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from subq.learner.batches import INDEX, MANIFEST
-from subq.learner.checkpoint import is_checkpoint
+from subq.learner.checkpoint import META_FILE, is_checkpoint
 from subq.learner.filtered_bc import FilteredBCConfig, select
 
 if TYPE_CHECKING:
@@ -128,18 +128,28 @@ def placement(algo: str) -> str:
     return "full" if algo in ("ilql", "dpo") else "sparse"
 
 
-def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path, solver_target: str | None = None) -> None:
-    """Tokenise the store's rows on Ray Data, streaming them into ``target/*.parquet``."""
+def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path, solver_target: str | None = None,
+                   via: str | None = None) -> None:
+    """Tokenise the store's rows on Ray Data, streaming them into ``target/*.parquet``. ``via``: a URI the
+    Ray Data tasks write to instead (on a cluster they may run on nodes that do not share ``target``'s
+    disk), downloaded into ``target`` afterwards."""
+    from subq.data_store import uri
     from subq.data_store.store import Store
 
     table = "problems" if cfg.source == "reference" else "samples"
-    dataset = Store(cfg.store).dataset(table)
-    dataset.map_batches(
+    dataset = Store(cfg.store).dataset(table).map_batches(
         episode_rows, batch_format="pandas", batch_size=256, num_cpus=0.5,
         fn_kwargs={"tokenizer_spec": tokenizer_spec, "source": cfg.source, "max_length": cfg.max_length,
                    "placement": placement(cfg.algo),
                    "teacher_model": cfg.teacher_model, "solver_target": solver_target},
-    ).write_parquet(str(target))
+    )
+    if via is None:
+        dataset.write_parquet(str(target))
+        return
+    uri.remove(via)
+    fs, path = uri.open_fs(via)
+    dataset.write_parquet(path, filesystem=fs)
+    uri.download_dir(via, target)
 
 
 def write_val_episodes(cfg: TrainConfig, tokenizer_spec: str, data_dir: Path) -> str:
@@ -234,17 +244,26 @@ def training_units(stats: dict[str, Any]) -> int:
     return int(stats["pairs"]) if "pairs" in stats else int(stats["episodes"])
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    """The complete checkpoints under ``OUT/ray``: Ray Train resumes this run from the latest one."""
-    return [p for p in (out / "ray").glob("*/checkpoint_*") if is_checkpoint(p)]
+def _checkpoints(out: str | Path) -> list[str]:
+    """The complete checkpoints under ``OUT/ray`` (a path or URI): Ray Train resumes from the latest one."""
+    from subq.data_store import uri
+
+    if not uri.is_uri(out):
+        return [str(p) for p in (Path(out) / "ray").glob("*/checkpoint_*") if is_checkpoint(p)]
+    ray_dir = uri.join(str(out), "ray")
+    found = [uri.join(ray_dir, run, c) for run in uri.listdir(ray_dir)
+             for c in uri.listdir(uri.join(ray_dir, run)) if c.startswith("checkpoint_")]
+    return [c for c in found if uri.is_file(uri.join(c, META_FILE)) and uri.is_file(uri.join(c, "config.json"))]
 
 
-def has_checkpoint(out: Path) -> bool:
+def has_checkpoint(out: str | Path) -> bool:
     return bool(_checkpoints(out))
 
 
-def _checkpoint_fingerprints(out: Path) -> set[str | None]:
-    return {json.loads((p / "subq_checkpoint.json").read_text()).get("extra", {}).get("data_fingerprint")
+def _checkpoint_fingerprints(out: str | Path) -> set[str | None]:
+    from subq.data_store import uri
+
+    return {json.loads(uri.read_text(uri.join(p, META_FILE))).get("extra", {}).get("data_fingerprint")
             for p in _checkpoints(out)}
 
 
@@ -257,17 +276,22 @@ def _no_data_error(cfg: TrainConfig, excluded: Counter[str], val: int, not_kept:
                       f"validation, {not_kept} not kept by the algorithm's rule{hint}")
 
 
-def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = None) -> dict[str, Any]:
+def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = None,
+                 checkpoints: str | None = None) -> dict[str, Any]:
     """``OUT/data`` for this run (built, or reused by a resume); returns its manifest. ``acfg``: the
     algorithm's config (default: ``learner.train.algo_config(cfg)``), whose rule picks the training (and
     validation) episodes: filtered BC's filter, solver-bc's target and ``correct_only``, DPO's pairs (whose
-    reference log-probs are computed here, once: ``learner/preference_data.py``)."""
+    reference log-probs are computed here, once: ``learner/preference_data.py``). ``checkpoints``: the run's
+    location (a URI when ``out`` is only its local staging folder): its checkpoints and data upload there."""
+    from subq.data_store import uri
     from subq.learner.train import algo_config
 
     acfg = algo_config(cfg) if acfg is None else acfg
     data_dir = out / DATA_DIR
+    remote = checkpoints if checkpoints is not None and uri.is_uri(checkpoints) else None
+    checkpoints = checkpoints or str(out)
     build = build_settings(cfg, tokenizer_spec, acfg)
-    if (data_dir / MANIFEST).is_file() and has_checkpoint(out):
+    if (data_dir / MANIFEST).is_file() and has_checkpoint(checkpoints):
         manifest = json.loads((data_dir / MANIFEST).read_text())
         if manifest["build"] != build:
             changed = sorted(k for k in build if manifest["build"].get(k) != build[k])
@@ -276,7 +300,8 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = N
                              f"now); resume with the old settings, or use a new --out (or delete {out / 'ray'})")
         return manifest
     shutil.rmtree(data_dir, ignore_errors=True)
-    write_episodes(cfg, tokenizer_spec, data_dir / "episodes", acfg.target if cfg.algo == "solver-bc" else None)
+    write_episodes(cfg, tokenizer_spec, data_dir / "episodes", acfg.target if cfg.algo == "solver-bc" else None,
+                   via=uri.join(remote, DATA_DIR, "episodes") if remote else None)
     files = sorted(f"episodes/{p.name}" for p in (data_dir / "episodes").glob("*.parquet"))
     records, excluded = read_records(data_dir, files)
     if cfg.val_problems:  # given validation problems, after the training files: rows keep counting on
@@ -317,7 +342,7 @@ def prepare_data(cfg: TrainConfig, tokenizer_spec: str, out: Path, acfg: Any = N
         raise _no_data_error(cfg, excluded, len(val), not_kept, cfg.algo == "dpo")
     manifest = {"build": build, "files": files, "stats": {**data_stats(train, val, excluded, not_kept), **extra},
                 "fingerprint": hashlib.sha256((json.dumps(build, sort_keys=True) + keys).encode()).hexdigest()}
-    if has_checkpoint(out) and manifest["fingerprint"] not in _checkpoint_fingerprints(out):
+    if has_checkpoint(checkpoints) and manifest["fingerprint"] not in _checkpoint_fingerprints(checkpoints):
         raise ValueError(f"{out / DATA_DIR} was missing and the data built now differs from what the checkpoints "
                          f"in {out / 'ray'} were trained on (the store changed, or they predate data fingerprints); use a new "
                          f"--out, or delete "

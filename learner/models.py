@@ -112,6 +112,10 @@ def model_display_name(spec: str) -> str:
         return f"tiny-random-{_parse_tiny(spec).arch}"
     if _is_local_dir(spec):
         return Path(spec).expanduser().resolve().name
+    if _is_uri(spec):
+        from subq.data_store.uri import name
+
+        return name(spec)
     return spec
 
 
@@ -148,6 +152,8 @@ def resolve_model_path(spec: str) -> str:
         return str(_materialise(cache_dir() / "models" / tiny.key, build, source={"spec": spec}))
     if _is_local_dir(spec):
         return _check_local_dir(spec)
+    if _is_uri(spec):
+        return _from_uri(spec)
     if _looks_like_hub_id(spec):
         try:
             from huggingface_hub import snapshot_download
@@ -399,9 +405,29 @@ def _check_local_dir(spec: str) -> str:
     return str(path)
 
 
+def _is_uri(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")
+
+
+def _from_uri(spec: str) -> str:
+    """A model directory at a URI (``s3://.../final``, or the run whose ``final/`` it is), downloaded once
+    into the cache (``data_store.uri.local_copy``); its config.json is uploaded after the weights."""
+    from subq.data_store import uri
+
+    loc = uri.resolve(spec)
+    if not uri.is_file(uri.join(loc, "config.json")) and uri.is_file(uri.join(loc, "final", "config.json")):
+        loc = uri.join(loc, "final")
+    try:
+        return uri.local_copy(loc, complete="config.json")
+    except (FileNotFoundError, uri.UriError) as e:
+        raise ModelError(f"{e}; {ACCEPTED_FORMS}") from None
+
+
 def _local_or_resolved(spec: str) -> str:
     if _is_local_dir(spec):
         return _check_local_dir(spec)
+    if _is_uri(spec):
+        return _from_uri(spec)
     if ("/" in spec and not _looks_like_hub_id(spec)) or spec.startswith(("/", ".", "~")):
         raise ModelError(f"no model directory at {spec!r}; {ACCEPTED_FORMS}")
     return resolve_model_path(spec)

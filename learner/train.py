@@ -7,7 +7,9 @@ reads its rows of every micro-batch by position, in a per-epoch shuffled order f
 (``learner/batches.py``); the per-worker loop is in ``learner/train_loop.py``; the algorithms
 (``bc.py``, ``filtered_bc.py``, ``ilql.py``, ``dpo.py``, ``solver_bc.py``) know nothing of Ray.
 
-Outputs under ``out``: ``data/`` (the episode table, its split and manifest), ``ray/`` (Ray Train's
+``out`` is a local path or a URI (``s3://``, ``gs://``; ``data_store/uri.py``): with a URI the driver
+builds in a local staging folder and uploads, Ray Train checkpoints into the bucket and resumes from it,
+and ``final/`` is uploaded with its config.json and markers last. Outputs under ``out``: ``data/`` (the episode table, its split and manifest), ``ray/`` (Ray Train's
 run: checkpoints every K steps, resumable), ``final/`` (the last checkpoint in HF format + heads +
 config + data statistics, loadable without training code, and for a decomposer the training prompt as its
 chat template, ``<end>`` as a stop string in ``generation_config.json`` and a model card ``README.md``
@@ -28,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from subq.data_store import uri
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +144,7 @@ def check_config(cfg: TrainConfig) -> None:
 
     if cfg.algo not in ALGOS:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {ALGOS}")
+    uri.check(cfg.out)  # a URI whose scheme cannot be opened: one line now, not after the data step
     if cfg.source not in ("samples", "reference"):
         raise ValueError(f"source must be 'samples' or 'reference', not {cfg.source!r}")
     check_cpu_bf16("cpu_bf16", cfg.cpu_bf16)
@@ -237,61 +242,103 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
     from subq.learner.batches import steps_per_epoch
     from subq.learner.checkpoint import strip_secrets
-    from subq.learner.data import DATA_DIR, prepare_data, training_units
+    from subq.learner.data import DATA_DIR, MANIFEST, prepare_data, training_units
+    from subq.learner.models import resolve_model_path
     from subq.learner.train_loop import STATE_FILE, train_loop_per_worker
 
     check_config(cfg)
-    out = Path(cfg.out).expanduser().resolve()
+    loc = uri.check(cfg.out)  # a local path (absolute) or a URI that opens; a bad scheme fails here
+    out = uri.stage_dir(loc)  # where the driver builds: ``loc`` itself, or a local folder bound for it
     out.mkdir(parents=True, exist_ok=True)
-    if (done := finished_run(cfg, out)) is not None:
+    if (done := finished_run(cfg, loc)) is not None:
         return done
     init = cfg.init
-    if os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
+    if uri.is_uri(init):
+        init = uri.resolve(init)  # workers download it themselves (learner.models); the driver too, below
+    elif os.path.isdir(init) and os.path.isdir(os.path.join(init, "final")):
         init = os.path.join(init, "final")  # a previous `subq train --out DIR` was given as --init
     if os.path.isdir(init):
         init = str(Path(init).resolve())  # workers may start in another directory
+    local_init = resolve_model_path(init) if uri.is_uri(init) else init
     if cfg.algo in SOLVERS:  # before the data step tokenises anything with its chat template
         from subq.learner.models import load_tokenizer
         from subq.learner.solver_bc import check_tokenizer
 
-        check_tokenizer(load_tokenizer(init))
-    manifest = prepare_data(cfg, init, out, algo_config(cfg))
+        check_tokenizer(load_tokenizer(local_init))
+    remote = uri.is_uri(loc)
+    data_loc = uri.join(loc, DATA_DIR)
+    if remote and uri.is_file(uri.join(data_loc, MANIFEST)):  # resume elsewhere: the data the checkpoints saw
+        shutil.rmtree(out / DATA_DIR, ignore_errors=True)
+        uri.download_dir(data_loc, out / DATA_DIR)
+    manifest = prepare_data(cfg, init, out, algo_config(cfg), checkpoints=loc)
+    if remote and not _same_file(out / DATA_DIR / MANIFEST, uri.join(data_loc, MANIFEST)):
+        uri.upload_dir(out / DATA_DIR, data_loc, last=[MANIFEST])
     stats = manifest["stats"]
     per_epoch = steps_per_epoch(training_units(stats), cfg.batch_size, cfg.num_workers, cfg.grad_accum)
     planned = min(cfg.max_steps, cfg.epochs * per_epoch)
-    resolved = {**asdict(cfg), "init": init, "out": str(out)}
-    (out / "train_config.json").write_text(json.dumps(strip_secrets(resolved), indent=2, default=str))
+    resolved = {**asdict(cfg), "init": init, "out": loc}
+    uri.write_text(uri.join(loc, "train_config.json"), json.dumps(strip_secrets(resolved), indent=2, default=str))
+    ray_loc = uri.join(loc, "ray")
+    storage: dict[str, Any] = {"storage_path": ray_loc}
+    if remote:  # Ray Train writes its checkpoints (and resumes) through the filesystem itself
+        storage["storage_filesystem"], storage["storage_path"] = uri.open_fs(ray_loc)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": resolved, "data_dir": str(out / DATA_DIR), "planned_steps": planned},
+        train_loop_config={"train": resolved, "data_dir": data_loc if remote else str(out / DATA_DIR),
+                           "planned_steps": planned},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name="run",
-            storage_path=str(out / "ray"),
+            **storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     with _progress(out / "metrics.jsonl", planned, cfg.progress):
         result = trainer.fit()
-    final = latest_checkpoint_dir(result)
-    if final is None:
+    ckpt = getattr(result, "checkpoint", None)
+    if ckpt is None:
         raise RuntimeError("training produced no checkpoint")
-    target = out / "final"
-    if target.exists():
-        shutil.rmtree(target)
-    # final/ is for loading and serving; the optimizer state stays with Ray's checkpoints (for resume)
+    # final/ is for loading and serving; the optimizer state stays with Ray's checkpoints (for resume).
+    # It is built locally and moved (or uploaded, config and markers last) into place when complete.
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
-    cast_weights(tmp, final_dtype(cfg.final_dtype, init))
+    _copy_checkpoint(ckpt, tmp, skip=STATE_FILE)
+    cast_weights(tmp, final_dtype(cfg.final_dtype, local_init))
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     (tmp / SUMMARY_FILE).write_text(json.dumps({"planned_steps": planned, "metrics": metrics}))
-    _write_card(tmp, _summary(tmp, stats, planned, metrics), out.name)
-    os.rename(tmp, target)
+    meta = json.loads((tmp / META_FILE).read_text())
+    _write_card(tmp, _summary(loc, meta, stats, planned, metrics), uri.name(loc))
+    target = uri.join(loc, "final")
+    if remote:
+        uri.upload_dir(tmp, target, last=FINAL_LAST)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(tmp, target)
     if not cfg.keep_checkpoints:  # the run is complete: its resumable state (GBs of AdamW moments) goes
-        shutil.rmtree(out / "ray", ignore_errors=True)
-    return _summary(target, stats, planned, metrics)
+        uri.remove(ray_loc)
+    return _summary(loc, meta, stats, planned, metrics)
+
+
+def _same_file(local: Path, location: str) -> bool:
+    return uri.is_file(location) and uri.read_bytes(location) == local.read_bytes()
+
+
+def _copy_checkpoint(ckpt: Any, dest: Path, skip: str) -> None:
+    """A Ray checkpoint (local or in a bucket) into the local folder ``dest``, without ``skip``."""
+    import pyarrow.fs as pafs
+
+    fs = getattr(ckpt, "filesystem", None) or pafs.LocalFileSystem()
+    base = ckpt.path.rstrip("/")
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        rel = info.path[len(base):].lstrip("/")
+        if info.type != pafs.FileType.File or rel == skip:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src:
+            (dest / rel).write_bytes(src.read())
 
 
 def _write_card(final: Path, summary: dict[str, Any], name: str) -> None:
@@ -305,36 +352,40 @@ def _write_card(final: Path, summary: dict[str, Any], name: str) -> None:
 
 
 SUMMARY_FILE = "train_summary.json"  # in final/: what run_train returned, for a re-run that finds it done
+META_FILE = "subq_checkpoint.json"  # = learner.checkpoint.META_FILE (importing it here would load torch)
+FINAL_LAST = ("config.json", META_FILE, SUMMARY_FILE)  # uploaded last, in this order: readers wait for them
 
 
-def _summary(target: Path, stats: dict[str, Any], planned: int, metrics: dict[str, float]) -> dict[str, Any]:
-    meta = json.loads((target / "subq_checkpoint.json").read_text())
-    return {"out": str(target.parent), "final": str(target), "step": meta["step"], "episodes": stats["episodes"],
+def _summary(loc: str, meta: dict[str, Any], stats: dict[str, Any], planned: int,
+             metrics: dict[str, float]) -> dict[str, Any]:
+    return {"out": loc, "final": uri.join(loc, "final"), "step": meta["step"], "episodes": stats["episodes"],
             "val_episodes": stats["val_episodes"], "excluded": stats["excluded"], "data": stats,
             "planned_steps": planned, "early_stopping": meta["extra"].get("early_stopping"), "metrics": metrics}
 
 
-def finished_run(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
-    """The summary of a run that already completed in ``out`` with these settings (None: train). A run
-    whose resumable state was removed (``keep_checkpoints`` off) cannot continue: changed settings are an
-    error that says how to train on, not a silent restart from the initial model."""
+def finished_run(cfg: TrainConfig, out: str | Path) -> dict[str, Any] | None:
+    """The summary of a run that already completed in ``out`` (a path or URI) with these settings (None:
+    train). A run whose resumable state was removed (``keep_checkpoints`` off) cannot continue: changed
+    settings are an error that says how to train on, not a silent restart from the initial model."""
     from subq.learner.checkpoint import strip_secrets
     from subq.learner.data import DATA_DIR, MANIFEST, has_checkpoint
 
-    target = out / "final"
-    if has_checkpoint(out) or not (target / SUMMARY_FILE).is_file():
+    loc = uri.resolve(out)
+    target = uri.join(loc, "final")
+    if has_checkpoint(loc) or not uri.is_file(uri.join(target, SUMMARY_FILE)):
         return None  # nothing finished, or Ray's checkpoints are there to resume (or extend) from
-    saved = json.loads((out / "train_config.json").read_text())
-    now = strip_secrets({**asdict(cfg), "init": saved.get("init"), "out": str(out)})
+    saved = json.loads(uri.read_text(uri.join(loc, "train_config.json")))
+    now = strip_secrets({**asdict(cfg), "init": saved.get("init"), "out": loc})
     changed = sorted(k for k in now if k not in ("progress", "keep_checkpoints", "final_dtype")
                      and json.dumps(now[k], default=str) != json.dumps(saved.get(k), default=str))
     if changed:
-        raise ValueError(f"{out} holds a finished run whose resumable checkpoints were removed (keep_checkpoints "
-                         f"is off) and these settings changed: {changed}. Train on from it with --init {target} "
-                         f"and a new --out, or delete {out} to start over")
-    summary = json.loads((target / SUMMARY_FILE).read_text())
-    stats = json.loads((out / DATA_DIR / MANIFEST).read_text())["stats"]
-    return _summary(target, stats, summary["planned_steps"], summary["metrics"])
+        raise ValueError(f"{uri.redact(loc)} holds a finished run whose resumable checkpoints were removed "
+                         f"(keep_checkpoints is off) and these settings changed: {changed}. Train on from it with "
+                         f"--init {uri.redact(target)} and a new --out, or delete {uri.redact(loc)} to start over")
+    summary = json.loads(uri.read_text(uri.join(target, SUMMARY_FILE)))
+    stats = json.loads(uri.read_text(uri.join(loc, DATA_DIR, MANIFEST)))["stats"]
+    meta = json.loads(uri.read_text(uri.join(target, META_FILE)))
+    return _summary(loc, meta, stats, summary["planned_steps"], summary["metrics"])
 
 
 FINAL_DTYPES = ("auto", "float32", "bfloat16", "float16")

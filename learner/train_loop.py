@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from subq.learner.batches import EpisodeTable, epoch_order, micro_batches
+from subq.learner.batches import MANIFEST, EpisodeTable, epoch_order, micro_batches
 from subq.learner.episodes import collate
 from subq.learner.train import TrainConfig, algo_config, uses_bf16
 from subq.learner.train_state import (
@@ -262,14 +262,26 @@ class WorkerLoop:
         self.window, self.tokens, self.t0 = {}, 0, time.perf_counter()
 
     def _write_metrics(self, metrics: dict[str, float]) -> None:
-        with (Path(self.cfg.out) / "metrics.jsonl").open("a") as f:
+        from subq.data_store import uri
+
+        # with a URI ``out``: appended to a local copy (the driver's progress bar follows it on the same
+        # node), and the whole file is uploaded after each report (objects cannot be appended to)
+        local = uri.stage_dir(self.cfg.out) / "metrics.jsonl"
+        remote = uri.join(self.cfg.out, "metrics.jsonl") if uri.is_uri(self.cfg.out) else None
+        if remote and not local.exists() and uri.is_file(remote):  # resumed on another node
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(uri.read_bytes(remote))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with local.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if remote:
+            uri.write_bytes(remote, local.read_bytes())
         if self.cfg.wandb_project and self.wandb is None:
             import wandb
             from subq.learner.checkpoint import strip_secrets
 
             self.wandb = wandb.init(project=self.cfg.wandb_project, config=strip_secrets(dataclasses.asdict(self.cfg)),
-                                    dir=self.cfg.out, mode=os.environ.get("WANDB_MODE", "offline"))
+                                    dir=str(local.parent), mode=os.environ.get("WANDB_MODE", "offline"))
         if self.wandb is not None:
             self.wandb.log(metrics, step=self.step)
 
@@ -306,7 +318,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     args = {"planned_steps": config["planned_steps"], "rank": rank, "world": world, "device": device,
             "prepare": lambda m: None if m is None else ray.train.torch.prepare_model(m), "report": report}
-    data = EpisodeTable(config["data_dir"])
+    from subq.data_store.uri import local_copy
+
+    data = EpisodeTable(local_copy(config["data_dir"], kind="data", complete=MANIFEST))  # a URI: downloaded once
     resume = ray.train.get_checkpoint()
     if resume is None:
         loop = WorkerLoop(cfg, data, **args)

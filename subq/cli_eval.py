@@ -164,6 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          timeout_s=args.timeout, retry_failed=not args.no_retry_failed,
                          batch_size=args.batch_size, max_actors=args.max_actors, progress=not args.no_progress,
                          decomposer_version=args.decomposer_version)
+        from subq.data_store.uri import check as check_location
+
+        check_location(cfg.out_dir)  # a URI that cannot be opened is bad input, before any work
         for s in solvers_raw:
             check_solver_spec(s)  # malformed specs and missing checkpoints fail before Ray starts
         for d in decomposers:
@@ -197,9 +200,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     failed = failures(cfg, keys)
     if args.json:
         import json
-        from pathlib import Path
 
-        results = json.loads((Path(args.out) / "results.json").read_text())
+        from subq.data_store import uri
+
+        results = json.loads(uri.read_text(uri.join(args.out, "results.json")))
         print(json.dumps({**results, "failed": dict(failed)}, indent=2))
     else:
         print(format_table(summaries))

@@ -214,7 +214,9 @@ def decomposer_identity(raw: str, solvers: list[SolverSpec], serve_opts: ServeOp
 
 def hash_cache_file(cfg: EvalConfig) -> Path:
     """Where checkpoint content digests are cached (by path, size and mtime) for this output folder."""
-    return Path(cfg.out_dir) / "records" / ".content_hashes.json"
+    from subq.data_store.uri import resolve, stage_dir
+
+    return stage_dir(resolve(cfg.out_dir)) / "records" / ".content_hashes.json"  # a URI's: a local cache
 
 
 def plan_run_keys(cfg: EvalConfig, decomposers: list[str], solvers: list[SolverSpec],

@@ -102,6 +102,9 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, raw: dict[str, Any], *, progress: bool = True,
                  echo: Callable[[str], None] = print) -> None:
         self.cfg, self.raw, self.progress, self.echo = cfg, raw, progress, echo
+        if "://" in str(cfg.out) and not str(cfg.out).startswith("file://"):  # never a local folder named "s3:"
+            raise ConfigError(f"out: {cfg.out.split('://')[0]}:// is not supported by subq pipeline yet (only by subq "
+                              "train/eval --out); give a local or mounted path (the store may be a URI)")
         # Absolute: Ray Train workers and Serve replicas do not run in this process's directory.
         self.out = Path(cfg.out).expanduser().resolve()
         if "://" not in cfg.store_uri:
