@@ -358,9 +358,10 @@ def check_endpoint(cfg: TeacherConfig, timeout_s: float = 10.0) -> list[str]:
         r = httpx.get(url, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as e:
         raise TeacherUnreachable(f"cannot reach the teacher at {cfg.base_url}: {type(e).__name__}") from None
-    if r.status_code in (401, 403):
-        raise TeacherUnreachable(
-            f"the teacher at {cfg.base_url} rejected the API key from ${cfg.api_key_env} (HTTP {r.status_code})"
+    if r.status_code in (401, 403):  # the account, not the input: exit 3 as a refusal mid-run (subq.exit_codes)
+        raise TeacherFatalError(
+            f"the teacher at {cfg.base_url} refused the API key from ${cfg.api_key_env} (HTTP {r.status_code}): "
+            "nothing was started; check the key, then run the same command again"
         )
     if r.status_code == 404:
         return []

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from subq.actors.teacher import NO_KEY_PLACEHOLDER, TeacherUnreachable, api_key_from_env
+from subq.actors.teacher import NO_KEY_PLACEHOLDER, TeacherFatalError, TeacherUnreachable, api_key_from_env
 
 IDENTITY_FIELDS = ("id", "root", "parent", "fingerprint")  # of a /v1/models entry; None-valued ones dropped
 
@@ -38,7 +38,8 @@ def served_model(kind: str, url: str, model: str | None, token_env: str | None,
     ``kind`` "url": ``GET <url>/v1/models`` of a subq decomposer app, its one entry (a list of entries
     if it lists several); "openai": ``GET <url>/models`` (``url`` is the /v1 root), the entry of
     ``model``. None when the server has no models route (404). An endpoint that cannot be reached,
-    refuses the token or does not serve ``model`` raises :class:`TeacherUnreachable` (one line, exit 2):
+    does not serve ``model`` raises :class:`TeacherUnreachable` (one line, exit 2), one that refuses the
+    credentials :class:`TeacherFatalError` (exit 3):
     without it, which records are this decomposer's cannot be known.
     """
     import httpx
@@ -57,9 +58,12 @@ def served_model(kind: str, url: str, model: str | None, token_env: str | None,
         raise TeacherUnreachable(f"cannot reach {what} to read what it serves ({where}: {type(e).__name__}); "
                                  "start it, or leave it out of --decomposer") from None
     if r.status_code in (401, 403):
-        raise TeacherUnreachable(f"{what} refused the token from ${token_env} (HTTP {r.status_code})"
-                                 if token_env else f"{what} wants a token (HTTP {r.status_code}): "
-                                 "--decomposer-token-env NAME")
+        env = token_env or ("OPENAI_API_KEY" if kind == "openai" else None)
+        if env is None:
+            raise TeacherUnreachable(f"{what} wants a token (HTTP {r.status_code}): --decomposer-token-env NAME")
+        # credentials refused: the account, not the input (exit 3, as a refusal mid-run)
+        raise TeacherFatalError(f"{what} refused the credentials (HTTP {r.status_code}) from ${env}: nothing was "
+                                "started; check the key, then run the same command again")
     if r.status_code == 404:
         return None
     try:

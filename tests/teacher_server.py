@@ -360,7 +360,9 @@ def create_app(
         return None
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> Any:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":  # as OpenAI's
+            return _error(401, "Incorrect API key provided (injected).", "invalid_request_error", "invalid_api_key")
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "subq-test"}]}
 
     @app.get("/stats")

@@ -36,6 +36,22 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(ray_session, tmp_path, c
     assert not store.exists()
 
 
+def test_a_key_the_teacher_refuses_exits_3_before_any_work(ray_session, tmp_path, capsys, monkeypatch):
+    """One exit-code table: the account refused at the preflight is 3 (subq.exit_codes), as mid-run."""
+    from tests.teacher_server import TeacherServer
+
+    monkeypatch.setenv("SUBQ_TEST_WRONG_KEY", "sk-wrong-0123456789")
+    store = tmp_path / "store"
+    with TeacherServer(model="m", api_key="right") as srv:
+        rc = main(["collect", "--store", str(store), "--no-progress", "--problems", "gsm8k:train[:2]",
+                   "--teacher-base-url", srv.base_url, "--teacher-model", "m", "--api-key-env", "SUBQ_TEST_WRONG_KEY"])
+        billed = srv.stats()["billed"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3, err
+    assert len(err) == 1 and "refused the API key from $SUBQ_TEST_WRONG_KEY (HTTP 401)" in err[0], err
+    assert "sk-wrong" not in err[0] and billed == 0 and not (store / "samples").exists()
+
+
 @pytest.mark.slow
 def test_embedded_teacher_end_to_end(ray_session, tmp_path, capsys):
     """Two GSM8K problems through the embedded SmolLM2 served by our own Ray Serve app."""

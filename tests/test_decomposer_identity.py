@@ -20,7 +20,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from subq.actors.teacher import TeacherUnreachable
+from subq.actors.teacher import TeacherFatalError, TeacherUnreachable
 from subq.evaluation.fingerprint import decomposer_settings
 from subq.evaluation.records import read_records
 from subq.evaluation.served_identity import served_model
@@ -158,9 +158,9 @@ def test_what_an_endpoint_reports_and_its_failures(monkeypatch):
         assert served_model("url", srv.base_url, None, None) == [{"id": "m", "root": "/ckpt"}, {"id": "other"}]
     with _Models(status=404, body={"detail": "Not Found"}) as srv:  # no models route: address and name only
         assert served_model("openai", srv.base_url, "m", KEY_ENV) is None
-    with _Models(status=401, body={"error": "no"}) as srv, pytest.raises(TeacherUnreachable) as e:
-        served_model("openai", srv.base_url, "m", KEY_ENV)
-    assert f"refused the token from ${KEY_ENV} (HTTP 401)" in str(e.value) and SECRET not in str(e.value)
+    with _Models(status=401, body={"error": "no"}) as srv, pytest.raises(TeacherFatalError) as e:
+        served_model("openai", srv.base_url, "m", KEY_ENV)  # the account refused: exit 3, not bad input
+    assert f"refused the credentials (HTTP 401) from ${KEY_ENV}" in str(e.value) and SECRET not in str(e.value)
     with _Models(status=200, body=["not", "a", "list"]) as srv, pytest.raises(TeacherUnreachable, match="model list"):
         served_model("openai", srv.base_url, "m", KEY_ENV)
     port = _free_port()  # nothing listens there
