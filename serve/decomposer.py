@@ -7,8 +7,13 @@ Routes (under ``route_prefix``), wire format in ``serve/decompose_api.py``:
 - ``POST /v1/chat/completions``: OpenAI-compatible; the last user message is the problem and the reply's
   content is "Q1: ..." lines (``protocol.prompts.format_subquestions``), so a solver pipeline written for
   the teacher can call the student unchanged;
-- ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /stats`` (batching counters), ``GET /health``
-  (open; every other route needs the bearer token when ``token_env`` is set).
+- ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /stats`` (batching counters), ``GET /metrics``
+  (Prometheus, ``serve/metrics.py``), ``GET /health`` (open, 503 when the engine is dead; every other
+  route needs the bearer token when ``token_env`` is set).
+
+Saturation (``serve/admission.py``): health, models and validation never wait behind generations;
+beyond ``max_batch_size`` running requests plus ``max_queued_requests`` waiting ones, a 429 with
+``Retry-After`` at once.
 
 Prompt formats: ``student`` is what the learner trains (``learner.episodes.encode_prompt``: "Problem:
 ...\\nSub-questions:\\n", continued by question lines and the ``<end>`` marker; a row stops as soon as
@@ -53,6 +58,7 @@ from subq.learner.checkpoint import is_checkpoint
 from subq.learner.content_hash import model_fingerprint
 from subq.learner.models import model_display_name
 from subq.protocol.prompts import SUBQ_END
+from subq.serve.admission import Admission
 from subq.serve.chat_stream import stream_chat
 from subq.serve.decompose_api import (
     MAX_BODY_BYTES,
@@ -68,16 +74,20 @@ from subq.serve.decomposer_model import Decoder, default_max_new_tokens
 from subq.serve.engine import Engine, EngineStats, RequestError, RequestStream
 from subq.serve.fields import ApiError, decode_json, error_body
 from subq.serve.generation import BatchDecoder
+from subq.serve.metrics import CONTENT_TYPE, ServerMetrics
 from subq.serve.sampling import SamplingParams
 from subq.serve.serving import (
     DTYPES,
     Secret,
     api_error,
     check_auth,
+    check_engine,
     delete_app,
     deploy,
+    health_response,
     http_error,
     init_replica_torch,
+    max_ongoing_requests,
     model_response,
     models_response,
     read_body,
@@ -113,6 +123,8 @@ class DecomposerConfig:
     route_prefix: str = "/"  # distinct per app when several share the Serve proxy
     app_name: str = "subq-decomposer"  # the Serve application's name (stop_decomposer deletes it)
     max_batch_size: int = 8  # requests decoded together; more wait their turn (they join between steps)
+    max_queued_requests: int | None = None  # requests that may wait for a row; beyond: 429 + Retry-After at
+    #                                         once (None: unbounded; `subq serve` defaults to 64)
     batch_wait_timeout_s: float = 0.05  # an idle replica waits this long for company before its first prefill
     min_replicas: int = 1  # with max_replicas > min_replicas, Serve autoscales between the two
     max_replicas: int = 1
@@ -137,6 +149,8 @@ class DecomposerConfig:
             raise ValueError("max_batch_size, max_new_tokens, max_problem_chars and max_replicas must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0 (or None), got {self.max_queued_requests}")
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
         if self.beta is not None and not 0 <= self.beta <= 100:
@@ -188,7 +202,12 @@ class Decomposer:
         # The engine detokenizes in its own thread with its own tokenizer copy; prompts use the Decoder's.
         batch = BatchDecoder(self.decoder.model, copy.deepcopy(self.decoder.tokenizer), heads=self.decoder.heads,
                              eos_ids=self.decoder.eos)
-        self.engine = Engine(batch, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats)
+        self.admission = Admission(cfg.max_batch_size, cfg.max_queued_requests)  # routes: `async with .rows(n)`
+        self.metrics = ServerMetrics(self.limits.served_model, running=lambda: self.admission.running_requests,
+                                     waiting=lambda: self.admission.waiting,
+                                     running_rows=lambda: self.admission.running_rows)
+        self.engine = Engine(batch, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats,
+                             metrics=self.metrics)
         self.placement = {"device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": self.threads}
 
     def __del__(self) -> None:
@@ -198,9 +217,18 @@ class Decomposer:
 
     # ------------------------------------------------------------------------------------ routes
 
+    def check_health(self) -> None:
+        check_engine(self.engine)
+
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.cfg.served_model_name or ""}
+    async def health(self) -> JSONResponse:
+        return health_response(self.engine, self.limits.served_model)
+
+    @app.get("/metrics")
+    async def get_metrics(self, request: Request) -> Response:
+        if (denied := check_auth(self.token, request)) is not None:
+            return denied
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/stats")
     async def get_stats(self, request: Request) -> JSONResponse:
@@ -234,6 +262,11 @@ class Decomposer:
     # ----------------------------------------------------------------------------------- helpers
 
     async def _serve(self, request: Request, *, chat: bool) -> Response:
+        response = await self._answer(request, chat=chat)
+        self.metrics.response(response.status_code)  # requests by status (429s included)
+        return response
+
+    async def _answer(self, request: Request, *, chat: bool) -> Response:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
         name = self.limits.served_model
@@ -242,14 +275,15 @@ class Decomposer:
             req = await asyncio.to_thread(self._parse, raw, chat)  # off the event loop: /health stays live
             prompt, params = await asyncio.to_thread(self._job, req)
             streaming = req.chat is not None and req.chat.stream
-            stream = RequestStream(self.engine, prompt, params, stream=streaming)
-            if streaming:
-                cut = req.max_subquestions
-                return await stream_chat(stream, model=name, prompt_tokens=len(prompt),
-                                         include_usage=req.chat.include_usage,
-                                         content=lambda: SubquestionContent(lambda t: self.decoder.subquestions(t, cut)),
-                                         on_complete=lambda tokens: self.stats.request(len(prompt), tokens))
-            done = (await stream.result())[0]
+            async with self.admission.rows(params.n) as ticket:  # validated first: a bad request never queues
+                stream = RequestStream(self.engine, prompt, params, stream=streaming, ticket=ticket)
+                if streaming:
+                    cut = req.max_subquestions
+                    return await stream_chat(
+                        stream, model=name, prompt_tokens=len(prompt), include_usage=req.chat.include_usage,
+                        content=lambda: SubquestionContent(lambda t: self.decoder.subquestions(t, cut)),
+                        on_complete=lambda tokens: self.stats.request(len(prompt), tokens))
+                done = (await stream.result())[0]
         except ApiError as exc:
             return api_error(exc)
         except RequestError as exc:
@@ -301,9 +335,9 @@ def build_decomposer_app(cfg: DecomposerConfig) -> serve.Application:
                                           "target_ongoing_requests": cfg.target_ongoing_requests}}
     return Decomposer.options(
         name=f"{cfg.app_name}-decomposer",
-        # >= max_batch_size, or Serve never hands a replica enough requests to fill a batch
-        # (DESIGN §4); twice that lets the next batch queue while one decodes.
-        max_ongoing_requests=2 * cfg.max_batch_size,
+        # Far above the batch: Serve must not queue requests in its router, where /health would wait
+        # behind generations; the replica's Admission bounds the work (serve/admission.py).
+        max_ongoing_requests=max_ongoing_requests(cfg.max_batch_size, cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         **scaling,
     ).bind(cfg, read_token(cfg.token_env))
@@ -329,4 +363,5 @@ def run_decomposer_forever(cfg: DecomposerConfig) -> None:
     url = start_decomposer(cfg)
     auth = f", bearer token from ${cfg.token_env}" if cfg.token_env else ""
     serve_until_stopped(f"serving decomposer {cfg.served_model_name!r} at {url} (POST {url}/decompose, OpenAI "
-                        f"base URL {url}/v1; Ctrl-C to stop{auth})", lambda: stop_decomposer(cfg))
+                        f"base URL {url}/v1; Ctrl-C to stop{auth})", lambda: stop_decomposer(cfg),
+                        health_url=f"{url}/health")

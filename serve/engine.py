@@ -8,6 +8,11 @@ at the next step instead of waiting for the whole batch (no head-of-line blockin
 When the engine is idle it waits up to ``wait_s`` for company before the first prefill, so requests
 sent together share one. All model work happens in the engine thread: the event loop stays free for
 ``/health``, request parsing and streaming, and never touches the model.
+
+Admission (how many requests may wait, who goes first) is :mod:`serve.admission`'s, in the event
+loop: a request reaches the engine only with its rows granted, so the engine's own queue stays short.
+If the thread dies on an unexpected error, every request in it fails with a 503, new ones are refused
+and :attr:`Engine.alive` turns False (``/health`` answers 503, Serve's health check restarts the replica).
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from subq.serve.generation import BatchDecoder, Completion, Delta, Event, Failed, Finished, Request
 from subq.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from subq.serve.admission import Ticket
+    from subq.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +54,18 @@ class EngineStats(dict):
 class Engine:
     """A decoding thread and its queue; ``submit`` is safe from any thread."""
 
-    def __init__(self, decoder: BatchDecoder, *, max_rows: int, wait_s: float, stats: EngineStats | None = None) -> None:
+    def __init__(self, decoder: BatchDecoder, *, max_rows: int, wait_s: float, stats: EngineStats | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         self.decoder, self.max_rows, self.wait_s = decoder, max_rows, wait_s
         self.stats = stats if stats is not None else EngineStats()
+        self.metrics = metrics
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self.error: str | None = None  # why the thread died, if it did
+        self._admitting: list[Request] = []  # taken from the queue, not yet rows: failed too if the thread dies
         self._thread = threading.Thread(target=self._run, name="subq-decode", daemon=True)
         self._thread.start()
 
@@ -59,8 +73,8 @@ class Engine:
         if request.params.n > self.max_rows:
             raise ValueError(f"n={request.params.n} is more than this engine's {self.max_rows} rows")
         with self._cv:
-            if self._closed:
-                raise RuntimeError("the engine is shut down")
+            if self._closed or self.error is not None:
+                raise RuntimeError(f"the engine is not running ({self.error or 'shut down'})")
             self._queue.append(request)
             self.stats["queued_requests"] = len(self._queue)
             self._cv.notify()
@@ -69,6 +83,11 @@ class Engine:
         """Let the thread notice a cancellation of a queued request promptly."""
         with self._cv:
             self._cv.notify()
+
+    @property
+    def alive(self) -> bool:
+        """The decoding thread runs and takes requests (what ``/health`` reports)."""
+        return self._thread.is_alive() and not self._closed and self.error is None
 
     def close(self) -> None:
         with self._cv:
@@ -79,23 +98,53 @@ class Engine:
     # ------------------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug, not a request's fault: fail everything rather than hang it
+            logger.exception("the decoding engine died")
+            with self._cv:
+                self.error = f"the decoding engine died ({type(e).__name__})"
+                try:
+                    self.decoder.cancel_all(self.error)
+                finally:
+                    while self._queue:
+                        self._admitting.append(self._queue.popleft())
+                    for r in self._admitting:  # those being admitted (not in a row yet) and those queued
+                        if not r.done:
+                            r.done = r.failed = True
+                            r.send(Failed(self.error, 503))
+
+    def _loop(self) -> None:
         while True:
             admit = self._next_admissions()
             if admit is None:
                 return
             start = time.perf_counter()
             passes = self.decoder.forward_passes
+            before = len(self.decoder.rows)  # rows that get their next token in this iteration's step
+            self._admitting = admit
             if admit:
                 self.decoder.admit(admit)
                 self.stats["prefills"] += 1
                 self.stats["admitted_requests"] += len(admit)
                 self.stats["rows"] += sum(r.params.n for r in admit)
+                if self.metrics is not None:
+                    now = time.monotonic()
+                    for r in admit:
+                        if not r.failed and not r.cancelled:  # its first tokens were chosen in the prefill
+                            self.metrics.ttft.observe(now - r.arrival)
+            stepped = time.perf_counter()
             if self.decoder.rows:
                 self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self.decoder.rows))
                 self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], self.decoder.live_requests)
                 self.stats["row_steps"] += len(self.decoder.rows)  # / steps: the mean batch of a step
+                new = max(0, len(self.decoder.rows) - before)
                 self.decoder.step()
                 self.stats["steps"] += 1
+                if self.metrics is not None:  # old rows waited for the prefill too; new ones only for the step
+                    end = time.perf_counter()
+                    self.metrics.token_intervals(end - start, before)
+                    self.metrics.token_intervals(end - stepped, new)
             self.stats["forward_passes"] += self.decoder.forward_passes - passes
             self.stats["decode_seconds"] += time.perf_counter() - start
             self.stats["running_rows"] = len(self.decoder.rows)
@@ -147,14 +196,24 @@ class RequestStream:
     at the engine's next step.
     """
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, *, stream: bool = False) -> None:
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, *, stream: bool = False,
+                 ticket: Ticket | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.engine = engine
         self.request = Request(prompt, params, lambda e: loop.call_soon_threadsafe(self._events.put_nowait, e),
                                stream=stream)
+        if ticket is not None:  # TTFT and end-to-end latency count from arrival, queueing included
+            self.request.arrival = ticket.arrival
+            ticket.handed_off = True
+        self.ticket = ticket
         self._open = params.n
-        engine.submit(self.request)
+        self._finished: list[Completion] = []
+        try:
+            engine.submit(self.request)
+        except RuntimeError as e:  # the engine is gone: the replica cannot serve (it reports unhealthy)
+            self._release()
+            raise RequestError(503, str(e)) from None
 
     async def events(self) -> AsyncIterator[Delta | Finished | Failed]:
         """Every event until the last sample finished or the request failed."""
@@ -163,6 +222,9 @@ class RequestStream:
                 event = await self._events.get()
                 if isinstance(event, Finished):
                     self._open -= 1
+                    self._finished.append(event.completion)
+                    if self._open == 0:
+                        self._record()
                 elif isinstance(event, Failed):
                     self._open = 0
                     self.engine.stats["failed_requests"] += 1
@@ -185,3 +247,15 @@ class RequestStream:
             self.request.cancelled = True
             self.engine.stats["cancelled_requests"] += 1
             self.engine.wake()
+        self._release()
+
+    def _release(self) -> None:
+        if self.ticket is not None:
+            self.ticket.release()
+
+    def _record(self) -> None:
+        self._release()  # its rows are free in the engine already
+        if self.engine.metrics is not None:
+            self.engine.metrics.finished(time.monotonic() - self.request.arrival, len(self.request.prompt),
+                                         (c.generated_tokens for c in self._finished),
+                                         (c.finish_reason for c in self._finished))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -81,7 +82,9 @@ class Request:
     stream: bool = False  # report Delta events as text settles
     cancelled: bool = False
     done: bool = False  # set once its last event is sent
+    failed: bool = False  # it ended with a Failed event
     open_rows: int = 0
+    arrival: float = field(default_factory=time.monotonic)  # when the server got it (TTFT, latency)
 
     def send(self, event: Event) -> None:
         """Deliver ``event``; a receiver that is gone (closed event loop) cancels the request."""
@@ -324,7 +327,7 @@ class BatchDecoder:
 
     def _fail(self, request: Request, message: str, status: int = 500) -> None:
         if not request.done:
-            request.done = True
+            request.done = request.failed = True
             request.send(Failed(message, status))
 
     def _drop(self, rows: list[_Row]) -> None:

@@ -4,8 +4,13 @@ This is subq's embedded teacher and solver (DESIGN §2-3): the collection actors
 talk to it with the official ``openai`` client, exactly as they would talk to OpenAI or vLLM.
 
 Routes (under ``route_prefix``): ``POST /v1/chat/completions`` (``stream: true`` answers with
-server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /stats`` (batching counters)
-and ``GET /health`` (open, no token).
+server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /stats`` (batching counters),
+``GET /metrics`` (Prometheus, ``serve/metrics.py``) and ``GET /health`` (open, no token; 503 when the
+replica's engine is dead).
+
+Saturation (``serve/admission.py``): ``/health``, ``/v1/models`` and request validation never wait
+behind generations; beyond ``max_batch_size`` running rows plus ``max_queued_requests`` waiting
+requests, a request gets a 429 with ``Retry-After`` at once.
 
 Each replica runs one decoding engine (``serve/engine.py``): requests join the running batch between
 decoding steps and leave it as soon as they finish (continuous batching; the batch size counts
@@ -37,19 +42,24 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from subq.learner.models import model_display_name
+from subq.serve.admission import Admission
 from subq.serve.chat_api import ChatRequest, chat_completion, parse_chat_request
 from subq.serve.chat_stream import RawText, stream_chat
 from subq.serve.engine import Engine, EngineStats, RequestError, RequestStream
 from subq.serve.fields import ApiError, decode_json, error_body
+from subq.serve.metrics import CONTENT_TYPE, ServerMetrics
 from subq.serve.serving import (
     DTYPES,
     Secret,
     api_error,
     check_auth,
+    check_engine,
     delete_app,
     deploy,
+    health_response,
     http_error,
     init_replica_torch,
+    max_ongoing_requests,
     model_response,
     models_response,
     read_body,
@@ -74,6 +84,8 @@ class LLMServerConfig:
     port: int = 8000  # Serve-wide too: if Serve already runs, its port wins (see start_llm_server)
     route_prefix: str = "/"  # distinct per app when several share the Serve proxy
     max_batch_size: int = 8  # samples decoded together (a request with n=k counts k); more wait their turn
+    max_queued_requests: int | None = None  # requests that may wait for rows; beyond: 429 + Retry-After at
+    #                                         once (None: unbounded; `subq llm-server` defaults to 64)
     batch_wait_timeout_s: float = 0.05  # an idle replica waits this long for company before its first prefill
     max_prompt_tokens: int | None = None  # default: the model's context length - 1
     max_new_tokens: int = 1024  # cap on a request's max_tokens; also its default (bounded by context)
@@ -92,6 +104,8 @@ class LLMServerConfig:
             self.route_prefix = "/" + self.route_prefix
         if self.max_batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("max_batch_size and max_new_tokens must be >= 1")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0 (or None), got {self.max_queued_requests}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.num_gpus < 0 or self.num_cpus < 0:
@@ -131,9 +145,14 @@ class LLMServer:
         self._tokenize_lock = threading.Lock()  # request threads share this tokenizer; the engine has its own copy
         self.created = int(time.time())
         self.stats = EngineStats()
+        self.admission = Admission(cfg.max_batch_size, cfg.max_queued_requests)  # routes: `async with .rows(n)`
+        self.metrics = ServerMetrics(cfg.served_model_name or "", running=lambda: self.admission.running_requests,
+                                     waiting=lambda: self.admission.waiting,
+                                     running_rows=lambda: self.admission.running_rows)
         decoder = BatchDecoder(self.model, copy.deepcopy(self.tokenizer),
                                eos_ids=eos_token_ids(self.model, self.tokenizer))
-        self.engine = Engine(decoder, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats)
+        self.engine = Engine(decoder, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats,
+                             metrics=self.metrics)
         self.placement = {"device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": self.threads}
 
     def __del__(self) -> None:
@@ -143,9 +162,18 @@ class LLMServer:
 
     # ------------------------------------------------------------------------------------ routes
 
+    def check_health(self) -> None:
+        check_engine(self.engine)
+
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.cfg.served_model_name or ""}
+    async def health(self) -> JSONResponse:
+        return health_response(self.engine, self.cfg.served_model_name or "")
+
+    @app.get("/metrics")
+    async def get_metrics(self, request: Request) -> Response:
+        if (denied := check_auth(self.token, request)) is not None:
+            return denied
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/stats")
     async def get_stats(self, request: Request) -> JSONResponse:
@@ -168,6 +196,11 @@ class LLMServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        response = await self._chat(request)
+        self.metrics.response(response.status_code)  # requests by status (429s included)
+        return response
+
+    async def _chat(self, request: Request) -> Response:
         if (denied := check_auth(self.token, request)) is not None:
             return denied
         try:
@@ -175,12 +208,14 @@ class LLMServer:
             chat = await asyncio.to_thread(self._parse, raw)  # off the event loop: /health stays live
             prompt = await asyncio.to_thread(self._prompt_ids, chat)
             max_tokens = min(chat.max_tokens or self.cfg.max_new_tokens, self.context - len(prompt))
-            stream = RequestStream(self.engine, prompt, chat.sampling(max_tokens), stream=chat.stream)
-            if chat.stream:
-                return await stream_chat(stream, model=self.cfg.served_model_name, prompt_tokens=len(prompt),
-                                         include_usage=chat.include_usage, content=RawText,
-                                         on_complete=lambda tokens: self.stats.request(len(prompt), tokens))
-            completions = await stream.result()
+            params = chat.sampling(max_tokens)
+            async with self.admission.rows(params.n) as ticket:  # validated first: a bad request never queues
+                stream = RequestStream(self.engine, prompt, params, stream=chat.stream, ticket=ticket)
+                if chat.stream:
+                    return await stream_chat(stream, model=self.cfg.served_model_name, prompt_tokens=len(prompt),
+                                             include_usage=chat.include_usage, content=RawText,
+                                             on_complete=lambda tokens: self.stats.request(len(prompt), tokens))
+                completions = await stream.result()
         except ApiError as exc:
             return api_error(exc)
         except RequestError as exc:
@@ -227,9 +262,9 @@ def build_llm_app(cfg: LLMServerConfig) -> serve.Application:
     return LLMServer.options(
         name=f"{cfg.app_name}-llm",
         num_replicas=cfg.num_replicas,
-        # >= max_batch_size, or Serve never hands a replica enough requests to fill its batch
-        # (DESIGN §4); twice that keeps the next requests queued in the replica, ready to join.
-        max_ongoing_requests=2 * cfg.max_batch_size,
+        # Far above the batch: Serve must not queue requests in its router, where /health would wait
+        # behind generations; the replica's Admission bounds the work (serve/admission.py).
+        max_ongoing_requests=max_ongoing_requests(cfg.max_batch_size, cfg.max_queued_requests),
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg, read_token(cfg.token_env))
 
@@ -255,4 +290,4 @@ def run_forever(cfg: LLMServerConfig) -> None:
     url = start_llm_server(cfg)
     auth = f", bearer token from ${cfg.token_env}" if cfg.token_env else ""
     serve_until_stopped(f"serving {cfg.served_model_name!r} at {url} (Ctrl-C to stop{auth})",
-                        lambda: stop_llm_server(cfg))
+                        lambda: stop_llm_server(cfg), health_url=f"{url.removesuffix('/v1')}/health")

@@ -16,10 +16,12 @@ import hmac
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -63,7 +65,37 @@ def read_token(token_env: str | None) -> Secret | None:
 
 def api_error(exc: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if (retry_after := getattr(exc, "retry_after_s", None)) is not None:  # admission.Overloaded
+        headers = {"Retry-After": str(retry_after)}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+# Routes that never wait (health, models, metrics, validation) need room beyond the generation
+# requests a replica holds: Serve counts every ongoing request against max_ongoing_requests.
+CHEAP_ROUTE_HEADROOM = 1000
+UNBOUNDED_ONGOING = 100_000  # max_queued_requests=None: the admission queue in the replica is the only queue
+
+
+def max_ongoing_requests(max_batch_size: int, max_queued: int | None) -> int:
+    """Serve's per-replica limit: high enough that it never queues a request in the router (where
+    ``/health`` would wait behind generations); the replica's own admission bounds the work."""
+    if max_queued is None:
+        return UNBOUNDED_ONGOING
+    return max_batch_size + max_queued + CHEAP_ROUTE_HEADROOM
+
+
+def health_response(engine: Any, served_model: str) -> JSONResponse:
+    """``GET /health``: 200 while the replica's engine runs, else 503 (so a probe evicts it)."""
+    if engine.alive:
+        return JSONResponse({"status": "ok", "model": served_model})
+    return JSONResponse({"status": "unhealthy", "model": served_model,
+                         "error": engine.error or "the decoding engine is shut down"}, status_code=503)
+
+
+def check_engine(engine: Any) -> None:
+    """Serve's replica health check: a replica whose engine died is restarted."""
+    if not engine.alive:
+        raise RuntimeError(engine.error or "the decoding engine is shut down")
 
 
 def check_auth(token: Secret | None, request: Request) -> JSONResponse | None:
@@ -173,24 +205,96 @@ def delete_app(app_name: str) -> None:
             logger.debug("delete %s: %s", app_name, e)
 
 
-def serve_until_stopped(banner: str, stop: Callable[[], None]) -> None:
-    """Print ``banner``, wait for Ctrl-C or SIGTERM, then ``stop()`` (what the ``subq`` serve commands run)."""
+STOP_DEADLINE_S = 7.0  # SIGTERM to exit: what a pod's grace period or a supervisor may expect (< 10 s)
+HEALTH_POLL_S = 5.0  # how often the serving loop probes its own /health
+UNHEALTHY_EXIT_S = 60.0  # unanswered /health for this long (Ray gone, proxy dead): exit 1 for a supervisor
+
+
+def serve_until_stopped(banner: str, stop: Callable[[], None], *, health_url: str | None = None,
+                        unhealthy_exit_s: float = UNHEALTHY_EXIT_S) -> NoReturn:
+    """Print ``banner``, wait for Ctrl-C or SIGTERM, then ``stop()`` and end the process (what the ``subq``
+    serve commands run; it never returns).
+
+    Stopping never takes more than ``STOP_DEADLINE_S``, whatever state Ray is in: deleting the app and
+    shutting down a Ray this process started run in a helper thread, and a process whose Ray does not
+    answer (raylet or GCS dead) leaves at the deadline without them. With ``health_url``, a server whose
+    ``/health`` stays unanswered for ``unhealthy_exit_s`` stops and exits with 1 instead of lingering.
+    """
     print(banner, flush=True)
 
     def _interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: same clean exit as Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: same clean exit as Ctrl-C
+    code = 0
     try:
-        while True:
-            time.sleep(3600)
+        _watch(health_url, unhealthy_exit_s)
+        code = 1
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        # Only our app: on a shared cluster other Serve apps must keep running; a local Ray started
-        # by this process goes away with it.
-        stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the bounded stop short
+        _stop_within(stop, STOP_DEADLINE_S)
+    # Our app is deleted and our Ray shut down: leave now. The interpreter's own exit waited another
+    # ~8 s on Ray's threads and handlers (measured: stop 4.8 s, then exit at 13 s after SIGTERM).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _watch(health_url: str | None, unhealthy_exit_s: float) -> None:
+    """Return once ``health_url`` has not answered 200 for ``unhealthy_exit_s``; never without a URL.
+
+    The main thread only sleeps in short steps: a signal may be delivered to one of Ray's threads, and
+    Python runs its handler only when the main thread next runs bytecode (a long sleep or a blocking
+    probe here delayed SIGTERM by as long). The probes run in a daemon thread.
+    """
+    last_ok = [time.monotonic()]
+
+    def _probe() -> None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while True:
+            try:
+                with opener.open(health_url, timeout=HEALTH_POLL_S) as resp:
+                    if resp.status == 200:
+                        last_ok[0] = time.monotonic()
+            except Exception as e:  # refused, timed out, 503: unhealthy this time
+                logger.debug("health probe: %s", e)
+            time.sleep(HEALTH_POLL_S)
+
+    if health_url is not None:
+        threading.Thread(target=_probe, name="subq-health-watch", daemon=True).start()
+    while True:
+        time.sleep(0.2)
+        down = time.monotonic() - last_ok[0]
+        if health_url is not None and down >= unhealthy_exit_s:
+            print(f"{health_url} has not answered for {down:.0f} s (is Ray still running?); stopping",
+                  file=sys.stderr, flush=True)
+            return
+
+
+def _stop_within(stop: Callable[[], None], deadline_s: float) -> None:
+    """Run ``stop()`` and shut down a Ray this process started, giving up after ``deadline_s``."""
+
+    def _work() -> None:
+        try:
+            # Only our app: on a shared cluster other Serve apps must keep running; a local Ray started
+            # by this process goes away with it (shutdown kills only the processes this driver started).
+            stop()
+            import ray
+
+            ray.shutdown()
+        except Exception as e:
+            logger.warning("stopping: %s", e)
+
+    worker = threading.Thread(target=_work, name="subq-stop", daemon=True)
+    worker.start()
+    worker.join(deadline_s)
+    if worker.is_alive():  # Ray does not answer: leave now; atexit would wait on it again
+        print(f"Ray did not stop within {deadline_s:.0f} s; exiting without it", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def _serve_address(host: str, port: int, app_name: str) -> tuple[str, int]:

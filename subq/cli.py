@@ -110,6 +110,9 @@ def _add_llm_server(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=8, help="samples decoded together (continuous batching)")
+    from subq.cli_eval import add_queue_option
+
+    add_queue_option(p)
     p.add_argument("--max-tokens", dest="max_new_tokens", type=int, default=1024, metavar="N",
                    help="cap and default of a request's max_tokens")
     alias(p, "--max-new-tokens", dest="max_new_tokens", type=int)
@@ -122,12 +125,13 @@ def _add_llm_server(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_llm_server(args: argparse.Namespace) -> int:
-    from subq.cli_eval import serve_config
+    from subq.cli_eval import queue_limit, serve_config
     from subq.runtime import init_ray
     from subq.serve.llm_server import LLMServerConfig, run_forever
 
     cfg = serve_config(LLMServerConfig, model=args.model, host=args.host, port=args.port,
                        max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
+                       max_queued_requests=queue_limit(args.max_queued_requests),
                        token_env=args.token_env, num_cpus=args.num_cpus, num_gpus=args.num_gpus, dtype=args.dtype,
                        torch_threads=args.torch_threads)
     init_ray(args.ray_address)

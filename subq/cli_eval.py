@@ -18,6 +18,18 @@ def add_replica_options(p: argparse.ArgumentParser) -> None:
 
 
 
+def add_queue_option(p: argparse.ArgumentParser) -> None:
+    """The bounded queue both servers share (serve/admission.py)."""
+    p.add_argument("--max-queued-requests", type=int, default=64, metavar="N",
+                   help="requests that may wait for a free row; beyond the running batch plus N, a request gets "
+                        "429 with Retry-After at once (-1: unbounded)")
+
+
+def queue_limit(value: int) -> int | None:
+    """--max-queued-requests as the config takes it: -1 is unbounded (None); other negatives are refused there."""
+    return None if value == -1 else value
+
+
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a distilled decomposer (/decompose, /v1/chat/completions) on Ray Serve")
     from subq.cli import alias
@@ -40,6 +52,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "target + 25%%, at least +16, at most 512; 128 when the checkpoint does not record it)")
     p.add_argument("--max-subquestions", type=int)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (continuous batching)")
+    add_queue_option(p)
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=1, help="> --min-replicas turns on autoscaling")
     p.add_argument("--target-ongoing-requests", type=float, default=4.0)
@@ -62,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         beta=args.beta, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         max_subquestions=args.max_subquestions, max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
+        max_queued_requests=queue_limit(args.max_queued_requests),
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests, num_gpus=args.num_gpus,
         num_cpus=args.num_cpus, dtype=args.dtype, torch_threads=args.torch_threads,
     )

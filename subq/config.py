@@ -64,6 +64,8 @@ class TrainSection:
 class ServeSection:
     port: int = 8011  # the Serve HTTP proxy (shared with the local teacher/solver server)
     max_batch_size: int = 8
+    max_queued_requests: int | None = None  # per replica, beyond the batch: 429 + Retry-After (None: unbounded,
+    #                                         the pipeline's own clients retry; see serve/admission.py)
     num_cpus: float = 0.5
     num_gpus: float = 0.0  # > 0: decomposer replicas on GPU
     beta: float | None = None  # ILQL guidance; None: each checkpoint's own

@@ -44,6 +44,7 @@ class ServeOptions:
 
     port: int = 8000
     max_batch_size: int = 8
+    max_queued_requests: int | None = None  # beyond the batch: 429 + Retry-After (None: unbounded)
     num_gpus: float = 0.0
     num_cpus: float = 0.5  # per replica; small so it fits beside the solver's server on a 2-core machine
     beta: float | None = None
@@ -268,6 +269,7 @@ def _served(spec: str, index: int, opts: ServeOptions) -> Iterator[str]:
         resolve_model_path(spec)  # a wrong path fails here, in one line, not inside a replica
     cfg = DecomposerConfig(model=spec, port=opts.port, route_prefix=f"/decomposer-{index}",
                            app_name=f"subq-decomposer-{index}", max_batch_size=opts.max_batch_size,
+                           max_queued_requests=opts.max_queued_requests,
                            num_gpus=opts.num_gpus, num_cpus=opts.num_cpus, max_new_tokens=opts.max_new_tokens)
     from subq.resources import require, serve_demand
 
@@ -293,8 +295,8 @@ def served_solver(solver: SolverSpec, index: int, opts: ServeOptions) -> Iterato
     # Solving is the stage's real work: decode on every core (as the local server does), reserve little.
     cfg = LLMServerConfig(model=solver.served, served_model_name=solver.model, port=opts.port,
                           route_prefix=f"/solver-{index}", app_name=f"subq-solver-{index}",
-                          max_batch_size=opts.max_batch_size, num_gpus=opts.num_gpus, num_cpus=opts.num_cpus,
-                          torch_threads=os.cpu_count())
+                          max_batch_size=opts.max_batch_size, max_queued_requests=opts.max_queued_requests,
+                          num_gpus=opts.num_gpus, num_cpus=opts.num_cpus, torch_threads=os.cpu_count())
     from subq.resources import require, serve_demand
 
     require([serve_demand(f"the solver replica for {solver.served}", cfg.num_cpus, cfg.num_gpus,

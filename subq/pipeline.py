@@ -480,7 +480,7 @@ def _write_record(final: Path, record: dict[str, Any]) -> None:
 
 def _serve_options(s: ServeSection) -> ServeOptions:
     return ServeOptions(port=s.port, max_batch_size=s.max_batch_size, num_gpus=s.num_gpus, num_cpus=s.num_cpus,
-                        beta=s.beta, max_new_tokens=s.max_new_tokens)
+                        beta=s.beta, max_new_tokens=s.max_new_tokens, max_queued_requests=s.max_queued_requests)
 
 
 def format_stages(result: PipelineResult) -> str:

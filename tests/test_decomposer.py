@@ -596,7 +596,13 @@ def test_config_and_app_options():
     cfg = DecomposerConfig(model=TINY, route_prefix="x", min_replicas=1, max_replicas=3, max_batch_size=16)
     assert cfg.route_prefix == "/x" and cfg.served_model_name == "tiny-random-llama"
     deployment = build_decomposer_app(cfg)._bound_deployment
-    assert deployment._deployment_config.max_ongoing_requests == 32
+    # Serve must never queue in its router (where /health would wait): far above the batch, and the
+    # replica's own admission bounds the work (serve/admission.py)
+    assert deployment._deployment_config.max_ongoing_requests == 100_000
+    bounded = build_decomposer_app(DecomposerConfig(model=TINY, max_batch_size=16, max_queued_requests=4))
+    assert bounded._bound_deployment._deployment_config.max_ongoing_requests == 16 + 4 + 1000
+    with pytest.raises(ValueError, match="max_queued_requests"):
+        DecomposerConfig(model=TINY, max_queued_requests=-1)
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
 
 
