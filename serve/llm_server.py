@@ -4,7 +4,8 @@ This is subq's embedded teacher and solver (DESIGN §2-3): the collection actors
 talk to it with the official ``openai`` client, exactly as they would talk to OpenAI or vLLM.
 
 Routes (under ``route_prefix``): ``POST /v1/chat/completions`` (``stream: true`` answers with
-server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /stats`` (batching counters),
+server-sent events), ``POST /v1/completions`` (the legacy API with ``echo`` and ``logprobs``,
+``serve/completions.py``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /stats`` (batching counters),
 ``GET /metrics`` (Prometheus, ``serve/metrics.py``) and ``GET /health`` (open, no token; 503 when the
 replica's engine is dead).
 
@@ -45,6 +46,7 @@ from subq.learner.models import model_display_name
 from subq.serve.admission import Admission
 from subq.serve.chat_api import ChatRequest, chat_completion, parse_chat_request
 from subq.serve.chat_stream import RawText, stream_chat
+from subq.serve.completions import Completions, respond
 from subq.serve.engine import Engine, EngineStats, RequestError, RequestStream
 from subq.serve.fields import ApiError, decode_json, error_body
 from subq.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -153,6 +155,7 @@ class LLMServer:
                                eos_ids=eos_token_ids(self.model, self.tokenizer))
         self.engine = Engine(decoder, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats,
                              metrics=self.metrics)
+        self.completions = Completions(self)  # /v1/completions and the log-probs of both routes
         self.placement = {"device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": self.threads}
 
     def __del__(self) -> None:
@@ -216,6 +219,7 @@ class LLMServer:
                                              include_usage=chat.include_usage, content=RawText,
                                              on_complete=lambda tokens: self.stats.request(len(prompt), tokens))
                 completions = await stream.result()
+                logprobs = await self.completions.chat_logprobs(chat, prompt, completions)
         except ApiError as exc:
             return api_error(exc)
         except RequestError as exc:
@@ -226,14 +230,26 @@ class LLMServer:
             return JSONResponse(error_body("the server failed to generate a completion", type="server_error"),
                                 status_code=500)
         self.stats.request(len(prompt), sum(c.generated_tokens for c in completions))
-        return JSONResponse(chat_completion(self.cfg.served_model_name, len(prompt), completions))
+        return JSONResponse(chat_completion(self.cfg.served_model_name, len(prompt), completions, logprobs))
+
+    @app.post("/v1/completions")
+    async def text_completions(self, request: Request) -> Response:
+        if (denied := check_auth(self.token, request)) is not None:
+            response: Response = denied
+        else:
+            response = await respond(self._completions(request), "generate a completion")
+        self.metrics.response(response.status_code)
+        return response
+
+    async def _completions(self, request: Request) -> Response:
+        return await self.completions.handle(await read_body(request, self.max_body_bytes))
 
     # ----------------------------------------------------------------------------------- helpers
 
     def _parse(self, raw: bytes) -> ChatRequest:
         return parse_chat_request(decode_json(raw), served_model=self.cfg.served_model_name,
                                   max_n=self.cfg.max_batch_size, max_new_tokens=self.cfg.max_new_tokens,
-                                  vocab_size=self.vocab, max_prompt_chars=self.max_prompt_chars)
+                                  vocab_size=self.vocab, max_prompt_chars=self.max_prompt_chars, logprobs=True)
 
     def _prompt_ids(self, chat: ChatRequest) -> list[int]:
         """Render the chat template, bound its length, then tokenize without adding specials a second time."""
