@@ -21,6 +21,10 @@ prompt format, GSM8K test problems, every request asking for --max-tokens new to
    recomputing the whole prefix at every token (paper 1's released decoder), a small batch: tokens/s
    and the speed-up; the two outputs must be identical (asserted).
 
+5. With --saturation: a request-rate sweep up to beyond capacity against the LLM server serving
+   --model with a bounded queue (``benchmarks/saturation.py``, also runnable alone and against any
+   server): TTFT / ITL / end-to-end p50/p99, goodput, 429 share and /health p99 at each rate.
+
     python benchmarks/serve.py --baseline-tree /tmp/subq-main   # SmolLM2-135M (~12 min on 2 busy cores)
     python benchmarks/serve.py --model tiny-random:llama        # quick
 """
@@ -54,6 +58,8 @@ from subq.learner.ilql import ILQLConfig, ILQLHeads  # noqa: E402
 from subq.learner.models import load_model_and_tokenizer  # noqa: E402
 from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer  # noqa: E402
 from subq.serve.decomposer_model import Decoder, Job  # noqa: E402
+
+from benchmarks import saturation  # noqa: E402
 
 
 def _checkpoint(model_spec: str, path: Path) -> Path:
@@ -281,6 +287,8 @@ def main() -> None:
     ap.add_argument("--cache-tokens", type=int, default=24, help="new tokens in the KV cache comparison")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (replicas and this process)")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--saturation", action="store_true", help="also section 5, the request-rate sweep")
+    saturation.add_arguments(ap)
     args = ap.parse_args()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -329,6 +337,9 @@ def main() -> None:
             print(f"   short-request latency, baseline / this tree: p50 x{before['p50'] / after['p50']:.1f}, "
                   f"p99 x{before['p99'] / after['p99']:.1f}")
         bench_cache(args, ckpt, problems)
+        if args.saturation:
+            print("5. saturation: Poisson arrivals at each rate, streaming chat completions")
+            saturation.run(args, args.model, args.threads, args.port)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
