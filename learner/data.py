@@ -84,8 +84,23 @@ def _text(value: Any) -> str | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def sample_round(row: dict[str, Any]) -> int:
+    """The collection round of a samples row: the teacher's rows (round null, older stores) are round 1."""
+    value = row.get("round")
+    return 1 if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+
+
+def selected(row: dict[str, Any], rounds: list[int] | None, correct_from_round: int | None) -> bool:
+    """Whether a samples row is in the training mix (``TrainConfig.sample_rounds`` / ``correct_from_round``)."""
+    r = sample_round(row)
+    if rounds is not None and r not in rounds:
+        return False
+    return correct_from_round is None or r < correct_from_round or row.get("correct") is True
+
+
 def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max_length: int,
-                 teacher_model: str | None, solver_target: str | None = None) -> pa.Table:
+                 teacher_model: str | None, solver_target: str | None = None, rounds: list[int] | None = None,
+                 correct_from_round: int | None = None) -> pa.Table:
     """A ``map_batches`` function: store rows (pandas) -> one row per episode, or per excluded sample.
     ``solver_target``: solver episodes (``learner/solver_bc.py``) with that target instead of decompositions."""
     from subq.learner.episodes import episode_from_reference, episode_from_sample
@@ -101,6 +116,8 @@ def episode_rows(batch, *, tokenizer_spec: str, source: str, placement: str, max
             ep, reason = episode_from_reference(row, tokenizer, placement=placement, max_length=max_length)
         else:
             if teacher_model and row.get("teacher_model") != teacher_model:
+                continue
+            if not selected(row, rounds, correct_from_round):  # not in this round's mix (subq/rounds.py)
                 continue
             if solver_target is not None:
                 ep, reason = solver_episode_from_sample(row, tokenizer, target=solver_target, max_length=max_length)
@@ -141,7 +158,8 @@ def write_episodes(cfg: TrainConfig, tokenizer_spec: str, target: Path, solver_t
         episode_rows, batch_format="pandas", batch_size=256, num_cpus=0.5,
         fn_kwargs={"tokenizer_spec": tokenizer_spec, "source": cfg.source, "max_length": cfg.max_length,
                    "placement": placement(cfg.algo),
-                   "teacher_model": cfg.teacher_model, "solver_target": solver_target},
+                   "teacher_model": cfg.teacher_model, "solver_target": solver_target,
+                   "rounds": cfg.sample_rounds, "correct_from_round": cfg.correct_from_round},
     )
     if via is None:
         dataset.write_parquet(str(target))
@@ -234,6 +252,8 @@ def build_settings(cfg: TrainConfig, tokenizer_spec: str, acfg: Any = None) -> d
 
     rule = selection_rule(cfg, algo_config(cfg) if acfg is None else acfg)
     return {"store": cfg.store, "source": cfg.source, "teacher_model": cfg.teacher_model,
+            **({"rounds": cfg.sample_rounds, "correct_from_round": cfg.correct_from_round}
+               if cfg.sample_rounds is not None or cfg.correct_from_round is not None else {}),
             "tokenizer": tokenizer_spec, "max_length": cfg.max_length,
             "val_fraction": 0.0 if cfg.val_problems else cfg.val_fraction, "val_problems": cfg.val_problems,
             "placement": placement(cfg.algo), "selection": rule}

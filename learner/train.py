@@ -49,6 +49,9 @@ class TrainConfig:
     out: str = "runs/train"  # output directory (absolute or relative to the working directory)
     source: str = "samples"  # samples: teacher decompositions | reference: GSM8K socratic (problems)
     teacher_model: str | None = None  # only samples of this teacher (None: all)
+    sample_rounds: list[int] | None = None  # only samples of these collection rounds (the teacher's rows are round
+    #                                         1; a student's, the round that collected them: subq/rounds.py); None: all
+    correct_from_round: int | None = None  # samples of this round and later train only when correct (None: all)
     num_workers: int = 1  # Ray Train workers (data parallel)
     use_gpu: bool = False  # one GPU per worker, nccl, bf16 autocast
     bf16: bool = True  # autocast to bfloat16 on GPU (on CPU: cpu_bf16)

@@ -260,6 +260,9 @@ def add_pipeline(sub: argparse._SubParsersAction) -> None:
                    help="override any config value, e.g. --set train.defaults.max_steps=10 "
                         "--set 'eval.benchmarks=[\"gsm8k:test[:20]\"]' (YAML values)")
     p.add_argument("--out", help="shortcut for --set out=DIR")
+    p.add_argument("--rounds", type=int, metavar="K",
+                   help="shortcut for --set rounds=K: iterated distillation, each round's student decomposes the "
+                        "training problems for the next (docs/rounds.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true",
                    help="print the stages and results as JSON (stage logs still go to stdout before it)")
@@ -272,6 +275,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from subq.preflight import check, print_report, resolve_config
 
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    overrides += [f"rounds={args.rounds}"] if args.rounds is not None else []
     try:
         cfg, raw = load_config(resolve_config(args.config), overrides)
     except ConfigError as e:

@@ -92,6 +92,13 @@ class PipelineConfig:
     # Collection stopped early (budget, outage) or left failed rows: train on what is stored anyway.
     # False: the pipeline stops after collect with exit 1 (raise the budget or wait, then re-run).
     train_on_incomplete: bool = False
+    # Iterated distillation (subq/rounds.py, docs/rounds.md): rounds > 1 lets each round's student decompose the
+    # training problems, the teacher judge them, and the students retrain on the result.
+    rounds: int = 1  # 1: the plain pipeline
+    rounds_student: str = "bc"  # the train run whose student decomposes in the next round
+    rounds_mix: str = "latest"  # what round r trains on: latest (its rows) | all (every round) | teacher+correct
+    rounds_samples_per_problem: int | None = None  # the student's decompositions per problem (None: collect's)
+    rounds_temperature: float | None = None  # its sampling temperature (None: collect.decompose_temperature)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     collect: dict[str, Any] = field(default_factory=dict)  # CollectConfig fields; {} or enabled: false skips
     imports: ImportSection = field(default_factory=ImportSection)

@@ -432,6 +432,7 @@ class Pipeline:
                 self.echo(format_failures(failed, ec.retry_failed))
 
     def run(self) -> PipelineResult:
+        self.preflight()  # the cheap checks first: a run refused by them writes nothing, not even the store
         with self._store_lease():  # taken before Ray starts: a second writer of the store is refused at once
             return self._run()
 
@@ -447,7 +448,6 @@ class Pipeline:
     def _run(self) -> PipelineResult:
         from subq.runtime import init_ray
 
-        self.preflight()
         self.out.mkdir(parents=True, exist_ok=True)
         resolved = dataclasses.asdict(self.cfg)
         (self.out / "pipeline_config.yaml").write_text(dump(resolved))
