@@ -39,6 +39,7 @@ class StudentEndpoint:
     api_key_env: str = "OPENAI_API_KEY"  # env var with the key (none needed on loopback)
     timeout_s: float = 120.0  # per attempt
     max_attempts: int = 4  # per request, the first included
+    max_tokens: int | None = None  # the server's own decoding limit (a subq decomposer's max_new_tokens): asks cap here
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -60,6 +61,8 @@ class StudentClient:
             self._client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, max_retries=0,
                                               timeout=self.cfg.timeout_s)
         problem = messages[-1]["content"]
+        if self.cfg.max_tokens is not None:
+            max_tokens = min(max_tokens, self.cfg.max_tokens)
         result = CallResult(ok=True, cost_usd=0.0)
         start = time.monotonic()
         for _ in range(n):
@@ -94,7 +97,10 @@ class StudentClient:
                     text = format_subquestions(found) if found else (r.choices[0].text or "")
                 usage = (int(getattr(r.usage, "prompt_tokens", 0) or 0), int(getattr(r.usage, "completion_tokens", 0)
                                                                               or 0))
-                return text, r.choices[0].finish_reason, usage, attempt, None
+                reason = r.choices[0].finish_reason
+                if reason == "length" and text.startswith("Q1: ") and self.cfg.max_tokens is not None:
+                    reason = "stop"  # cut at the server's own limit: asking again cannot go further; keep its lines
+                return text, reason, usage, attempt, None
             except Exception as e:  # noqa: BLE001 -- every failure becomes the row's error, never a crash
                 error = redact(f"{type(e).__name__}: {e}", [self._key])
                 if not is_transient(e) or attempt == self.cfg.max_attempts:

@@ -1,0 +1,121 @@
+"""Iterated distillation (`subq pipeline --rounds 2`) on the test teacher and tiny models: round 2's rows
+are the round-1 student's (its fingerprint, round 2), round 2 trains from round 1's student on them,
+both rounds are reported, and a kill -9 inside round 2's collection resumes without paying twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from subq.data_store.store import Store
+from subq.learner.data import selected
+
+from subq.config import ConfigError, load_config
+from subq.rounds import check_rounds, mix
+from tests.processes import kill_tree
+from tests.teacher_server import TeacherServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tiny-random:llama?layers=2&hidden=32&seed=0"
+ROUND1_ANSWERS = 3 * 2  # problems x samples_per_problem
+
+
+def _config(tmp_path: Path, url: str, **extra) -> Path:
+    cfg = {
+        "name": "rounds", "out": str(tmp_path / "run"), "rounds": 2, "rounds_mix": "all",
+        "teacher": {"base_url": url, "model": "test-teacher", "api_key_env": "SUBQ_TEST_KEY"},
+        "collect": {"problems": "gsm8k:train[:3]", "samples_per_problem": 2, "feedback_samples": 1,
+                    "max_tokens": 64, "max_actors": 1, "batch_size": 1},
+        "train": {"algos": ["bc"], "defaults": {"init": TINY, "batch_size": 2, "max_length": 256, "max_steps": 2,
+                                                 "checkpoint_every": 2, "report_every": 1, "val_fraction": 0.0}},
+        "serve": {"max_batch_size": 4, "max_new_tokens": 16, "num_cpus": 0.1},
+        "eval": {"solvers": [f"test-teacher@{url}"], "baseline": False, "benchmarks": ["gsm8k:test[:2]"],
+                 "solve_max_tokens": 64, "batch_size": 2, "max_actors": 1},
+        **extra,
+    }
+    path = tmp_path / "rounds.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _pipeline(path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_TEST_KEY": "sk-test-secret-123456",
+           "SUBQ_LEASE_TTL_S": "6", "SUBQ_LEASE_RENEW_S": "1"}
+    return subprocess.Popen([sys.executable, "-m", "subq.cli", "pipeline", "--config", str(path), "--no-progress"],
+                            cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def test_mixes_select_the_rounds_they_name():
+    class Cfg:
+        rounds_mix = "latest"
+
+    teacher, right, wrong = {"round": None, "correct": False}, {"round": 2, "correct": True}, {"round": 2,
+                                                                                              "correct": False}
+    Cfg.rounds_mix = "latest"
+    assert [selected(r, *mix(Cfg, 2)) for r in (teacher, right, wrong)] == [False, True, True]
+    Cfg.rounds_mix = "all"
+    assert [selected(r, *mix(Cfg, 2)) for r in (teacher, right, wrong)] == [True, True, True]
+    Cfg.rounds_mix = "teacher+correct"
+    assert [selected(r, *mix(Cfg, 2)) for r in (teacher, right, wrong)] == [True, True, False]
+    assert [selected(r, *mix(Cfg, 1)) for r in (teacher, right, wrong)] == [True, False, False]
+
+
+def test_bad_rounds_settings_fail_naming_the_key(tmp_path):
+    path = _config(tmp_path, "http://127.0.0.1:9/v1")
+    for override, key in (("rounds_mix=best", "rounds_mix"), ("rounds_student=ilql", "rounds_student"),
+                          ("rounds=0", "rounds")):
+        cfg, _ = load_config(str(path), [override])
+        with pytest.raises(ConfigError, match=key):
+            check_rounds(cfg)
+
+
+@pytest.mark.slow
+def test_two_rounds_then_a_kill_in_round_two_collection_resumes_without_paying_twice(tmp_path):
+    with TeacherServer(latency_s=0.3, model="test-teacher") as srv:
+        path = _config(tmp_path, srv.base_url)
+        proc = _pipeline(path)
+        deadline = time.monotonic() + 900
+        while srv.stats()["by_stage"]["answer"] <= ROUND1_ANSWERS + 1:  # round 2's teacher answers have begun
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "round 2 never started collecting"
+            time.sleep(0.2)
+        kill_tree(proc)  # kill -9 of the whole process tree, mid round 2
+        assert proc.wait() < 0
+        time.sleep(7)  # the killed run's store lease lapses
+        again = _pipeline(path)
+        out = again.communicate(timeout=1200)[0].decode()
+        assert again.returncode == 0, out[-3000:]
+        stats = srv.stats()
+    # no collection call paid twice across both runs and both rounds (the evaluation's solver calls are not
+    # collection: two rounds' students may well hand the solver the same sub-questions)
+    collected = {k: n for k, n in stats["billed_by_content"].items()
+                 if stats["stage_of"].get(k) in ("decompose", "answer", "feedback")}
+    assert len(collected) >= 2 * ROUND1_ANSWERS + 3 and max(collected.values()) == 1, Counter(collected.values())
+    run = tmp_path / "run"
+    rows = Store(str(run / "store")).read_rows("samples")
+    assert max(Counter(r["sample_key"] for r in rows).values()) == 1
+    round2 = [r for r in rows if r["round"] == 2]
+    teacher = [r for r in rows if r["policy"] is None]
+    assert len(teacher) == ROUND1_ANSWERS and len(round2) == ROUND1_ANSWERS
+    assert {r["round"] for r in teacher} == {None}
+    # the round-1 student wrote them: its content fingerprint
+    from subq.learner.content_hash import model_fingerprint
+
+    assert {r["policy"] for r in round2} == {model_fingerprint(str(run / "train" / "bc" / "final"))}
+    assert all(r["decompose_cost_usd"] in (0.0, None) for r in round2)
+    # round 2 trained from round 1's student, on the mix (all: the teacher's rows and the student's)
+    meta = json.loads((run / "round-2" / "train" / "bc" / "final" / "subq_checkpoint.json").read_text())
+    assert str(run / "train" / "bc" / "final") in json.dumps(meta)
+    figures = json.loads((run / "rounds" / "rounds.json").read_text())
+    assert [f["round"] for f in figures] == [1, 2]
+    assert figures[1]["decompositions"] == ROUND1_ANSWERS and figures[0]["teacher_usd"] is not None
+    assert (run / "rounds" / "rounds.png").is_file() and (run / "rounds" / "rounds.md").is_file()
+    assert "round 2: train bc" in out or "round 2: train bc" in (run / "pipeline_summary.json").read_text()
