@@ -140,7 +140,17 @@ class Pipeline:
         DPO's reference model) unless their own section names an ``init``."""
         bc = self.bc_run()
         init = str(self.train_dir(bc) / "final") if self.algo(name) in FROM_BC and bc else None
-        return train_config(self.cfg.train, name, self.cfg.store_uri, str(self.train_dir(name)), init=init)
+        tc = train_config(self.cfg.train, name, self.cfg.store_uri, str(self.train_dir(name)), init=init)
+        # with rounds, round 1 trains on the teacher's rows only (later rounds' mixes: subq/rounds.py)
+        return dataclasses.replace(tc, sample_rounds=[1]) if self.cfg.rounds > 1 else tc
+
+    def data_fingerprint(self) -> str:
+        """The data the students are trained on, as their records name it (with rounds: round 1's rows)."""
+        if self.cfg.rounds > 1:
+            from subq.rounds import mix_fingerprint
+
+            return mix_fingerprint(self.cfg.store_uri, [1], None)
+        return store_fingerprint(Store(self.cfg.store_uri))
 
     def eval_config(self) -> EvalConfig:
         return section_config(EvalConfig, self.cfg.eval.settings, "eval", "eval", out_dir=str(self.out / "eval"),
@@ -354,7 +364,7 @@ class Pipeline:
         for algo in self.cfg.train.algos if "train" in self.cfg.stages else []:
             with self._stage(f"train {algo}") as res:
                 out = self.train_dir(algo)
-                data = data or store_fingerprint(Store(self.cfg.store_uri))
+                data = data or self.data_fingerprint()
                 wanted = self.trained_on(algo, data)
                 if is_checkpoint(out / "final"):
                     why = self._stale(algo, wanted)
@@ -432,6 +442,10 @@ class Pipeline:
                 self.echo(format_failures(failed, ec.retry_failed))
 
     def run(self) -> PipelineResult:
+        if self.cfg.rounds != 1:
+            from subq.rounds import check_rounds
+
+            check_rounds(self.cfg)
         self.preflight()  # the cheap checks first: a run refused by them writes nothing, not even the store
         with self._store_lease():  # taken before Ray starts: a second writer of the store is refused at once
             return self._run()
@@ -460,6 +474,10 @@ class Pipeline:
             if self.result.incomplete and not self.cfg.train_on_incomplete:
                 break  # nothing is trained (or evaluated) on partial data
             step()
+        if self.cfg.rounds > 1 and not (self.result.incomplete and not self.cfg.train_on_incomplete):
+            from subq.rounds import run_rounds
+
+            run_rounds(self)  # rounds 2..K: the student decomposes, the teacher judges, the students retrain
         (self.out / "pipeline_summary.json").write_text(json.dumps(
             [dataclasses.asdict(s) for s in self.result.stages], indent=2))
         return self.result
