@@ -86,13 +86,18 @@ def _text(path: Location) -> str:
     return "".join(uri.read_text(uri.join(path, name)) for name in sorted(_parts(path)))
 
 
-def read_history(path: Location) -> list[dict]:
-    """Every readable line of a records file, in order (all attempts, duplicates included).
-
-    A torn line (a writer killed mid-write) is skipped, so its problem is redone.
-    """
+def read_new(path: str, seen: set[str]) -> list[dict]:
+    """At a URI: the records of the batch objects not in ``seen`` (whose names are added to it)."""
     out = []
-    for line in _text(path).splitlines():
+    for part in sorted(set(_parts(path)) - seen):
+        seen.add(part)
+        out += _parse(uri.read_text(uri.join(path, part)))
+    return out
+
+
+def _parse(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -100,6 +105,14 @@ def read_history(path: Location) -> list[dict]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+def read_history(path: Location) -> list[dict]:
+    """Every readable line of a records file, in order (all attempts, duplicates included).
+
+    A torn line (a writer killed mid-write) is skipped, so its problem is redone.
+    """
+    return _parse(_text(path))
 
 
 def attempt_of(rec: dict) -> int:

@@ -25,7 +25,6 @@ import asyncio
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 from subq.actors.collect import batched_dataset
@@ -46,10 +45,12 @@ from subq.evaluation.clients import (
 )
 from subq.evaluation.plan import RunKey, check_labels, plan_rows, run_keys, settings_changes
 from subq.evaluation.records import (
+    Location,
     append_records,
     attempt_of,
     decomposition_failed,
     failure,
+    read_new,
     read_records,
 )
 from subq.evaluation.report import RunSummary, summarize, write_report
@@ -126,7 +127,8 @@ class EvalWorker:
         self.decomposer, self.solvers, self.keys = decomposer, solvers, keys
         self.settings, self.prices = settings, prices
         self.out_dir, self.scorer = out_dir, scorer
-        self._seen: dict[Path, tuple[int, dict[str, int]]] = {}  # records file -> (bytes read, problem -> attempt)
+        # records file -> (bytes read; at a URI: the objects read, problem -> highest attempt)
+        self._seen: dict[Location, tuple[int | set[str], dict[str, int]]] = {}
         self._dec: DecomposerClient | None = None
         self._solvers: list[TeacherClient] = []
 
@@ -169,12 +171,18 @@ class EvalWorker:
                         **dec, **solved})
         return out
 
-    def _path(self, benchmark: str, solver_index: int) -> Path:
+    def _path(self, benchmark: str, solver_index: int) -> Location:
         return self.keys[solver_index].path(self.out_dir, benchmark)
 
-    def _stored_attempts(self, path: Path) -> dict[str, int]:
+    def _stored_attempts(self, path: Location) -> dict[str, int]:
         """Problem id -> highest attempt recorded in ``path``, reading only what was appended since the
         last look (the file grows by one batch at a time; re-reading it whole per batch would be quadratic)."""
+        if isinstance(path, str):  # a URI: a folder of batch objects, each read once
+            names, attempts = self._seen.setdefault(path, (set(), {}))
+            for rec in read_new(path, names):
+                if rec.get("problem_id") is not None:
+                    attempts[rec["problem_id"]] = max(attempts.get(rec["problem_id"], 0), attempt_of(rec))
+            return attempts
         offset, attempts = self._seen.get(path, (0, {}))
         if path.exists():
             with open(path, "rb") as f:
@@ -209,7 +217,7 @@ class EvalWorker:
             self._clients()
         results = await asyncio.gather(*(self._one(r) for r in self._not_stored(batch.to_pylist())),
                                        return_exceptions=True)
-        by_file: dict[Path, list[str]] = {}
+        by_file: dict[Location, list[str]] = {}
         correct, failed = [], []
         for rec in (rec for recs in results if isinstance(recs, list) for rec in recs):
             bench, i = rec.pop("benchmark"), rec["solver_index"]
