@@ -35,7 +35,8 @@ def _config(tmp_path: Path, url: str, **extra) -> Path:
                     "max_tokens": 64, "max_actors": 1, "batch_size": 1},
         "train": {"algos": ["bc"], "defaults": {"init": TINY, "batch_size": 2, "max_length": 256, "max_steps": 2,
                                                  "checkpoint_every": 2, "report_every": 1, "val_fraction": 0.0}},
-        "serve": {"max_batch_size": 4, "max_new_tokens": 16, "num_cpus": 0.1},
+        # a port of its own: other test runs on this machine serve on the default one
+        "serve": {"max_batch_size": 4, "max_new_tokens": 16, "num_cpus": 0.1, "port": 18737},
         "eval": {"solvers": [f"test-teacher@{url}"], "baseline": False, "benchmarks": ["gsm8k:test[:2]"],
                  "solve_max_tokens": 64, "batch_size": 2, "max_actors": 1},
         **extra,
@@ -83,22 +84,33 @@ def test_two_rounds_then_a_kill_in_round_two_collection_resumes_without_paying_t
         path = _config(tmp_path, srv.base_url)
         proc = _pipeline(path)
         deadline = time.monotonic() + 900
-        while srv.stats()["by_stage"]["answer"] <= ROUND1_ANSWERS + 1:  # round 2's teacher answers have begun
+        store, answered = tmp_path / "run" / "store", None
+        while answered is None or srv.stats()["by_stage"]["answer"] <= answered:  # round 2's answers have begun
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "round 2 never started collecting"
+            if answered is None and store.is_dir() and any(
+                    r["round"] == 2 for r in Store(str(store)).read_rows("journal_decompose")):
+                answered = srv.stats()["by_stage"]["answer"]  # the student's first decompositions are stored
             time.sleep(0.2)
+        before, killed_at = srv.stats(), time.time()
         kill_tree(proc)  # kill -9 of the whole process tree, mid round 2
         assert proc.wait() < 0
+        after = srv.stats()
+        # what a kill -9 may lose: calls in flight, and calls whose result was not yet written (the last seconds)
+        lost = set(before["in_flight_keys"]) | set(after["in_flight_keys"]) | {
+            k for k, times in after["billed_at"].items() if times[0] >= killed_at - 5.0}
         time.sleep(7)  # the killed run's store lease lapses
         again = _pipeline(path)
         out = again.communicate(timeout=1200)[0].decode()
         assert again.returncode == 0, out[-3000:]
         stats = srv.stats()
-    # no collection call paid twice across both runs and both rounds (the evaluation's solver calls are not
-    # collection: two rounds' students may well hand the solver the same sub-questions)
+    # no collection call paid twice across both runs and both rounds, but those the kill caught (the evaluation's
+    # solver calls are not collection: two rounds' students may well hand the solver the same sub-questions)
     collected = {k: n for k, n in stats["billed_by_content"].items()
                  if stats["stage_of"].get(k) in ("decompose", "answer", "feedback")}
-    assert len(collected) >= 2 * ROUND1_ANSWERS + 3 and max(collected.values()) == 1, Counter(collected.values())
+    twice = {k for k, n in collected.items() if n > 1}
+    assert len(collected) >= 2 * ROUND1_ANSWERS + 3 and max(collected.values()) <= 2, Counter(collected.values())
+    assert twice <= lost, f"paid twice though finished before the kill: {sorted(twice - lost)}"
     run = tmp_path / "run"
     rows = Store(str(run / "store")).read_rows("samples")
     assert max(Counter(r["sample_key"] for r in rows).values()) == 1
