@@ -186,6 +186,7 @@ BATCH_REQUESTS_SCHEMA = pa.schema(
         pa.field("sample_keys", pa.list_(pa.string())),  # the samples it answers
         pa.field("item", pa.string()),  # the stage's input (JSON): results are read against it
         pa.field("worst_usd", pa.float64()),  # its worst-case cost at batch prices (budget reservation)
+        pa.field("tokens", pa.int64()),  # the tokens it can enqueue (prompt bound + n * max_tokens); null: older rows
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )

@@ -85,7 +85,12 @@ def add_collect(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--poll-interval", type=float, help="batch: seconds between polls (default 30)")
     b.add_argument("--max-batch-requests", type=int,
                    help="batch: request lines per job, larger stages are split (default 50000, the API limit)")
-    b.add_argument("--max-batch-mb", type=float, help="batch: MB of JSONL per job (default 200, the API limit)")
+    b.add_argument("--max-batch-mb", type=float, help="batch: MB (10^6 bytes) of JSONL per job (default 200, the API limit)")
+    b.add_argument("--max-enqueued-tokens", type=int, metavar="N",
+                   help="batch: the model's batch queue limit (your account's enqueued-token limit for it): jobs are "
+                        "split and submitted so live jobs never hold more (default: not enforced)")
+    b.add_argument("--resubmit-cancelled", action="store_true",
+                   help="batch: send again what a cancelled job left unanswered (default: held, someone cancelled it)")
     b.add_argument("--export-requests", metavar="FILE",
                    help="batch: write the pending requests as JSONL (for vllm run-batch) instead of uploading")
     b.add_argument("--import-results", metavar="FILE", help="batch: store a results JSONL (vllm run-batch -o FILE)")
@@ -213,9 +218,10 @@ def cmd_collect_batch(args: argparse.Namespace, problems: list[dict], prices) ->
     default = BatchConfig()
     poll = default.poll_interval_s if args.poll_interval is None else args.poll_interval
     max_requests = default.max_requests_per_batch if args.max_batch_requests is None else args.max_batch_requests
-    max_bytes = default.max_bytes_per_batch if args.max_batch_mb is None else int(args.max_batch_mb * 2**20)
-    if max_requests < 1 or max_bytes < 1 or poll < 0:
-        raise UserError("--max-batch-requests must be >= 1, --max-batch-mb > 0 and --poll-interval >= 0")
+    max_bytes = default.max_bytes_per_batch if args.max_batch_mb is None else int(args.max_batch_mb * 10**6)
+    if max_requests < 1 or max_bytes < 1 or poll < 0 or (args.max_enqueued_tokens or 1) < 1:
+        raise UserError("--max-batch-requests and --max-enqueued-tokens must be >= 1, --max-batch-mb > 0 and "
+                        "--poll-interval >= 0")
     if args.teacher_base_url is None and not offline:
         raise UserError("--mode batch needs --teacher-base-url of an endpoint with the Batch API (OpenAI); for a "
                         "self-hosted server use --export-requests FILE, vllm run-batch, then --import-results FILE")
@@ -230,8 +236,8 @@ def cmd_collect_batch(args: argparse.Namespace, problems: list[dict], prices) ->
             raise UserError(str(e)) from None
     cfg = collect_config(args, teacher, prices)
     batch = BatchConfig(wait=args.wait, poll_interval_s=poll, max_requests_per_batch=max_requests,
-                        max_bytes_per_batch=max_bytes,
-                        export_requests=args.export_requests, import_results=args.import_results)
+                        max_bytes_per_batch=max_bytes, max_enqueued_tokens=args.max_enqueued_tokens,
+                        resubmit_cancelled=args.resubmit_cancelled, export_requests=args.export_requests, import_results=args.import_results)
     try:
         report = run_batch_collect(cfg, batch, problems)
     except TeacherFatalError as e:
@@ -259,7 +265,14 @@ def format_batch_report(report, args: argparse.Namespace, cfg) -> str:
     for job in report.submitted:
         lines.append(f"submitted {job['batch_id']} ({job['stage']}, {job['requests']} requests)")
     for failed in report.failed_jobs:
-        lines.append(f"failed batch {failed}: its requests are not resubmitted by this run; fix the cause and re-run")
+        lines.append(f"the API failed batch {failed}; its requests go again in smaller jobs")
+    if report.held_failed:
+        lines.append(f"{report.held_failed} requests whose own one-request batch failed wait before they go again")
+    if report.held_cancelled:
+        lines.append(f"{report.held_cancelled} requests left unanswered by a cancelled batch are held: "
+                     "add --resubmit-cancelled to send them again")
+    if report.queue_left_out:
+        lines.append(f"{report.queue_left_out} requests wait for room under --max-enqueued-tokens")
     if report.budget_left_out:
         lines.append(f"{report.budget_left_out} requests not submitted: they do not fit --budget-usd at batch prices")
     if report.exported:
