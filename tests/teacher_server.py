@@ -573,8 +573,10 @@ def _listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
 
 def _uvicorn_config(app: FastAPI) -> uvicorn.Config:
     logging.getLogger("uvicorn.error").addFilter(_QuietDisconnects())
+    # log_config=None: uvicorn's own dictConfig would close every logging handler of the host process,
+    # absl's among them (rouge-score imports it), and with it the stream pytest captures stderr in.
     return uvicorn.Config(
-        app, loop="auto", http="auto", lifespan="off", access_log=False, log_level="warning",
+        app, loop="auto", http="auto", lifespan="off", access_log=False, log_level="warning", log_config=None,
         limit_concurrency=None, backlog=4096, timeout_keep_alive=30, timeout_graceful_shutdown=1,
     )
 
