@@ -446,18 +446,24 @@ class Pipeline:
             from subq.rounds import check_rounds
 
             check_rounds(self.cfg)
-        self.preflight()  # the cheap checks first: a run refused by them writes nothing, not even the store
+        if self._writes_store():  # a store another run writes: refused at once, before any check or write
+            from subq.data_store.lease import refuse_if_held
+
+            refuse_if_held(Store(self.cfg.store_uri))
+        self.preflight()  # the cheap checks next: a run refused by them writes nothing, not even the store
         with self._store_lease():  # taken before Ray starts: a second writer of the store is refused at once
             return self._run()
 
     def _store_lease(self) -> Any:
         """The store's lease while the pipeline may write it (collect, import); ``train`` hands it back
         early, as training and evaluation only read the store."""
-        imp = self.cfg.imports
-        writes = self.collect_config() is not None or (
-            "import" in self.cfg.stages and bool(imp.reference or imp.gsm8k_ai_subq))
-        self._lease = Store(self.cfg.store_uri).lock("subq pipeline") if writes else nullcontext()
+        self._lease = Store(self.cfg.store_uri).lock("subq pipeline") if self._writes_store() else nullcontext()
         return self._lease
+
+    def _writes_store(self) -> bool:
+        imp = self.cfg.imports
+        return self.collect_config() is not None or (
+            "import" in self.cfg.stages and bool(imp.reference or imp.gsm8k_ai_subq))
 
     def _run(self) -> PipelineResult:
         from subq.runtime import init_ray
