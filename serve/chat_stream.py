@@ -57,6 +57,16 @@ async def stream_chat(stream: RequestStream, *, model: str, prompt_tokens: int, 
 
     ``on_complete(completion_tokens)`` runs once every choice finished.
     """
+    peeked = await first_event(stream)
+    if isinstance(peeked, JSONResponse):
+        return peeked
+    first, events = peeked
+    return sse_response(_chunks(first, events, model, prompt_tokens, include_usage, content, on_complete))
+
+
+async def first_event(stream: RequestStream) -> tuple[Delta | Finished, AsyncIterator] | JSONResponse:
+    """The stream's first event and the rest, or the JSON error of a request that failed before it (no
+    header is sent yet, so the status can still say what happened)."""
     events = stream.events()
     try:
         first = await anext(events)
@@ -66,8 +76,11 @@ async def stream_chat(stream: RequestStream, *, model: str, prompt_tokens: int, 
     if isinstance(first, Failed):
         await events.aclose()
         return failure(first)
-    return StreamingResponse(_chunks(first, events, model, prompt_tokens, include_usage, content, on_complete),
-                             media_type="text/event-stream",
+    return first, events
+
+
+def sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

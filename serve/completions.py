@@ -23,9 +23,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from subq.serve.chat_api import ChatRequest, usage
-from subq.serve.chat_stream import failure
+from subq.serve.chat_stream import first_event, sse_response
 from subq.serve.completions_api import (
     Choice,
     CompletionRequest,
@@ -183,18 +183,11 @@ class Completions:
             raise ApiError(400, "'stream': true needs 'max_tokens' >= 1", param="max_tokens")
         params = req.sampling(min(req.max_tokens, max(1, self.r.context - len(ids))))
         async with self.r.admission.rows(params.n) as ticket:
-            stream = RequestStream(self.r.engine, ids, params, stream=True, ticket=ticket)
-            events = stream.events()
-            try:
-                first = await anext(events)
-            except BaseException:
-                await events.aclose()
-                raise
-            if isinstance(first, Failed):
-                await events.aclose()
-                return failure(first)
-        return StreamingResponse(self._chunks(req, ids, text, first, events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            peeked = await first_event(RequestStream(self.r.engine, ids, params, stream=True, ticket=ticket))
+        if isinstance(peeked, JSONResponse):
+            return peeked
+        first, events = peeked
+        return sse_response(self._chunks(req, ids, text, first, events))
 
     async def _chunks(self, req: CompletionRequest, ids: list[int], text: str, first: Delta | Finished,
                       events: AsyncIterator) -> AsyncIterator[str]:
