@@ -364,9 +364,12 @@ def run_rounds_benchmark(cfg: QualityConfig) -> int:
     from subq.pipeline import Pipeline, format_stages
 
     out = Path(cfg.out).resolve() / "rounds-pipeline"
+    # the teacher decomposes the benchmark once (round 1): every round's student is compared with it; the
+    # local teacher and Serve take --port, not quickstart's 8011 that other runs on the machine may hold
     cfg_, raw = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
         f"out={out}", f"rounds={cfg.rounds}", "rounds_mix=all", "train.algos=[bc]", "train.bc.source=samples",
-        "train.bc.max_steps=3", "train.bc.epochs=3", "import.reference=null", "eval.teacher_decomposes=false"])
+        "train.bc.max_steps=3", "train.bc.epochs=3", "import.reference=null", "eval.teacher_decomposes=true",
+        f"teacher.local_port={cfg.port}", f"serve.port={cfg.port}"])
     result = Pipeline(cfg_, raw, progress=cfg.progress).run()
     print(format_stages(result))
     print((out / "rounds" / "rounds.md").read_text() if (out / "rounds" / "rounds.md").is_file() else "no rounds table")

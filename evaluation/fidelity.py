@@ -229,6 +229,14 @@ def held_out_nll(spec: str, fmt: str, problems: Sequence[dict[str, Any]], *, bf1
     """:func:`reference_nll` of ``problems``' human sub-questions under a checkpoint (student format) or a
     base model spec (``fmt="chat"``: the zero-shot decomposer, prompted as the teacher is), on CPU;
     ``bf16``: under bf16 autocast (the weights stay fp32, the log-softmax is taken in fp32)."""
+    return decomposer_nll(spec, fmt, [(p["question"], p["reference_subquestions"]) for p in problems
+                                      if p.get("reference_subquestions")], bf16=bf16)
+
+
+def decomposer_nll(spec: str, fmt: str, pairs: Sequence[tuple[str, Sequence[str]]], *,
+                   bf16: bool = False) -> dict[str, Any]:
+    """:func:`reference_nll` of any ``(problem, sub-questions)`` pairs (human ones, a teacher's...) under a
+    checkpoint or model spec, on CPU, as :func:`held_out_nll`."""
     from subq.learner.checkpoint import is_checkpoint, load_checkpoint
     from subq.learner.models import load_model_and_tokenizer
 
@@ -238,5 +246,4 @@ def held_out_nll(spec: str, fmt: str, problems: Sequence[dict[str, Any]], *, bf1
     else:
         model, tok = load_model_and_tokenizer(spec)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return reference_nll(model, tok, [(p["question"], p["reference_subquestions"]) for p in problems
-                                          if p.get("reference_subquestions")], fmt)
+        return reference_nll(model, tok, pairs, fmt)

@@ -217,9 +217,10 @@ def round_pipeline(base: Any, r: int) -> Any:
 
 def run_rounds(base: Any) -> list[dict[str, Any]]:
     """Rounds 2..K after ``base`` ran round 1; returns the per-round figures (also written under OUT/rounds)."""
-    from subq.rounds_report import round_figures, write_rounds
+    from subq.rounds_report import round_figures, teacher_decompositions, write_rounds
 
-    figures = [round_figures(base, 1, base.result.summaries)]
+    teacher = teacher_decompositions(base, base.result.summaries)  # every round is compared with round 1's teacher
+    figures = [round_figures(base, 1, base.result.summaries, teacher)]
     for r in range(2, base.cfg.rounds + 1):
         base.echo(f"\n==== round {r} of {base.cfg.rounds} ====")
         pipe = round_pipeline(base, r)
@@ -232,6 +233,6 @@ def run_rounds(base: Any) -> list[dict[str, Any]]:
             base.result.incomplete = pipe.result.incomplete
             if not base.cfg.train_on_incomplete:
                 break
-        figures.append(round_figures(pipe, r, pipe.result.summaries))
+        figures.append(round_figures(pipe, r, pipe.result.summaries, teacher))
     write_rounds(base.out / "rounds", figures, base.echo)
     return figures

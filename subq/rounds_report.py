@@ -4,9 +4,17 @@ Per round r: over the decompositions collected that round (round 1: the teacher'
 student's), the share whose answer the teacher got right (``correct``), the mean usefulness of their
 sub-questions, sub-questions per decomposition, and the teacher's $ and tokens spent on them (round 1:
 every stage; later rounds: answers and judgements, the student decomposes for free); then for round
-r's chosen student: held-out NLL of the human sub-questions (``eval.fidelity_problems``), ROUGE-L
-against the human sub-questions and accuracy with the first solver on the first benchmark (when
-evaluated).
+r's chosen student, on held-out problems it never trained on:
+
+- against the human sub-questions: NLL per token (``eval.fidelity_problems``) and ROUGE-L of its
+  decompositions of the first benchmark;
+- against the teacher's sub-questions: the teacher's decompositions of that benchmark in round 1's
+  evaluation (``eval.teacher_decomposes``); their NLL per token under the student (student format, as
+  the human NLL) and ROUGE-L of the student's decompositions of the same problems. Rounds in which the
+  student learns from itself may move it away from the teacher while the teacher still judges it;
+- accuracy with the first solver on the first benchmark.
+
+A figure that was not evaluated is None.
 """
 
 from __future__ import annotations
@@ -16,12 +24,19 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from subq.data_store import uri
+
 FIGURES = ("correct_share", "mean_usefulness", "subq_per_decomposition", "teacher_usd", "teacher_tokens",
-           "heldout_nll", "rougeL", "accuracy")
+           "accuracy", "nll_human", "nll_teacher", "rougeL_human", "rougeL_teacher")
+TEACHER_NLL_FILE = "fidelity_teacher.json"  # in a round's eval folder: the NLL of the teacher's sub-questions
+
+Decompositions = dict[str, tuple[str, list[str]]]  # problem_id -> (question, sub-questions)
 
 
-def round_figures(pipe: Any, r: int, summaries: list[Any]) -> dict[str, Any]:
-    """The figures of round ``r`` (``pipe``: the Pipeline that ran it)."""
+def round_figures(pipe: Any, r: int, summaries: list[Any],
+                  teacher: tuple[str, Decompositions] | None = None) -> dict[str, Any]:
+    """The figures of round ``r`` (``pipe``: the Pipeline that ran it; ``teacher``: the teacher's held-out
+    decompositions, :func:`teacher_decompositions`)."""
     from subq.data_store.datasets import load_problems
     from subq.data_store.store import Store
     from subq.evaluation.fidelity_report import read_fidelity
@@ -49,10 +64,64 @@ def round_figures(pipe: Any, r: int, summaries: list[Any]) -> dict[str, Any]:
         "teacher_tokens": sum((row[f"{s}_tokens_in"] or 0) + (row[f"{s}_tokens_out"] or 0)
                               for row in rows for s in stages),
         "student": str(pipe.train_dir(student) / "final"),
-        "heldout_nll": read_fidelity(str(pipe.out / "eval")).get(student),
-        "rougeL": sim.get("rougeL"),
         "accuracy": mine[0].accuracy if mine else None,
+        "nll_human": read_fidelity(str(pipe.out / "eval")).get(student),
+        "rougeL_human": sim.get("rougeL"),
+        **against_teacher(pipe, mine, teacher),
     }
+
+
+def teacher_decompositions(pipe: Any, summaries: list[Any]) -> tuple[str, Decompositions] | None:
+    """(benchmark, its problems' teacher decompositions) from ``pipe``'s evaluation of the teacher decomposer
+    (round 1's, with ``eval.teacher_decomposes``) on its first benchmark; None when it was not evaluated."""
+    from subq.evaluation.records import read_records, records_path
+
+    out = pipe.eval_config().out_dir
+    for s in summaries:
+        if s.decomposer.startswith("teacher ("):  # subq.eval_setup.decomposer_label's teacher row
+            recs = read_records(records_path(out, s.benchmark, s.decomposer, s.solver, s.fingerprint))
+            return s.benchmark, {rec["problem_id"]: (rec["question"], list(rec["subquestions"])) for rec in recs
+                                 if rec.get("subquestions")}
+    return None
+
+
+def against_teacher(pipe: Any, mine: list[Any], teacher: tuple[str, Decompositions] | None) -> dict[str, Any]:
+    """``nll_teacher`` and ``rougeL_teacher`` of the student whose summaries are ``mine`` (None: not evaluated)."""
+    from subq.evaluation.records import read_records, records_path
+    from subq.evaluation.similarity import aggregate_similarity
+    from subq.learner.train import cpu_bf16_on
+
+    bench, theirs = teacher or (None, {})
+    run = next((s for s in mine if s.benchmark == bench), None)
+    if not theirs or run is None:
+        return {"nll_teacher": None, "rougeL_teacher": None}
+    ec = pipe.eval_config()
+    recs = read_records(records_path(ec.out_dir, bench, run.decomposer, run.solver, run.fingerprint))
+    sim = aggregate_similarity((rec.get("subquestions"), theirs.get(rec["problem_id"], (None, None))[1])
+                               for rec in recs)
+    nll = teacher_nll(uri.join(ec.out_dir, TEACHER_NLL_FILE), run.decomposer, str(pipe.train_dir(run.decomposer) / "final"),
+                      list(theirs.values()), bf16=cpu_bf16_on(ec.fidelity_cpu_bf16))
+    return {"nll_teacher": nll, "rougeL_teacher": sim["rougeL"]}
+
+
+def teacher_nll(cache: str, label: str, spec: str, pairs: list[tuple[str, list[str]]], *,
+                bf16: bool = False) -> float | None:
+    """NLL per token of ``pairs`` (the teacher's decompositions) under the checkpoint ``spec`` (student format),
+    kept in the JSON file ``cache`` by label until the weights or the pairs change."""
+    import hashlib
+
+    from subq.evaluation.fidelity import decomposer_nll
+    from subq.learner.checkpoint import META_FILE
+
+    meta = uri.join(spec, META_FILE)
+    identity = {"spec": spec, "bf16": bf16,
+                "created": json.loads(uri.read_text(meta)).get("created") if uri.is_file(meta) else None,
+                "pairs": hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()}
+    table = json.loads(uri.read_text(cache)) if uri.is_file(cache) else {}
+    if table.get(label, {}).get("identity") != identity:
+        table[label] = {**decomposer_nll(spec, "student", pairs, bf16=bf16), "identity": identity}
+        uri.write_text(cache, json.dumps(table, indent=2))
+    return table[label]["nll_per_token"]
 
 
 def format_rounds(figures: list[dict[str, Any]]) -> str:
@@ -77,7 +146,7 @@ def write_rounds(out: Path, figures: list[dict[str, Any]], echo: Any = print) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6))
+    fig, axes = plt.subplots(2, 5, figsize=(17, 6))
     for ax, name in zip(axes.flat, FIGURES, strict=True):
         points = [(f["round"], f[name]) for f in figures if f.get(name) is not None]
         if points:

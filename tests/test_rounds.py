@@ -134,3 +134,116 @@ def test_two_rounds_then_a_kill_in_round_two_collection_resumes_without_paying_t
     assert figures[1]["decompositions"] == ROUND1_ANSWERS and figures[0]["teacher_usd"] is not None
     assert (run / "rounds" / "rounds.png").is_file() and (run / "rounds" / "rounds.md").is_file()
     assert "round 2: train bc" in out or "round 2: train bc" in (run / "pipeline_summary.json").read_text()
+
+
+def _eval_records(out: str, bench: str, decomposer: str, subqs: dict[str, list[str]], humans: dict[str, list[str]]):
+    """One evaluation run's records (``evaluation.records``) and its summary, as the pipeline's report makes them."""
+    from subq.evaluation.records import append_records, records_path
+    from subq.evaluation.report import summarize
+
+    recs = [{"problem_id": pid, "question": f"Question {pid}?", "answer_type": "number", "subquestions": q,
+             "reference_subquestions": humans[pid], "solver_text": "Final answer: 1", "correct": pid == "b",
+             "decompose_cost_usd": 0.0, "solve_cost_usd": 0.0} for pid, q in subqs.items()]
+    append_records(records_path(out, bench, decomposer, "solver", "fp-" + decomposer), [json.dumps(r) for r in recs])
+    return summarize(recs, decomposer, "solver", bench, "strict", fingerprint="fp-" + decomposer)
+
+
+def test_round_figures_compare_the_student_with_the_human_and_the_teacher_sub_questions(tmp_path, monkeypatch):
+    """Per round: NLL and ROUGE-L of the student against the human sub-questions and against round 1's teacher's
+    decompositions of the same held-out problems, kept until the student's weights change; in the table and plot."""
+    import subq.evaluation.fidelity as fidelity
+    from subq.evaluation.fidelity import reference_nll
+    from subq.evaluation.fidelity_report import FILE
+    from subq.evaluation.run import EvalConfig
+    from subq.evaluation.similarity import decomposition_similarity
+    from subq.learner.checkpoint import save_checkpoint
+    from subq.learner.models import load_model_and_tokenizer
+
+    from subq.rounds_report import FIGURES, round_figures, teacher_decompositions
+
+    bench = "gsm8k:test[:2]"
+    human = {"a": ["How many apples are left?"], "b": ["How much does one pen cost?", "How much do five cost?"]}
+    teacher = {"a": ["How many apples did Tom eat?", "How many apples are left?"], "b": ["What is the price of a pen?"]}
+    student = {"b": ["What is the price of a pen?"], "a": ["zebra quokka"]}  # b: the teacher's words exactly
+
+    class Pipe:  # what round_figures reads of a subq.pipeline.Pipeline
+        def __init__(self, out: Path):
+            self.out = out
+            self.cfg = type("Cfg", (), {"store_uri": str(tmp_path / "store"), "rounds_student": "bc"})()
+
+        def collect_config(self):
+            return None
+
+        def train_dir(self, name: str) -> Path:
+            return self.out / "train" / name
+
+        def final_dir(self, name: str) -> str:
+            return str(self.train_dir(name) / "final")
+
+        def eval_config(self) -> EvalConfig:
+            return EvalConfig(out_dir=str(self.out / "eval"))
+
+    base, round2 = Pipe(tmp_path / "run"), Pipe(tmp_path / "run" / "round-2")
+    model, tok = load_model_and_tokenizer(TINY)
+    for pipe in (base, round2):
+        save_checkpoint(pipe.final_dir("bc"), model, tok, algo="bc", config={})
+    (base.out / "eval").mkdir(parents=True)
+    (base.out / "eval" / FILE).write_text(json.dumps({"bc": {"nll_per_token": 5.5}}))
+    summaries = [_eval_records(base.eval_config().out_dir, bench, "teacher (test-teacher)", teacher, human),
+                 _eval_records(base.eval_config().out_dir, bench, "bc", student, human)]
+    found = teacher_decompositions(base, summaries)
+    assert found is not None and found[0] == bench
+    assert found[1]["a"] == ("Question a?", teacher["a"])
+
+    fig = round_figures(base, 1, summaries, found)
+    want_nll = reference_nll(model, tok, [(f"Question {p}?", teacher[p]) for p in ("a", "b")], "student")
+    human_nll = reference_nll(model, tok, [(f"Question {p}?", human[p]) for p in ("a", "b")], "student")
+    assert fig["nll_teacher"] == pytest.approx(want_nll["nll_per_token"], rel=1e-5)
+    # the teacher's words, not the humans' (a random model puts both near ln(vocab): apart by more than the noise)
+    assert abs(fig["nll_teacher"] - human_nll["nll_per_token"]) > 1e-3
+    assert fig["nll_human"] == 5.5  # the evaluation's own figure (eval.fidelity_problems)
+    pair = (decomposition_similarity(student["a"], teacher["a"])["rougeL"], 1.0)  # matched by problem, not order
+    assert fig["rougeL_teacher"] == pytest.approx(sum(pair) / 2)
+    humans = [decomposition_similarity(student[p], human[p])["rougeL"] for p in ("a", "b")]
+    assert fig["rougeL_human"] == pytest.approx(sum(humans) / 2)
+    assert fig["accuracy"] == 0.5
+
+    # kept: a report re-run computes nothing again until the student changes
+    def fail(*_a, **_k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(fidelity, "decomposer_nll", fail)
+    assert round_figures(base, 1, summaries, found)["nll_teacher"] == fig["nll_teacher"]
+    save_checkpoint(base.final_dir("bc"), model, tok, algo="bc", config={}, step=1)  # retrained
+    with pytest.raises(AssertionError, match="recomputed"):
+        round_figures(base, 1, summaries, found)
+    monkeypatch.undo()
+
+    # round 2: its own student's records against round 1's teacher; no teacher evaluated -> None, not 0
+    (round2.out / "eval").mkdir(parents=True)
+    two = [_eval_records(round2.eval_config().out_dir, bench, "bc", teacher, human)]
+    fig2 = round_figures(round2, 2, two, found)
+    assert fig2["rougeL_teacher"] == pytest.approx(1.0) and fig2["nll_human"] is None
+    assert round_figures(round2, 2, two, None)["nll_teacher"] is None
+    assert teacher_decompositions(round2, two) is None
+
+    # subq.rounds.run_rounds: round 1's teacher decompositions reach every round's figures, into OUT/rounds
+    from types import SimpleNamespace
+
+    import subq.rounds as rounds
+
+    def step() -> None:
+        return None
+
+    base.result = SimpleNamespace(summaries=summaries, stages=[], incomplete="")
+    base.cfg.rounds, base.cfg.train_on_incomplete, base.echo = 2, False, lambda _: None
+    round2.result = SimpleNamespace(summaries=two, stages=[], incomplete="")
+    round2.collect = round2.train = round2.evaluate = round2.report = step
+    monkeypatch.setattr(rounds, "round_pipeline", lambda _base, r: round2)
+    figures = rounds.run_rounds(base)
+    assert [f["rougeL_teacher"] for f in figures] == [pytest.approx(fig["rougeL_teacher"]), pytest.approx(1.0)]
+    assert figures[1]["nll_teacher"] == pytest.approx(fig["nll_teacher"])  # round 2's student: the same weights here
+    table = (base.out / "rounds" / "rounds.md").read_text()
+    assert all(name in table.splitlines()[0] for name in FIGURES)
+    assert json.loads((base.out / "rounds" / "rounds.json").read_text()) == figures
+    assert (base.out / "rounds" / "rounds.png").stat().st_size > 0
