@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from subq.actors.collect import CollectConfig
+from subq.data_store import uri
 from subq.evaluation.run import EvalConfig
 from subq.learner.train import ALGOS, TrainConfig
 from subq.learner.train import check_config as check_train_config
@@ -108,7 +109,7 @@ class PipelineConfig:
 
     @property
     def store_uri(self) -> str:
-        return self.store or str(Path(self.out) / "store")
+        return self.store or uri.join(str(self.out), "store")  # not Path: out may be a URI
 
 
 STAGES = ("collect", "import", "train", "eval", "report")

@@ -37,6 +37,7 @@ from subq.config import (
     section_config,
     train_config,
 )
+from subq.data_store import uri
 from subq.data_store.datasets import load_problems
 from subq.data_store.fingerprint import store_fingerprint
 from subq.data_store.schema import STATUS_API_ERROR, STATUS_PARTIAL
@@ -102,14 +103,15 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, raw: dict[str, Any], *, progress: bool = True,
                  echo: Callable[[str], None] = print) -> None:
         self.cfg, self.raw, self.progress, self.echo = cfg, raw, progress, echo
-        if "://" in str(cfg.out) and not str(cfg.out).startswith("file://"):  # never a local folder named "s3:"
-            raise ConfigError(f"out: {cfg.out.split('://')[0]}:// is not supported by subq pipeline yet (only by subq "
-                              "train/eval --out); give a local or mounted path (the store may be a URI)")
-        # Absolute: Ray Train workers and Serve replicas do not run in this process's directory.
-        self.out = Path(cfg.out).expanduser().resolve()
+        # A location string, never a Path (Path("s3://b/x") is a local folder "s3:"): a URI as given, a local
+        # path absolute (Ray Train workers and Serve replicas do not run in this process's directory).
+        try:
+            self.out = uri.check(cfg.out)
+        except uri.UriError as e:
+            raise ConfigError(f"out: {e}") from None
         if "://" not in cfg.store_uri:
             cfg.store = str(Path(cfg.store_uri).expanduser().resolve())
-        self.result = PipelineResult(out=str(self.out))
+        self.result = PipelineResult(out=uri.redact(self.out))  # shown to the user: no secrets from a query
         self.prices = PriceTable.from_json(cfg.teacher.price_table) if cfg.teacher.price_table else PriceTable()
 
     # ------------------------------------------------------------------ plan (no work, no Ray)
@@ -124,8 +126,11 @@ class Pipeline:
         return section_config(CollectConfig, c, "collect", "collect", store=self.cfg.store_uri, teacher=teacher,
                               prices=self.prices, progress=self.progress)
 
-    def train_dir(self, name: str) -> Path:
-        return self.out / "train" / name
+    def train_dir(self, name: str) -> str:
+        return uri.join(self.out, "train", name)
+
+    def final_dir(self, name: str) -> str:
+        return uri.join(self.train_dir(name), "final")
 
     def algo(self, name: str) -> str:
         """The algorithm of the training run ``name`` (see ``TrainSection.algos``)."""
@@ -139,7 +144,7 @@ class Pipeline:
         """Run ``name``'s TrainConfig; filtered BC, ILQL and DPO start from this pipeline's BC (paper 1;
         DPO's reference model) unless their own section names an ``init``."""
         bc = self.bc_run()
-        init = str(self.train_dir(bc) / "final") if self.algo(name) in FROM_BC and bc else None
+        init = self.final_dir(bc) if self.algo(name) in FROM_BC and bc else None
         tc = train_config(self.cfg.train, name, self.cfg.store_uri, str(self.train_dir(name)), init=init)
         # with rounds, round 1 trains on the teacher's rows only (later rounds' mixes: subq/rounds.py)
         return dataclasses.replace(tc, sample_rounds=[1]) if self.cfg.rounds > 1 else tc
@@ -153,7 +158,7 @@ class Pipeline:
         return store_fingerprint(Store(self.cfg.store_uri))
 
     def eval_config(self) -> EvalConfig:
-        return section_config(EvalConfig, self.cfg.eval.settings, "eval", "eval", out_dir=str(self.out / "eval"),
+        return section_config(EvalConfig, self.cfg.eval.settings, "eval", "eval", out_dir=uri.join(self.out, "eval"),
                               progress=self.progress)
 
     def decomposer_specs(self) -> list[str]:
@@ -161,7 +166,7 @@ class Pipeline:
         if e.decomposers is not None:
             return list(e.decomposers)
         # the trained decomposers; a distilled solver (solver-bc) is not one
-        specs = [f"{a}={self.train_dir(a) / 'final'}" for a in self.cfg.train.algos
+        specs = [f"{a}={self.final_dir(a)}" for a in self.cfg.train.algos
                  if "train" in self.cfg.stages and self.algo(a) not in SOLVERS]
         if e.teacher_decomposes:
             specs.append(f"teacher:{self.teacher_model()}")
@@ -171,7 +176,7 @@ class Pipeline:
 
     def solver_specs(self) -> list[str]:
         """``eval.solvers``, then every solver this pipeline trains (served from its checkpoint)."""
-        trained = [f"{a}={self.train_dir(a) / 'final'}" for a in self.cfg.train.algos
+        trained = [f"{a}={self.final_dir(a)}" for a in self.cfg.train.algos
                    if self.cfg.eval.trained_solvers and "train" in self.cfg.stages and self.algo(a) in SOLVERS]
         return list(self.cfg.eval.solvers) + trained
 
@@ -210,7 +215,7 @@ class Pipeline:
                         model_dir = str(Path(tc.init, "final"))
                     else:
                         model_dir = resolve_model_path(tc.init)  # a wrong path fails now, not after collection
-                if model_dir and not (self.train_dir(algo) / "final").is_dir():
+                if model_dir and not uri.exists(self.final_dir(algo)):
                     per_weight = 1.0 if final_dtype(tc.final_dtype, tc.init).itemsize == 4 else 0.5
                     need.append((algo, *training_disk_estimate(model_dir, self.algo(algo), tc.keep_checkpoints,
                                                                per_weight)))
@@ -235,7 +240,7 @@ class Pipeline:
         one after the other: the need is what the earlier ones leave plus the largest peak."""
         if not need:
             return
-        path = self.out
+        path = uri.stage_dir(self.out)  # at a URI, checkpoints and final/ are built in the local cache first
         while not path.exists():
             path = path.parent
         left = [0, *[after for _, _, after in need]]
@@ -244,7 +249,7 @@ class Pipeline:
         if free < total:
             parts = ", ".join(f"{algo} {peak / 1e9:.1f} while it runs, {after / 1e9:.1f} after" for algo, peak, after
                               in need)
-            raise ConfigError(f"not enough disk for the training checkpoints under {self.out}: about "
+            raise ConfigError(f"not enough disk for the training checkpoints under {path if uri.is_uri(self.out) else self.out}: about "
                               f"{total / 1e9:.1f} GB needed ({parts}), {free / 1e9:.1f} GB free; free some "
                               "space or set `out` (--out) to a larger disk")
 
@@ -341,12 +346,12 @@ class Pipeline:
         bc = self.bc_run()
         init = None
         if self.algo(name) in FROM_BC and bc and bc != name and "init" not in (self.cfg.train.per_algo.get(name) or {}):
-            init = _read_record(self.train_dir(bc) / "final").get("id")
+            init = _read_record(self.final_dir(bc)).get("id")
         return {"data": data, "config": config, "init": init}
 
     def _stale(self, name: str, wanted: dict[str, Any]) -> str:
         """Why run ``name``'s final/ must be trained again ("" when it still matches)."""
-        saved = _read_record(self.train_dir(name) / "final")
+        saved = _read_record(self.final_dir(name))
         if not saved:
             return "no record of the data it was trained on"
         changed = [what for key, what in (("data", "the store's data"), ("config", "the train settings"),
@@ -363,21 +368,23 @@ class Pipeline:
             self._lease.release()  # the store is only read from here on: another run may write it
         for algo in self.cfg.train.algos if "train" in self.cfg.stages else []:
             with self._stage(f"train {algo}") as res:
-                out = self.train_dir(algo)
+                out, final = self.train_dir(algo), self.final_dir(algo)
                 data = data or self.data_fingerprint()
                 wanted = self.trained_on(algo, data)
-                if is_checkpoint(out / "final"):
+                if is_checkpoint(final):
                     why = self._stale(algo, wanted)
                     if not why:
-                        res.status, res.note = "skipped", f"{out / 'final'} was trained on this data"
+                        res.status, res.note = "skipped", f"{uri.redact(final)} was trained on this data"
                         continue
                     # never keep a student trained on other data: the run starts over (run_train would
                     # otherwise return the finished run, or resume Ray's checkpoints of the old data)
-                    self.echo(f"{out / 'final'}: {why}; training it again")
-                    shutil.rmtree(out)
+                    self.echo(f"{uri.redact(final)}: {why}; training it again")
+                    uri.remove(out)
+                    if uri.is_uri(out):  # and its local staging (the old data/) with it
+                        shutil.rmtree(uri.stage_dir(out), ignore_errors=True)
                     res.note = f"retrained: {why}; "
                 summary = run_train(dataclasses.replace(self.algo_train_config(algo), progress=self.progress))
-                _write_record(out / "final", {**wanted, "id": uuid.uuid4().hex})
+                _write_record(final, {**wanted, "id": uuid.uuid4().hex})
                 metrics = summary.get("metrics") or {}
                 loss = next((v for k, v in metrics.items() if k.endswith("loss")), None)
                 res.note += (f"{summary['step']} steps on {summary['episodes']} episodes"
@@ -433,7 +440,7 @@ class Pipeline:
             ec = self.eval_config()
             keys = self._keys(ec)
             self.result.summaries = report(ec, keys)
-            res.note = f"{ec.out_dir}/results.md"
+            res.note = uri.redact(uri.join(ec.out_dir, "results.md"))
             if self.result.summaries:
                 self.echo(format_table(self.result.summaries))
             failed = failures(ec, keys)
@@ -468,9 +475,9 @@ class Pipeline:
     def _run(self) -> PipelineResult:
         from subq.runtime import init_ray
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        resolved = dataclasses.asdict(self.cfg)
-        (self.out / "pipeline_config.yaml").write_text(dump(resolved))
+        if not uri.is_uri(self.out):
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+        uri.write_text(uri.join(self.out, "pipeline_config.yaml"), dump(dataclasses.asdict(self.cfg)))
         init_ray(self.cfg.ray_address)
         from subq.preflight import pipeline_demands
         from subq.resources import require
@@ -484,22 +491,20 @@ class Pipeline:
             from subq.rounds import run_rounds
 
             run_rounds(self)  # rounds 2..K: the student decomposes, the teacher judges, the students retrain
-        (self.out / "pipeline_summary.json").write_text(json.dumps(
+        uri.write_text(uri.join(self.out, "pipeline_summary.json"), json.dumps(
             [dataclasses.asdict(s) for s in self.result.stages], indent=2))
         return self.result
 
 
-def _read_record(final: Path) -> dict[str, Any]:
+def _read_record(final: str) -> dict[str, Any]:
     try:
-        return json.loads((final / TRAINED_ON).read_text())
+        return json.loads(uri.read_text(uri.join(final, TRAINED_ON)))
     except (OSError, ValueError):
         return {}
 
 
-def _write_record(final: Path, record: dict[str, Any]) -> None:
-    tmp = final / f".{TRAINED_ON}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(final / TRAINED_ON)
+def _write_record(final: str, record: dict[str, Any]) -> None:
+    uri.write_text(uri.join(final, TRAINED_ON), json.dumps(record, indent=2))  # whole: a PUT, or a rename
 
 
 def _serve_options(s: ServeSection) -> ServeOptions:

@@ -199,7 +199,7 @@ def pipeline_demands(pipe: Pipeline) -> list[Demand]:
         demands.append(actor_pool_demand("collection actors", cc.actor_num_cpus, cc.actor_resources, cc.min_actors,
                                          hint="on a machine without such nodes: --set 'collect.actor_resources={}'"))
     for name in cfg.train.algos if "train" in cfg.stages else []:
-        if is_checkpoint(pipe.train_dir(name) / "final"):
+        if is_checkpoint(pipe.final_dir(name)):
             continue
         tc = pipe.algo_train_config(name)
         demands.append(train_demand(name, tc.num_workers, tc.use_gpu,
