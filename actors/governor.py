@@ -10,7 +10,7 @@ Before each HTTP attempt a client calls ``admit``; after it, ``settle``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from subq.actors.breaker import GAVE_UP, WAIT, BreakerConfig, CircuitBreaker
 from subq.actors.budget import Budget
@@ -26,6 +26,12 @@ class Admission:
     again: bool = False  # after the sleep, ask again (the breaker is open)
     refused: str | None = None  # REFUSED_*: send nothing
     ticket: int = 0  # the call's admission number (pool-wide order), handed back to ``settle``
+
+
+class Settled(NamedTuple):
+    pool: bool  # the failure may be the pool's (an outage, or its first seconds): not held against the call
+    last_success: int  # ticket of the latest-admitted success
+    seen_at: int  # the first ticket admitted after this settle: a success from it on is news after it
 
 
 @dataclass
@@ -69,14 +75,15 @@ class Governor:
         return Admission(wait_s=self.limiter.reserve(est_tokens).wait_s if self.limiter else 0.0, ticket=self.calls)
 
     def settle(self, worst_usd: float, charged_usd: float, healthy: bool, error: str | None = None,
-               ticket: int | None = None, call: int | None = None) -> tuple[bool, int]:
-        """Release the reservation, count the spend and tell the breaker. Returns (the failure may be
-        the pool's, the ticket of the latest-admitted success): a caller holds a failure against its
-        own attempts unless it may be the pool's and no call admitted after its first failure succeeded.
+               ticket: int | None = None, call: int | None = None) -> Settled:
+        """Release the reservation, count the spend and tell the breaker. A caller holds a failure
+        against its own attempts unless it may be the pool's and no call admitted after its first
+        failure was seen (``seen_at`` of that settle) succeeded.
 
-        A success admitted before the current failure streak began is a straggler (it was answered
-        before the outage, but settled late from another actor): it neither closes the breaker nor
-        counts as a success, or the race would burn rows into errors during an outage.
+        A success admitted before the current failure streak was seen is a straggler: it may have been
+        answered before the outage began (admission order is not arrival order: two actors' requests
+        cross), and settled late: it neither closes the breaker nor counts as a success, or the race
+        would burn rows into errors during an outage.
 
         ``call``: the call this attempt belongs to (the ticket of its first attempt; None: each
         attempt is its own call). A failure is excused as the pool's when another call failed in
@@ -87,23 +94,24 @@ class Governor:
             self.budget.settle(worst_usd, charged_usd)
         self.spent_usd += charged_usd
         ticket = self.calls if ticket is None else ticket
+        seen_at = self.calls + 1
         if healthy:
             if self.streak_from is not None and ticket < self.streak_from:
-                return self.breaker.state != "closed", self.last_success
+                return Settled(self.breaker.state != "closed", self.last_success, seen_at)
             self.last_success, self.streak_from = max(self.last_success, ticket), None
             self.streak_calls.clear()
             self.breaker.success()
-            return False, self.last_success
+            return Settled(False, self.last_success, seen_at)
         self.last_failure = error
         if self.streak_from is None:
-            self.streak_from = ticket
+            self.streak_from = seen_at
         call = ticket if call is None else call
         self.streak_calls.add(call)
         outage = self.breaker.failure(len(self.streak_calls))
         alone = not self.streak_calls - {call}
         if alone:  # an outage's first call, or a call the endpoint always fails: only time tells
-            return self.breaker.streak_age() < self.breaker.cfg.lone_grace_s, self.last_success
-        return outage, self.last_success
+            return Settled(self.breaker.streak_age() < self.breaker.cfg.lone_grace_s, self.last_success, seen_at)
+        return Settled(outage, self.last_success, seen_at)
 
     def stop(self, message: str) -> None:
         """A fatal account error: refuse every further call of the run."""
@@ -135,9 +143,9 @@ class GovernorClient:
 
     async def settle(self, worst_usd: float, charged_usd: float, healthy: bool,
                      error: str | None = None, ticket: int | None = None, call: int | None = None
-                     ) -> tuple[bool, int]:
+                     ) -> Settled:
         if self.remote:
-            return await self.g.settle.remote(worst_usd, charged_usd, healthy, error, ticket, call)
+            return Settled(*await self.g.settle.remote(worst_usd, charged_usd, healthy, error, ticket, call))
         return self.g.settle(worst_usd, charged_usd, healthy, error, ticket, call)
 
     def settle_nowait(self, worst_usd: float, charged_usd: float, ticket: int | None = None) -> None:

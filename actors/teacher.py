@@ -269,7 +269,7 @@ class TeacherClient:
         est_tokens = sum(len(m["content"]) for m in messages) // 4 + n * max_tokens  # for tokens/min
         worst = self.prices.worst_case(self.cfg.model, max_prompt_tokens(messages), n * max_tokens) or 0.0
         failures = failed = 0  # failed attempts held against the call / all of them
-        first_failure: int | None = None  # the admission ticket of this call's first failed attempt
+        first_failure: int | None = None  # the first ticket admitted after its first failure was seen
         call_id: int | None = None  # the ticket of its first attempt: who the governor holds failures against
         start = time.monotonic()
         async with self._sem:
@@ -298,9 +298,8 @@ class TeacherClient:
                 except Exception as e:
                     charged = worst if _maybe_billed(e) else 0.0
                     result.charged_usd += charged
-                    pools, last_success = await self.governor.settle(worst, charged, not _unhealthy(e),
-                                                                     self._error(e)[:200], admission.ticket,
-                                                                     call_id)
+                    settled = await self.governor.settle(worst, charged, not _unhealthy(e), self._error(e)[:200],
+                                                         admission.ticket, call_id)
                     reason = fatal_reason(e)
                     if reason is not None:
                         message = self.fatal = self._fatal_message(e, reason)
@@ -314,11 +313,11 @@ class TeacherClient:
                     if not is_transient(e):
                         break
                     if first_failure is None:
-                        first_failure = admission.ticket
+                        first_failure = settled.seen_at
                     # a pool-wide outage (or its first seconds, seen by this call alone) with no success
-                    # of a call sent since this one first failed is not the call's fault; a request
-                    # that fails while others succeed is
-                    failures += 0 if pools and last_success < first_failure else 1
+                    # of a call sent since this one's first failure was seen is not the call's fault; a
+                    # request that fails while others succeed is
+                    failures += 0 if settled.pool and settled.last_success < first_failure else 1
                     if failures >= self.cfg.max_attempts:
                         break
                     failed += 1  # the backoff grows with every failed attempt, excused ones too

@@ -107,9 +107,6 @@ def test_a_sustained_outage_is_waited_out_by_the_whole_pool(ray_session, tmp_pat
     assert stats["by_outcome"]["outage"] <= 40, stats["by_outcome"]
 
 
-# Timing-dependent under a loaded full suite (it failed once there and passed alone right after; an
-# earlier cause was fixed in 2fd38e0): one rerun, visible in the report, until the new cause is found.
-@pytest.mark.flaky(reruns=1)
 def test_a_429_outage_without_retry_after_is_waited_out_too(ray_session, tmp_path):
     with TeacherServer(model=MODEL, account=AccountFaults(outage_after_requests=4, outage_s=3.0,
                                                           outage_status=429)) as srv:

@@ -93,13 +93,13 @@ def test_a_straggling_success_does_not_end_an_outage():
     tickets = [g.admit().ticket for _ in range(4)]
     assert tickets == [1, 2, 3, 4]
     for t in tickets[1:]:
-        outage, last = g.settle(0.0, 0.0, healthy=False, error="503", ticket=t)
+        outage, last, _ = g.settle(0.0, 0.0, healthy=False, error="503", ticket=t)
     assert outage and last == 0
-    assert g.settle(0.0, 0.0, healthy=True, ticket=1) == (True, 0)  # the straggler
+    assert g.settle(0.0, 0.0, healthy=True, ticket=1)[:2] == (True, 0)  # the straggler
     assert g.breaker.state == "open"
     g.breaker.open_until = 0.0  # the cooldown is over: the next admission is the probe
     probe = g.admit().ticket
-    assert g.settle(0.0, 0.0, healthy=True, ticket=probe) == (False, probe)
+    assert g.settle(0.0, 0.0, healthy=True, ticket=probe)[:2] == (False, probe)
     assert g.breaker.state == "closed"
 
 
@@ -119,5 +119,22 @@ def test_one_calls_failures_neither_open_the_breaker_nor_excuse_themselves_for_l
     assert excused == [True, True, True, False, False]  # 0, 0.75, 1.5 s into the streak; then 2.25, 3
     assert g.breaker.state == "closed" and g.breaker.opened == 0
     other = g.admit().ticket
-    outage, last = g.settle(0.0, 0.0, healthy=False, error="500", ticket=other, call=other)
+    outage, last, _ = g.settle(0.0, 0.0, healthy=False, error="500", ticket=other, call=other)
     assert outage and last == 0 and g.breaker.state == "open"
+
+
+def test_a_success_sent_before_a_failure_was_seen_does_not_count_against_it():
+    """Two actors: call A is admitted first, call B second, but B reaches the endpoint first (before
+    the outage) and A starts it. B's success settles after A's failure: it was admitted before A's
+    failure was known, so it says nothing about the endpoint since, and A's retries, failing alone
+    in the outage's first seconds, stay excused (they used to be held against A: a row lost to a
+    3 s outage whenever the two actors' requests crossed)."""
+    g = Governor(GovernorConfig(breaker=BreakerConfig(failure_threshold=3, lone_grace_s=3.0)))
+    a, b = g.admit().ticket, g.admit().ticket
+    failed = g.settle(0.0, 0.0, healthy=False, error="429", ticket=a, call=a)
+    assert failed.pool  # alone, within the grace
+    assert g.settle(0.0, 0.0, healthy=True, ticket=b).last_success < failed.seen_at  # a straggler
+    retry = g.settle(0.0, 0.0, healthy=False, error="429", ticket=g.admit().ticket, call=a)
+    assert retry.pool and retry.last_success < failed.seen_at  # still excused
+    later = g.admit().ticket  # admitted after the failure was seen: its success is news
+    assert g.settle(0.0, 0.0, healthy=True, ticket=later).last_success >= failed.seen_at
