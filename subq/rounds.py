@@ -22,10 +22,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from subq.actors.student import StudentEndpoint
+from subq.data_store import uri
 from subq.eval_setup import ServeOptions, open_decomposer, parse_openai_decomposer
 
 MIXES = ("latest", "all", "teacher+correct")
@@ -36,7 +36,7 @@ def policy_of(spec: str, opts: ServeOptions | None = None) -> str:
     registry name as given; beta joins it when set (it changes what the student writes)."""
     from subq.learner.content_hash import model_fingerprint
 
-    policy = model_fingerprint(spec) or spec
+    policy = model_fingerprint(uri.local_copy(spec) if uri.is_uri(spec) else spec) or spec  # content, not its URI
     beta = opts.beta if opts is not None else None
     return policy if beta is None else f"{policy}?beta={beta}"
 
@@ -140,10 +140,11 @@ def mix_fingerprint(store_uri: str, rounds: list[int], correct_from_round: int |
 # ------------------------------------------------------------------------------------------ a round
 
 
-def student_dir(base: Any, r: int) -> Path:
-    """The chosen student of round ``r`` (round 1: the pipeline's own ``OUT/train/<run>/final``)."""
-    out = base.out if r == 1 else base.out / f"round-{r}"
-    return out / "train" / base.cfg.rounds_student / "final"
+def student_dir(base: Any, r: int) -> str:
+    """The chosen student of round ``r`` (round 1: the pipeline's own ``OUT/train/<run>/final``); a location
+    (``base.out`` may be a URI: data_store/uri.py)."""
+    out = base.out if r == 1 else uri.join(base.out, f"round-{r}")
+    return uri.join(out, "train", base.cfg.rounds_student, "final")
 
 
 def round_pipeline(base: Any, r: int) -> Any:
@@ -209,7 +210,7 @@ def round_pipeline(base: Any, r: int) -> Any:
     from subq.data_store.store import Store
     from subq.pipeline import collect_incomplete
 
-    cfg = dataclasses.replace(base.cfg, out=str(base.out / f"round-{r}"), store=base.cfg.store_uri)
+    cfg = dataclasses.replace(base.cfg, out=uri.join(base.out, f"round-{r}"), store=base.cfg.store_uri)
     pipe = RoundPipeline(cfg, base.raw, progress=base.progress, echo=base.echo)
     pipe.prices = base.prices
     return pipe
@@ -234,5 +235,5 @@ def run_rounds(base: Any) -> list[dict[str, Any]]:
             if not base.cfg.train_on_incomplete:
                 break
         figures.append(round_figures(pipe, r, pipe.result.summaries, teacher))
-    write_rounds(base.out / "rounds", figures, base.echo)
+    write_rounds(uri.join(base.out, "rounds"), figures, base.echo)
     return figures

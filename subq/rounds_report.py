@@ -19,8 +19,8 @@ A figure that was not evaluated is None.
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 from statistics import fmean
 from typing import Any
 
@@ -63,9 +63,9 @@ def round_figures(pipe: Any, r: int, summaries: list[Any],
         "teacher_usd": sum(row[f"{s}_cost_usd"] or 0.0 for row in rows for s in stages),
         "teacher_tokens": sum((row[f"{s}_tokens_in"] or 0) + (row[f"{s}_tokens_out"] or 0)
                               for row in rows for s in stages),
-        "student": str(pipe.train_dir(student) / "final"),
+        "student": pipe.final_dir(student),
         "accuracy": mine[0].accuracy if mine else None,
-        "nll_human": read_fidelity(str(pipe.out / "eval")).get(student),
+        "nll_human": read_fidelity(uri.join(pipe.out, "eval")).get(student),
         "rougeL_human": sim.get("rougeL"),
         **against_teacher(pipe, mine, teacher),
     }
@@ -99,7 +99,7 @@ def against_teacher(pipe: Any, mine: list[Any], teacher: tuple[str, Decompositio
     recs = read_records(records_path(ec.out_dir, bench, run.decomposer, run.solver, run.fingerprint))
     sim = aggregate_similarity((rec.get("subquestions"), theirs.get(rec["problem_id"], (None, None))[1])
                                for rec in recs)
-    nll = teacher_nll(uri.join(ec.out_dir, TEACHER_NLL_FILE), run.decomposer, str(pipe.train_dir(run.decomposer) / "final"),
+    nll = teacher_nll(uri.join(ec.out_dir, TEACHER_NLL_FILE), run.decomposer, pipe.final_dir(run.decomposer),
                       list(theirs.values()), bf16=cpu_bf16_on(ec.fidelity_cpu_bf16))
     return {"nll_teacher": nll, "rougeL_teacher": sim["rougeL"]}
 
@@ -134,12 +134,12 @@ def format_rounds(figures: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_rounds(out: Path, figures: list[dict[str, Any]], echo: Any = print) -> None:
-    """``rounds.json``, ``rounds.md`` and ``rounds.png`` (each figure against the round) under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rounds.json").write_text(json.dumps(figures, indent=2))
+def write_rounds(out: str, figures: list[dict[str, Any]], echo: Any = print) -> None:
+    """``rounds.json``, ``rounds.md`` and ``rounds.png`` (each figure against the round) under ``out`` (a path
+    or URI: one whole object each)."""
+    uri.write_text(uri.join(out, "rounds.json"), json.dumps(figures, indent=2))
     table = format_rounds(figures)
-    (out / "rounds.md").write_text(table + "\n")
+    uri.write_text(uri.join(out, "rounds.md"), table + "\n")
     echo(table)
     import matplotlib
 
@@ -155,5 +155,7 @@ def write_rounds(out: Path, figures: list[dict[str, Any]], echo: Any = print) ->
         ax.set_xlabel("round")
         ax.set_xticks([f["round"] for f in figures])
     fig.tight_layout()
-    fig.savefig(out / "rounds.png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    uri.write_bytes(uri.join(out, "rounds.png"), png.getvalue())
