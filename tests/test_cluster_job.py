@@ -1,9 +1,17 @@
-"""`ray job submit` against a real 2-node Ray cluster on loopback addresses (DESIGN §4).
+"""The whole pipeline as a `ray job submit` on a real 2-node Ray cluster with no shared disk (DESIGN §4).
 
 The head runs on 127.0.0.2 (dashboard = Jobs API), a second raylet on 127.0.0.3 advertises
-``collect_node``; a job submitted with ``--working-dir`` runs the real ``subq`` CLI against the
-fault-free test teacher, and the test checks what a user would: the job succeeded, the store is
-complete without duplicates, and the collection actors ran on the worker node only.
+``collect_node``. Each node gets its own private folder (Ray's temp dir, ``TMPDIR``, ``HOME``,
+``SUBQ_CACHE_DIR``) and they share none; where the machine allows a private mount namespace
+(``unshare``), each node sees an empty folder where the other's is, so even an absolute path handed
+from one node to the other does not resolve (checked: workers reading the driver's local staging of
+the training data fail here). The job's code travels as its runtime_env working_dir
+(uploaded to the GCS, unpacked by each node), the config is a shipped one by name plus ``--set``, and
+``out`` and ``store`` are in an S3 bucket (moto's server, ``tests/s3_server.py``). Train runs one worker
+per node, so a stage that leaves something on one node's disk for another fails here. The test checks
+what a user would: the job succeeded, the bucket holds the store (complete, no duplicates), the
+students' ``final/`` with their records, the evaluation and its report, no secret anywhere, and
+collection ran on the worker node while Train used both.
 
 Stopping: ``ray stop`` kills *every* Ray process on the machine (it matches process names), which
 would take down the pytest session's own Ray (tests/conftest.py) and other people's tests. So
@@ -12,9 +20,6 @@ the teacher, inherited by GCS, raylets and dashboard), and teardown signals exac
 that carry this run's marker plus their descendants (workers, agents, actors and the job driver
 rename themselves and lose a readable environment, but are children of a marked raylet). A cluster
 left by a crashed run (its owning pytest process is gone) is swept at start the same way.
-
-The job command lives in ``_job_command`` alone; the assertions look only at the job status, the
-store and the actors, so the command can become ``subq pipeline --config <tiny yaml>``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,9 +53,13 @@ VENV_BIN = Path(sys.executable).parent  # the venv's bin: `ray` and `subq` live 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 MARKER = "SUBQ_TEST_CLUSTER"  # env var on every process of a test cluster: "<owner pid>:<owner start>:<dir>"
 TEST_KEY = "sk-subq-test-0123456789abcdef"  # dummy: the local teacher ignores it; must never be stored
-PROBLEMS, SAMPLES = 4, 2
+PROBLEMS, SAMPLES = 2, 1
 START_TIMEOUT_S = 180
-JOB_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 420
+TINY = "tiny-random:llama?layers=1&hidden=32&heads=2&ctx=512&seed=0"
+# num_workers 2 on two 1-CPU nodes: one Train worker per node
+SMALL_TRAIN = {"init": TINY, "num_workers": 2, "batch_size": 2, "max_length": 256, "max_steps": 1, "epochs": 1,
+               "checkpoint_every": 1, "cpu_bf16": "off"}
 
 
 # --- process bookkeeping -----------------------------------------------------------------------
@@ -136,8 +146,9 @@ class LoopbackCluster:
 
 def _cluster_env(marker: str) -> dict[str, str]:
     # Not RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: conftest sets it to 0, which makes `ray start --address` refuse
-    # to add a node even on Linux. Unset, as on a real cluster.
-    drop = {"RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    # to add a node even on Linux. Unset, as on a real cluster. Caches and temp folders are the node's own
+    # (_node_env); a shared one (XDG_CACHE_HOME, HF_HOME) would hide a reliance on a common disk.
+    drop = {"RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "XDG_CACHE_HOME", "HF_HOME", "TRANSFORMERS_CACHE"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(
         RAY_AUTH_MODE="disabled",  # DESIGN §4: else token auth may switch on from ~/.ray state
@@ -151,8 +162,39 @@ def _cluster_env(marker: str) -> dict[str, str]:
     return env
 
 
-def _ray_start(args: list[str], env: dict[str, str], temp_dir: Path) -> None:
-    out = subprocess.run([str(VENV_BIN / "ray"), "start", *args], env=env, capture_output=True, text=True,
+def _node_env(env: dict[str, str], private: Path) -> dict[str, str]:
+    """A node's environment: every folder it writes is its own (what separate machines have). Its raylet,
+    workers, actors and (on the head) the job driver inherit it; the job's runtime_env sets none of these."""
+    dirs = {"TMPDIR": private / "tmp", "HOME": private / "home", "SUBQ_CACHE_DIR": private / "cache"}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    return {**env, **{k: str(v) for k, v in dirs.items()}}
+
+
+def _can_hide() -> bool:
+    """Whether this machine lets a process see an empty folder where another node's folder is (a private
+    mount namespace: root or CAP_SYS_ADMIN; Linux containers often allow it)."""
+    probe = tempfile.mkdtemp(prefix="sq-probe-", dir="/tmp")
+    try:
+        return shutil.which("unshare") is not None and subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "none", probe],
+            capture_output=True, timeout=10).returncode == 0
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _hiding(other: Path) -> list[str]:
+    """A command prefix that runs a node in its own mount namespace with ``other`` (the other node's private
+    folder) covered by an empty tmpfs: the two "nodes" share this machine's disk, and an absolute path one of
+    them hands the other (a file left in its cache or TMPDIR) must not resolve, as on two machines. The
+    processes `ray start` leaves behind stay in that namespace."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"',
+            str(other)]
+
+
+def _ray_start(args: list[str], env: dict[str, str], temp_dir: Path, hide: Path | None = None) -> None:
+    prefix = _hiding(hide) if hide is not None else []
+    out = subprocess.run([*prefix, str(VENV_BIN / "ray"), "start", *args], env=env, capture_output=True, text=True,
                          timeout=START_TIMEOUT_S)
     if out.returncode != 0:
         logs = "".join(f"\n--- {f}\n{f.read_text(errors='replace')[-3000:]}"
@@ -186,7 +228,10 @@ def run_marker() -> Iterator[tuple[str, Path]]:
 
 
 @pytest.fixture(scope="module")
-def loopback_cluster(run_marker: tuple[str, Path]) -> LoopbackCluster:
+def loopback_cluster(run_marker: tuple[str, Path], s3) -> LoopbackCluster:
+    """Head (1 CPU) and worker (1 CPU, ``collect_node``): a 2-worker Train run must use both. The nodes get
+    the bucket's endpoint and dummy keys from their environment (``s3`` sets AWS_*), as a real cluster's
+    nodes would from an instance role: never from the job's runtime_env."""
     marker, temp_dir = run_marker
     env = _cluster_env(marker)
     gcs_port, dash_port = _free_port(), _free_port()
@@ -197,12 +242,19 @@ def loopback_cluster(run_marker: tuple[str, Path]) -> LoopbackCluster:
     common = ["--disable-usage-stats", "--num-gpus=0", "--object-store-memory=200000000",
               "--dashboard-agent-listen-port=0", "--metrics-export-port=0"]
 
+    head_env, worker_env = _node_env(env, temp_dir / "h"), _node_env(env, temp_dir / "w")
+    hide = _can_hide()
+    if not hide:  # still private by every variable that names a folder, but an absolute path would resolve
+        warnings.warn("no private mount namespace here (unshare): each node's folder is visible to the other",
+                      stacklevel=1)
     _ray_start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
                 "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dash_port}",
                 f"--ray-client-server-port={_free_port()}", "--num-cpus=1", '--resources={"head_only": 1}',
-                f"--temp-dir={temp_dir / 'h'}", *common], env, temp_dir / "h")
-    _ray_start([f"--address={HEAD_IP}:{gcs_port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
-                '--resources={"collect_node": 100}', f"--temp-dir={temp_dir / 'w'}", *common], env, temp_dir / "w")
+                f"--temp-dir={temp_dir / 'h' / 'ray'}", *common], head_env, temp_dir / "h" / "ray",
+               hide=temp_dir / "w" if hide else None)
+    _ray_start([f"--address={HEAD_IP}:{gcs_port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=1",
+                '--resources={"collect_node": 100}', f"--temp-dir={temp_dir / 'w' / 'ray'}", *common],
+               worker_env, temp_dir / "w" / "ray", hide=temp_dir / "h" if hide else None)
     dashboard_url = f"http://{HEAD_IP}:{dash_port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     nodes: dict[str, str] = {}
@@ -239,33 +291,63 @@ def teacher_url(run_marker: tuple[str, Path]) -> Iterator[tuple[str, str]]:
             proc.kill()
 
 
+
+
 # --- the job -------------------------------------------------------------------------------
 
 
-def _job_command(teacher: tuple[str, str], store: Path) -> list[str]:
-    """The entrypoint after ``--``: a tiny pipeline (collect on the worker node, then BC on a tiny
-    random model) from a config written next to the store. Every path is absolute: the job runs in
-    the uploaded copy of the repo, not here."""
-    base_url, model = teacher
-    out = store.parent / "run"
-    config = {
-        "name": "cluster-test", "out": str(out), "store": str(store), "stages": ["collect", "train"],
-        "teacher": {"base_url": base_url, "model": model, "api_key_env": "SUBQ_TEST_KEY"},
-        "collect": {"problems": f"gsm8k:train[:{PROBLEMS}]", "samples_per_problem": SAMPLES, "feedback_samples": 1,
-                    "max_tokens": 64, "actor_resources": {"collect_node": 0.01}},
-        "train": {"algos": ["bc"], "defaults": {"init": "tiny-random:llama?layers=2&hidden=32&seed=0",
-                                                "batch_size": 4, "max_length": 96, "max_steps": 1,
-                                                "checkpoint_every": 1, "report_every": 1}},
+def pipeline_args(teacher_base_url: str, bucket: str, serve_port: int, *, on_worker: bool = True) -> list[str]:
+    """``subq pipeline`` arguments after the subcommand: the quickstart config by name (no file to share),
+    ``out`` and ``store`` in ``bucket``, tiny students, the test teacher as teacher and solver, the smallest
+    sizes. ``on_worker``: collection actors ask for ``collect_node`` (only the worker node has it; off to
+    run the same pipeline on one node, for a wall time to compare)."""
+    url = teacher_base_url
+    sets = {
+        "store": f"s3://{bucket}/store",
+        "teacher.base_url": url, "teacher.model": "test-teacher", "teacher.api_key_env": "SUBQ_TEST_KEY",
+        "collect.problems": f"gsm8k:train[:{PROBLEMS}]", "collect.samples_per_problem": SAMPLES,
+        "collect.max_tokens": 64, "collect.max_actors": 1,
+        "collect.actor_resources": '{"collect_node": 0.01}' if on_worker else "{}",
+        "import.reference": "gsm8k:train[:4]",
+        "train.algos": "[bc]",  # quickstart's BC (on the imported human sub-questions); one Train run
+        **{f"train.defaults.{k}": v for k, v in SMALL_TRAIN.items()},
+        **{f"train.bc.{k}": SMALL_TRAIN[k] for k in ("batch_size", "max_steps", "epochs", "cpu_bf16")},  # its own
+        "serve.port": serve_port, "serve.num_gpus": 0, "serve.num_cpus": 0.1, "serve.max_new_tokens": 16,
+        "eval.solvers": f'["test-teacher@{url}"]', "eval.benchmarks": '["gsm8k:test[:1]"]',
+        "eval.solve_max_tokens": 16, "eval.batch_size": 1, "eval.fidelity_problems": "gsm8k:test[:1]",
+        "eval.decompose_max_tokens": 16,
     }
-    path = store.parent / "cluster-test.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return ["subq", "pipeline", "--config", str(path), "--no-progress"]
+    return ["--config", "quickstart", "--out", f"s3://{bucket}/run", "--no-progress",
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+def bucket_objects(s3, bucket: str) -> dict[str, bytes]:
+    client = s3.client()
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def objects_per_stage(keys: list[str]) -> dict[str, int]:
+    """Objects left in the bucket by stage: the store (collect + import), each training run, the
+    evaluation (records, report), the pipeline's own files (folder markers not counted)."""
+    def stage(key: str) -> str:
+        parts = key.split("/")
+        if parts[0] == "store":
+            return f"store/{parts[1]}" if len(parts) > 2 else "store"
+        if parts[1:2] == ["train"] and len(parts) > 3:
+            return f"train {parts[2]}/{parts[3]}"
+        if parts[1:2] == ["eval"]:
+            return "eval/records" if parts[2:3] == ["records"] else "eval (report)"
+        return "pipeline"
+
+    return dict(sorted(Counter(stage(k) for k in keys if not k.endswith("/")).items()))
 
 
 def _runtime_env() -> dict[str, Any]:
     # Ray already skips .git/.venv/__pycache__ and what .gitignore lists; say so explicitly anyway,
     # since an uploaded venv would be GBs. Secrets in env_vars show in the dashboard (fine for a dummy).
-    return {"env_vars": {"SUBQ_TEST_KEY": TEST_KEY},
+    return {"working_dir": str(REPO), "env_vars": {"SUBQ_TEST_KEY": TEST_KEY},
             "excludes": [".venv", ".git", "**/__pycache__", ".hypothesis", ".pytest_cache", ".ruff_cache"]}
 
 
@@ -273,17 +355,19 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_job_submit_runs_the_pipeline_with_collection_on_the_worker_node(loopback_cluster: LoopbackCluster, teacher_url: tuple[str, str],
-                                                tmp_path: Path) -> None:
+def test_the_pipeline_runs_as_a_job_on_two_nodes_sharing_only_a_bucket(
+        loopback_cluster: LoopbackCluster, teacher_url: tuple[str, str], s3) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY
+
     cluster = loopback_cluster
-    store = tmp_path / "store"
+    bucket = s3.bucket()
     submission_id = f"subq-test-{uuid.uuid4().hex[:8]}"
     submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
-              "--submission-id", submission_id, "--working-dir", str(REPO),
-              "--runtime-env-json", json.dumps(_runtime_env()), "--", *_job_command(teacher_url, store)]
+              "--submission-id", submission_id, "--runtime-env-json", json.dumps(_runtime_env()),
+              "--", "subq", "pipeline", *pipeline_args(teacher_url[0], bucket, _free_port())]
     t0 = time.monotonic()
     out = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     wall = time.monotonic() - t0
@@ -298,29 +382,43 @@ def test_job_submit_runs_the_pipeline_with_collection_on_the_worker_node(loopbac
     # Why cluster/README.md says to keep real keys out of runtime envs: Ray shows them in the job's info.
     assert (info.runtime_env or {}).get("env_vars", {}).get("SUBQ_TEST_KEY") == TEST_KEY
 
-    # The working dir was uploaded small: no venv, no git history.
-    pkgs = [p for p in (cluster.temp_dir / "h").glob("session_*/runtime_resources/working_dir_files/*") if p.is_dir()]
-    assert pkgs, "no unpacked working_dir on the head node"
+    # The working dir travelled through the GCS, small (no venv, no git history), unpacked on each node.
+    pkgs = [p for p in cluster.temp_dir.glob("?/ray/session_*/runtime_resources/working_dir_files/*") if p.is_dir()]
+    assert pkgs, "no unpacked working_dir on the nodes"
     for pkg in pkgs:
         assert not (pkg / ".venv").exists() and not (pkg / ".git").exists()
         assert _dir_bytes(pkg) < 64 * 2**20, f"working_dir upload is {_dir_bytes(pkg) / 2**20:.0f} MiB"
 
-    # The pipeline trained on what was collected, and says so.
-    assert (tmp_path / "run" / "train" / "bc" / "final" / "subq_checkpoint.json").is_file(), logs[-3000:]
-    assert "collect" in logs and "train bc" in logs
+    # Every stage ran, and everything it wrote is in the bucket.
+    stages = json.loads(s3.client().get_object(Bucket=bucket, Key="run/pipeline_summary.json")["Body"].read())
+    assert {s["stage"]: s["status"] for s in stages} == {
+        "collect": "done", "import": "done", "train bc": "done", "serve + eval": "done", "report": "done"}, stages
+    objects = bucket_objects(s3, bucket)
+    for key in ("run/train/bc/final/config.json", "run/train/bc/final/subq_checkpoint.json",
+                "run/train/bc/final/pipeline_trained_on.json", "run/pipeline_config.yaml",
+                "run/eval/results.json", "run/eval/fidelity.json", "run/eval/accuracy_vs_cost.png"):
+        assert key in objects, (key, sorted(objects))
+    runs = json.loads(objects["run/eval/results.json"])["runs"]
+    assert {r["decomposer"] for r in runs} == {"bc", "teacher (test-teacher)"}, runs
+    assert "bc" in json.loads(objects["run/eval/fidelity.json"])  # the driver read the student from the bucket
+    print(f"\n2-node job wall {wall:.1f} s; stages {[(x['stage'], round(x['wall_s'], 1)) for x in stages]}; "
+          f"objects per stage: {objects_per_stage(list(objects))}")
+    for secret in (TEST_KEY, ACCESS_KEY, SECRET_KEY):
+        assert not [k for k, v in objects.items() if secret.encode() in v], f"{secret} reached the bucket"
+    # Nothing anywhere took the URI for a local path (a folder "s3:" under a node's working dir or cache).
+    assert not [p for p in cluster.temp_dir.rglob("s3:*")], "a local folder named after the scheme"
 
-    # The store: every problem x sample exactly once, and the key never written anywhere.
-    rows = Store(str(store)).read_rows("samples")
+    # The store: every problem x sample exactly once.
+    rows = Store(f"s3://{bucket}/store").read_rows("samples")
     keys = Counter(r["sample_key"] for r in rows)
     assert len(rows) == PROBLEMS * SAMPLES and len(keys) == PROBLEMS * SAMPLES, keys
-    assert len({r["problem_id"] for r in rows}) == PROBLEMS
-    for f in store.rglob("*"):
-        assert not f.is_file() or TEST_KEY.encode() not in f.read_bytes(), f
 
-    # Collection actors (Ray Data names them MapWorker(MapBatches(StageWorker))) ran on the worker only.
+    # Collection actors (Ray Data names them MapWorker(MapBatches(StageWorker))) ran on the worker only;
+    # the two Train workers ran one on each node.
     actors = list_actors(address=cluster.dashboard_url, detail=True, limit=10_000, raise_on_missing_output=False)
-    stage = [a for a in actors if "StageWorker" in a.class_name]
-    assert stage, f"no StageWorker actors among {sorted({a.class_name for a in actors})}"
-    placed = Counter(a.node_id for a in stage)
-    assert set(placed) == {cluster.worker_node_id}, (
-        f"StageWorker actors by node: {placed}; worker={cluster.worker_node_id} head={cluster.head_node_id}")
+    stage = Counter(a.node_id for a in actors if "StageWorker" in a.class_name)
+    assert set(stage) == {cluster.worker_node_id}, (
+        f"StageWorker actors by node: {stage}; worker={cluster.worker_node_id} head={cluster.head_node_id}")
+    train = Counter(a.node_id for a in actors if "TrainWorker" in a.class_name)
+    assert set(train) == {cluster.worker_node_id, cluster.head_node_id}, (
+        f"Train workers by node: {train}; actors: {sorted({a.class_name for a in actors})}")

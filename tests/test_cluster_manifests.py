@@ -120,9 +120,10 @@ def test_kuberay_cluster_spec(name: str, spec: dict[str, Any]) -> None:
     assert len(gpu) == 1 and gpu[0]["minReplicas"] == 0 and gpu[0]["maxReplicas"] > 0
     assert not _custom_resources(gpu[0]["rayStartParams"]).get("collect_node")
 
-    # `out` (Train checkpoints, metrics, eval outputs) is a local path: the same mount on every pod.
-    mounts = [{m["mountPath"] for m in c.get("volumeMounts", [])} for c in _containers(spec)]
-    assert set.intersection(*mounts), "every Ray container needs the shared volume at the same path"
+    # The pods share no disk (`out` and `store` are bucket URIs): no volume may need a claim to exist.
+    for group in [head, *groups]:
+        for volume in group["template"]["spec"].get("volumes", []):
+            assert "persistentVolumeClaim" not in volume, f"{name}: {volume} needs a PVC; outputs go to a bucket"
 
     for container in _containers(spec):
         env = {e["name"]: e for e in container.get("env", [])}
@@ -143,10 +144,10 @@ def test_rayjob_runs_the_pipeline() -> None:
     assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), "exactly one way to get a cluster"
     if "rayClusterSpec" in spec:
         assert spec["shutdownAfterJobFinishes"] is True
-        shared = set.intersection(*[{m["mountPath"] for m in c.get("volumeMounts", [])}
-                                    for c in _containers(spec["rayClusterSpec"])])
-        out = argv[argv.index("--out") + 1] if "--out" in argv else ""
-        assert any(out.startswith(m + "/") for m in shared), f"--out {out!r} must be on the shared volume {shared}"
+    # nodes share no disk: out and store are URIs, never a path on one pod
+    out = argv[argv.index("--out") + 1] if "--out" in argv else ""
+    store = next((a.split("=", 1)[1] for a in argv if a.startswith("store=")), "")
+    assert out.startswith("s3://") and store.startswith("s3://"), (out, store)
     runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
     assert not any(SECRET_NAME.search(k) for k in runtime_env.get("env_vars", {})), "secrets via secretKeyRef only"
 
