@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default, so each tiny run waits up to 2 s to
+# learn that it started and again that it finished; the suite runs dozens (it changes no behaviour).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import pytest  # noqa: E402
 
@@ -21,8 +24,23 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            _serve_on_a_free_port()
     yield ray
     ray.shutdown()
+
+
+def _serve_on_a_free_port() -> None:
+    """Under pytest-xdist each worker has its own Ray, and Serve's proxy keeps the port it first started on
+    (serve.serving.deploy joins it): started here on a free port, two workers never both take the default."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
 
 
 @pytest.fixture(scope="module")
