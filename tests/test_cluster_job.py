@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -328,20 +330,51 @@ def bucket_objects(s3, bucket: str) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-def objects_per_stage(keys: list[str]) -> dict[str, int]:
-    """Objects left in the bucket by stage: the store (collect + import), each training run, the
-    evaluation (records, report), the pipeline's own files (folder markers not counted)."""
-    def stage(key: str) -> str:
-        parts = key.split("/")
-        if parts[0] == "store":
-            return f"store/{parts[1]}" if len(parts) > 2 else "store"
-        if parts[1:2] == ["train"] and len(parts) > 3:
-            return f"train {parts[2]}/{parts[3]}"
-        if parts[1:2] == ["eval"]:
-            return "eval/records" if parts[2:3] == ["records"] else "eval (report)"
-        return "pipeline"
+def _stage(key: str) -> str:
+    """The part of a run a bucket key belongs to: store table, training run folder, evaluation, pipeline."""
+    parts = key.split("/")
+    if parts[0] == "store":
+        return f"store/{parts[1]}" if len(parts) > 2 else "store (lease)"
+    if parts[1:2] == ["train"] and len(parts) > 3:
+        return f"train {parts[2]}/{parts[3]}"
+    if parts[1:2] == ["eval"]:
+        return "eval/records" if parts[2:3] == ["records"] else "eval (report)"
+    return "pipeline"
 
-    return dict(sorted(Counter(stage(k) for k in keys if not k.endswith("/")).items()))
+
+def objects_per_stage(keys: list[str]) -> dict[str, int]:
+    """Objects left in the bucket by stage (folder markers not counted)."""
+    return dict(sorted(Counter(_stage(k) for k in keys if not k.endswith("/")).items()))
+
+
+def writes_per_stage(request_log: list[str], bucket: str) -> dict[str, int]:
+    """Objects *written* by stage, from moto's request log: a whole PUT, or a completed multipart upload
+    (pyarrow's output streams), counted once each, including objects deleted later (Ray Train's
+    checkpoints, the lease); folder markers (empty PUTs of ``key/``) and DELETEs counted apart."""
+    found: Counter[str] = Counter()
+    for line in request_log:
+        m = re.search(rf'"(PUT|POST|DELETE) /{bucket}/(\S*?)(\?\S*)? HTTP', line)
+        if not m or (m[1] == "PUT" and "partNumber" in (m[3] or "")) or (m[1] == "POST" and "uploadId" not in (m[3] or "")):
+            continue
+        found["DELETE" if m[1] == "DELETE" else "folder markers" if m[2].endswith("/") else _stage(m[2])] += 1
+    return dict(sorted(found.items()))
+
+
+@contextlib.contextmanager
+def moto_requests() -> Iterator[list[str]]:
+    """The request lines moto's server (werkzeug, in this process) logs while the block runs."""
+    lines: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler, log = Grab(logging.INFO), logging.getLogger("werkzeug")
+    log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -368,9 +401,10 @@ def test_the_pipeline_runs_as_a_job_on_two_nodes_sharing_only_a_bucket(
     submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
               "--submission-id", submission_id, "--runtime-env-json", json.dumps(_runtime_env()),
               "--", "subq", "pipeline", *pipeline_args(teacher_url[0], bucket, _free_port())]
-    t0 = time.monotonic()
-    out = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    wall = time.monotonic() - t0
+    with moto_requests() as requests:
+        t0 = time.monotonic()
+        out = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+        wall = time.monotonic() - t0
     logs = out.stdout + out.stderr
     assert out.returncode == 0, f"ray job submit failed after {wall:.0f}s:\n{logs[-6000:]}"
 
@@ -402,7 +436,7 @@ def test_the_pipeline_runs_as_a_job_on_two_nodes_sharing_only_a_bucket(
     assert {r["decomposer"] for r in runs} == {"bc", "teacher (test-teacher)"}, runs
     assert "bc" in json.loads(objects["run/eval/fidelity.json"])  # the driver read the student from the bucket
     print(f"\n2-node job wall {wall:.1f} s; stages {[(x['stage'], round(x['wall_s'], 1)) for x in stages]}; "
-          f"objects per stage: {objects_per_stage(list(objects))}")
+          f"objects written per stage: {writes_per_stage(requests, bucket)}; left: {objects_per_stage(list(objects))}")
     for secret in (TEST_KEY, ACCESS_KEY, SECRET_KEY):
         assert not [k for k, v in objects.items() if secret.encode() in v], f"{secret} reached the bucket"
     # Nothing anywhere took the URI for a local path (a folder "s3:" under a node's working dir or cache).
