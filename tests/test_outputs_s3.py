@@ -166,3 +166,24 @@ def test_records_and_report_at_a_uri_are_objects_merged_on_read(s3, tmp_path, mo
     assert json.loads(uri.read_text(paths["json"]))["runs"][0]["n"] == 2
     assert uri.read_bytes(paths["plot"]).startswith(b"\x89PNG")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pipeline_out_at_a_uri_puts_every_output_in_the_bucket(s3, tmp_path, monkeypatch):
+    """The plan of `subq pipeline --out s3://...` (no work): every run, the store, the evaluation and the
+    students it serves are locations in the bucket; nothing named after the scheme appears here.
+    tests/test_cluster_job.py runs such a pipeline end to end on two nodes."""
+    from subq.config import load_config
+    from subq.pipeline import Pipeline
+    from subq.preflight import check, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    out = f"s3://{s3.bucket()}/runs/qs"
+    cfg, raw = load_config(resolve_config("quickstart"), [f"out={out}/"])
+    pipe = Pipeline(cfg, raw, progress=False, echo=lambda _: None)
+    assert pipe.out == out and cfg.store_uri == f"{out}/store"
+    assert [pipe.final_dir(a) for a in cfg.train.algos] == [f"{out}/train/{a}/final" for a in cfg.train.algos]
+    assert pipe.algo_train_config("ilql").init == f"{out}/train/bc/final"  # ILQL starts from BC in the bucket
+    assert pipe.eval_config().out_dir == f"{out}/eval"
+    assert [s.split("=", 1)[1] for s in pipe.decomposer_specs()[:3]] == [pipe.final_dir(a) for a in cfg.train.algos]
+    assert not [p for p in check(cfg, raw, resources=False).problems if "out" in p]
+    assert list(tmp_path.iterdir()) == []
