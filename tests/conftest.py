@@ -24,23 +24,8 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            _serve_on_a_free_port()
     yield ray
     ray.shutdown()
-
-
-def _serve_on_a_free_port() -> None:
-    """Under pytest-xdist each worker has its own Ray, and Serve's proxy keeps the port it first started on
-    (serve.serving.deploy joins it): started here on a free port, two workers never both take the default."""
-    import socket
-
-    from ray import serve
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
 
 
 @pytest.fixture(scope="module")
