@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from tests.ports import free_port
 
 ACCESS_KEY = "testing-access-key"  # dummies: moto accepts any credentials
 SECRET_KEY = "testing-secret-key-never-stored"
@@ -35,17 +36,11 @@ class S3Server:
         return name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def s3_server() -> Iterator[S3Server]:
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

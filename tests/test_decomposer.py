@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,6 +55,7 @@ from subq.serve.generation import Completion, generate
 from subq.serve.sampling import SamplingParams
 from subq.serve.serving import init_replica_torch, replica_device
 
+from tests.ports import free_port
 from tests.serve_schema import DECOMPOSER_EXTENSIONS, chat_bodies, decompose_bodies
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
@@ -121,15 +121,9 @@ def ckpt_decoder(models) -> Decoder:
 # --------------------------------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cfg(model: str, prefix: str, **kw) -> DecomposerConfig:
     # A generous batch window makes "concurrent requests share a batch" deterministic on a busy box.
-    return DecomposerConfig(model=model, port=_free_port(), route_prefix=prefix, app_name=f"subq-test{prefix}",
+    return DecomposerConfig(model=model, port=free_port(), route_prefix=prefix, app_name=f"subq-test{prefix}",
                             max_batch_size=8, batch_wait_timeout_s=0.3, max_new_tokens=MAX_NEW,
                             max_problem_chars=MAX_CHARS, num_cpus=0.5, torch_threads=1, **kw)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +27,7 @@ from subq.learner.content_hash import model_fingerprint
 
 from subq.cli import main
 from subq.eval_setup import ServeOptions, decomposer_identity
+from tests.ports import free_port
 from tests.teacher_server import TeacherServer, ThreadedServer
 
 N = 4
@@ -94,19 +94,13 @@ def test_a_retrained_student_behind_the_same_url_starts_new_records(ray_session,
     assert not any(SECRET.encode() in f.read_bytes() for f in out.rglob("*") if f.is_file())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_subq_decomposer_reports_its_checkpoint_content_in_v1_models(ray_session, tmp_path):
     """A URL of subq's own decomposer: its /v1/models entry carries the checkpoint's content hash, so the
     same URL and served name with another checkpoint is another identity; a restart is not."""
     from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
 
     a, b = _checkpoint(tmp_path / "a" / "final", 1), _checkpoint(tmp_path / "b" / "final", 2)
-    cfg = DecomposerConfig(model=a, served_model_name="student", port=_free_port(), route_prefix="/dec-identity",
+    cfg = DecomposerConfig(model=a, served_model_name="student", port=free_port(), route_prefix="/dec-identity",
                            app_name="subq-test-identity", max_new_tokens=8, num_cpus=0.5, torch_threads=1)
     identities: list[dict[str, Any]] = []
     urls = []
@@ -163,7 +157,7 @@ def test_what_an_endpoint_reports_and_its_failures(monkeypatch):
     assert f"refused the credentials (HTTP 401) from ${KEY_ENV}" in str(e.value) and SECRET not in str(e.value)
     with _Models(status=200, body=["not", "a", "list"]) as srv, pytest.raises(TeacherUnreachable, match="model list"):
         served_model("openai", srv.base_url, "m", KEY_ENV)
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(TeacherUnreachable, match="cannot reach the decomposer at .* start it"):
         decomposer_identity(f"http://127.0.0.1:{port}", [], ServeOptions(), timeout_s=5)
     assert os.environ[KEY_ENV] == SECRET

@@ -5,7 +5,6 @@ API solver (paper 2's table shape); and the spec mistakes a user can make fail i
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from subq.learner.checkpoint import save_checkpoint
 from subq.learner.models import load_model_and_tokenizer
 
 from subq.cli import main
+from tests.ports import free_port
 from tests.teacher_server import TeacherServer
 
 # ctx: the solve prompt with its few-shot example is ~1,500 byte tokens
@@ -28,12 +28,6 @@ def _solver_checkpoint(path: Path, seed: int) -> Path:
     model, tok = load_model_and_tokenizer(TINY.format(seed=seed))
     return save_checkpoint(path, model, tok, algo="solver-bc", config={"algo": "solver-bc"},
                            extra={"data": {"solver_target": "gold"}})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(out: Path, decomposer: str, solver: str) -> list[dict]:
@@ -56,7 +50,7 @@ def test_a_checkpoint_solver_is_served_for_the_run_and_its_content_is_in_the_fin
         argv = ["eval", "--decomposer", "teacher", "--decomposer", "none", "--solver", f"test-teacher@{srv.base_url}",
                 "--solver", str(ckpt), "--api-key-env", "SUBQ_TEST_KEY", "--benchmark", BENCH, "--out", str(out),
                 "--solve-max-tokens", "12", "--batch-size", "2", "--max-actors", "1", "--no-progress",
-                "--local-port", str(_free_port())]
+                "--local-port", str(free_port())]
         assert main(argv) == 0, capsys.readouterr().err
         assert srv.stats()["by_stage"]["decompose"] == 2  # one plan per problem, reused by the served solver
         assert not [a for a in serve.status().applications if a.startswith("subq-solver")]  # shut down after

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from subq.serve.chat_api import ApiError, parse_chat_request
 from subq.serve.llm_server import LLMServerConfig, build_llm_app, start_llm_server, stop_llm_server
 from subq.serve.serving import read_token
 
+from tests.ports import free_port
 from tests.serve_schema import chat_bodies
 
 TOKEN_ENV = "SUBQ_TEST_LLM_TOKEN"
@@ -33,17 +33,11 @@ MODEL = "tiny-random:llama?ctx=4096"
 MAX_NEW = 3000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_session):
     os.environ[TOKEN_ENV] = TOKEN
     # A generous batch window makes "concurrent requests share a batch" deterministic on a busy box.
-    cfg = LLMServerConfig(model=MODEL, port=_free_port(), route_prefix="/tiny", token_env=TOKEN_ENV,
+    cfg = LLMServerConfig(model=MODEL, port=free_port(), route_prefix="/tiny", token_env=TOKEN_ENV,
                           max_batch_size=8, batch_wait_timeout_s=0.3, max_new_tokens=MAX_NEW, max_prompt_tokens=255,
                           num_cpus=0.5)
     base_url = start_llm_server(cfg)

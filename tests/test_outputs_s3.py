@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from tests.processes import kill_tree
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 from tests.teacher_server import TeacherServer
@@ -41,12 +41,6 @@ def _keys(s3, bucket: str, prefix: str) -> list[str]:
 def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "subq.cli", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _registered_checkpoint(s3, bucket: str) -> bool:
@@ -121,7 +115,7 @@ def test_collect_train_eval_report_all_in_a_bucket_and_resume_from_it(s3, tmp_pa
         done = _run(["eval", "--decomposer", f"{out}/final", "--decomposer", "teacher", "--solver",
                      f"test-teacher@{srv.base_url}", "--api-key-env", "SUBQ_TEST_KEY", "--benchmark", "gsm8k:test[:2]",
                      "--out", evals, "--num-gpus", "0", "--decompose-max-tokens", "16", "--no-progress",
-                     "--local-port", str(_free_port())], cwd, env)  # not 8011: other Serve apps may hold it
+                     "--local-port", str(free_port())], cwd, env)  # not 8011: other Serve apps may hold it
         assert done.returncode == 0, done.stderr[-3000:]
         counts["eval (eval/)"] = len(_keys(s3, bucket, "eval/"))
 

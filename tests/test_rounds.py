@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from subq.learner.data import selected
 
 from subq.config import ConfigError, load_config
 from subq.rounds import check_rounds, mix
+from tests.ports import free_port
 from tests.processes import kill_tree
 from tests.teacher_replies import default_answer
 from tests.teacher_server import TeacherServer
@@ -29,12 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-random:llama?layers=2&hidden=32&seed=0"
 ROUND1_ANSWERS = 2 * 2  # problems x samples_per_problem
 ANSWER_HOLD_S = 1.0  # each round-2 answer while the kill is being aimed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, url: str, **extra) -> Path:
@@ -46,7 +40,7 @@ def _config(tmp_path: Path, url: str, **extra) -> Path:
         "train": {"algos": ["bc"], "defaults": {"init": TINY, "batch_size": 2, "max_length": 256, "max_steps": 1,
                                                  "checkpoint_every": 1, "report_every": 1, "val_fraction": 0.0}},
         # a free port of its own: other runs on this machine (this test's too) serve on the default or a fixed one
-        "serve": {"max_batch_size": 4, "max_new_tokens": 16, "num_cpus": 0.1, "port": _free_port()},
+        "serve": {"max_batch_size": 4, "max_new_tokens": 16, "num_cpus": 0.1, "port": free_port()},
         "eval": {"solvers": [f"test-teacher@{url}"], "baseline": False, "benchmarks": ["gsm8k:test[:2]"],
                  "solve_max_tokens": 64, "batch_size": 2, "max_actors": 1},
         **extra,

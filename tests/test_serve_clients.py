@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import textwrap
 
 import httpx
@@ -27,19 +26,15 @@ from subq.serve.generation import SamplingParams, generate
 from subq.serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 from subq.serve.logprobs import score_tokens
 
+from tests.ports import free_port
+
 MODEL = "tiny-random:llama?layers=2&hidden=32&heads=2&ctx=1024&seed=5"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llm(ray_session):
-    cfg = LLMServerConfig(model=MODEL, port=_free_port(), route_prefix="/clients", app_name="subq-test-clients",
+    cfg = LLMServerConfig(model=MODEL, port=free_port(), route_prefix="/clients", app_name="subq-test-clients",
                           max_batch_size=8, batch_wait_timeout_s=0.05, max_new_tokens=64, num_cpus=0.5,
                           torch_threads=1)
     url = start_llm_server(cfg)
@@ -49,7 +44,7 @@ def llm(ray_session):
 
 @pytest.fixture(scope="module")
 def decomposer(ray_session):
-    cfg = DecomposerConfig(model=MODEL, port=_free_port(), route_prefix="/clients-dec", app_name="subq-test-clients-dec",
+    cfg = DecomposerConfig(model=MODEL, port=free_port(), route_prefix="/clients-dec", app_name="subq-test-clients-dec",
                            max_batch_size=4, batch_wait_timeout_s=0.05, max_new_tokens=24, num_cpus=0.5,
                            torch_threads=1)
     url = start_decomposer(cfg)

@@ -4,7 +4,6 @@ counts that match what happened; ``/health`` turns 503 when the engine dies."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
@@ -13,15 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from subq.learner.models import build_byte_tokenizer
 from subq.serve.metrics import ServerMetrics
 
+from tests.ports import free_port
+
 MODEL = "tiny-random:llama?ctx=4096"
 EOS = build_byte_tokenizer().eos_token_id
 MSG = [{"role": "user", "content": "Say hi"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -91,7 +86,7 @@ def test_a_dead_engine_fails_its_requests_and_health_with_503():
 def server(ray_session):
     from subq.serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 
-    cfg = LLMServerConfig(model=MODEL, port=_free_port(), route_prefix="/metrics-llm", app_name="subq-metrics-llm",
+    cfg = LLMServerConfig(model=MODEL, port=free_port(), route_prefix="/metrics-llm", app_name="subq-metrics-llm",
                           max_batch_size=1, max_queued_requests=0, max_new_tokens=3000, num_cpus=0.5,
                           torch_threads=1)
     url = start_llm_server(cfg)

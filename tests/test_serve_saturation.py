@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,16 +26,12 @@ import pytest
 from subq.learner.models import build_byte_tokenizer
 from subq.serve.admission import Admission, Overloaded
 
+from tests.ports import free_port
+
 LLM_MODEL = "tiny-random:llama?ctx=4096"
 EOS = build_byte_tokenizer().eos_token_id
 MSG = [{"role": "user", "content": "Say hi"}]
 ROWS, QUEUE, CLIENTS = 2, 4, 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ admission policy
@@ -224,7 +219,7 @@ def _check_saturation(results, cheap: CheapRoutes, *, exact: bool) -> None:
 def llm_server(ray_session):
     from subq.serve.llm_server import LLMServerConfig, start_llm_server, stop_llm_server
 
-    cfg = LLMServerConfig(model=LLM_MODEL, port=_free_port(), route_prefix="/sat-llm", app_name="subq-sat-llm",
+    cfg = LLMServerConfig(model=LLM_MODEL, port=free_port(), route_prefix="/sat-llm", app_name="subq-sat-llm",
                           max_batch_size=ROWS, max_queued_requests=QUEUE, max_new_tokens=3000, num_cpus=0.5,
                           torch_threads=1)
     url = start_llm_server(cfg)
@@ -253,7 +248,7 @@ def test_llm_server_at_saturation_refuses_beyond_its_queue_and_health_never_wait
 def decomposer_server(ray_session):
     from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
 
-    cfg = DecomposerConfig(model=LLM_MODEL, port=_free_port(), route_prefix="/sat-dec", app_name="subq-sat-dec",
+    cfg = DecomposerConfig(model=LLM_MODEL, port=free_port(), route_prefix="/sat-dec", app_name="subq-sat-dec",
                            prompt_format="chat", max_batch_size=ROWS, max_queued_requests=QUEUE,
                            max_new_tokens=3000, num_cpus=0.5, torch_threads=1)
     url = start_decomposer(cfg)
@@ -287,7 +282,7 @@ def _descendants(pid: int) -> list:
 
 
 def _start_cli_server(ray_tmp: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}  # its own local Ray
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "subq.cli", "llm-server", "--model", "tiny-random:llama",

@@ -9,7 +9,6 @@ comparison: two solver-bc runs served as solver columns beside the API solver) g
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import yaml
 from subq.learner.checkpoint import load_checkpoint
 
 from subq.cli import main
+from tests.ports import free_port
 from tests.teacher_server import TeacherServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,12 +26,6 @@ TINY = "tiny-random:llama?layers=1&hidden=32&heads=2&ctx=2048&seed=0"
 SMALL_TRAIN = {"init": TINY, "use_gpu": "false", "num_workers": 1, "batch_size": 2, "grad_accum": 1,
                "max_length": 256, "max_steps": 1, "epochs": 1, "checkpoint_every": 1, "report_every": 1,
                "val_fraction": 0.0, "cpu_bf16": "off"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(path: Path, url: str, out: Path) -> list[str]:
@@ -57,7 +51,7 @@ def overrides(path: Path, url: str, out: Path) -> list[str]:
             sets.append(f"train.{name}.max_length=2048")
     if "filtered-bc" in train.get("algos", []):  # one sample the test teacher may get wrong: keep it anyway
         sets.append("train.filtered-bc.algo_config={correct_only: false, fraction: 1.0}")
-    sets += [f"serve.port={_free_port()}", "serve.num_gpus=0", "serve.num_cpus=0.1", "serve.max_batch_size=4",
+    sets += [f"serve.port={free_port()}", "serve.num_gpus=0", "serve.num_cpus=0.1", "serve.max_batch_size=4",
              "serve.max_new_tokens=16"]
     ev = raw.get("eval") or {}
     sets += [f"eval.solvers=[\"test-teacher@{url}\"]", "eval.benchmarks=[\"gsm8k:test[:1]\"]", "eval.solve_max_tokens=16",

@@ -5,7 +5,6 @@ by the OpenAI-compatible LLM server, answers the evaluation's solve prompt in th
 
 from __future__ import annotations
 
-import socket
 from datetime import datetime, timezone
 
 import openai
@@ -22,6 +21,7 @@ from subq.protocol.answers import format_number
 from subq.protocol.solve_prompts import SOLVE_PROMPT_VERSION, solve_messages
 
 from subq.cli import main
+from tests.ports import free_port
 
 TINY = "tiny-random:llama?layers=1&hidden=32&seed=0"
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
@@ -144,12 +144,6 @@ def test_config_and_command_line_errors_fail_before_work(tmp_path, capsys):
 # ------------------------------------------------------------------- trained, then served as a solver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_trained_solver_served_by_the_llm_server_answers_the_solve_prompt_in_the_trained_format(
         ray_session, tmp_path):
     """SE-A through the driver on one sample whose teacher answer was wrong (9, gold 8), until the tiny
@@ -166,7 +160,7 @@ def test_a_trained_solver_served_by_the_llm_server_answers_the_solve_prompt_in_t
     assert summary["step"] == 150 and summary["metrics"]["charts/token_accuracy"] == 1.0
     meta = load_checkpoint(summary["final"]).meta
     assert meta["algo"] == "solver-bc" and meta["extra"]["data"]["solver_target"] == "gold"
-    server = LLMServerConfig(model=summary["final"], port=_free_port(), route_prefix="/se", app_name="subq-se-test",
+    server = LLMServerConfig(model=summary["final"], port=free_port(), route_prefix="/se", app_name="subq-se-test",
                              max_new_tokens=128)
     base_url = start_llm_server(server)
     try:

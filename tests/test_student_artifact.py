@@ -5,7 +5,6 @@ what `subq serve` decodes, and the server names the student after its run, not "
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,7 @@ from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decom
 from subq.serve.decomposer_model import Decoder, Job
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.ports import free_port
 from tests.test_decomposer import SCRIPT, _scripted_model
 from tests.test_train import TINY, _store
 
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROBLEMS = ["Tom has 3 apples and buys 2 more. How many apples does he have?",
             "  A train\ttravels 60 km\nin 1 hour.  How far\u00a0in 3 hours? "]
 ODD = [*PROBLEMS, "Quotes ' \" and {{ braces }} {% raw %} stay text", "", "\u2003lone\u2003"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _transformers_generate(final: Path, problem: str) -> tuple[str, int]:
@@ -75,7 +69,7 @@ def test_final_prompts_and_decodes_like_subq_serve_without_subq(trained):
     assert gen["stop_strings"] == [SUBQ_END] and gen["do_sample"] is False
     assert gen["max_new_tokens"] == default_max_new_tokens(load_checkpoint(final).meta)  # serving's default budget
 
-    cfg = DecomposerConfig(model=str(final), port=_free_port(), route_prefix="/artifact", app_name="subq-artifact",
+    cfg = DecomposerConfig(model=str(final), port=free_port(), route_prefix="/artifact", app_name="subq-artifact",
                            num_cpus=0.5, torch_threads=1)
     assert cfg.served_model_name == "bc"  # the run's name, not "final"
     url = start_decomposer(cfg)
