@@ -78,6 +78,7 @@ from subq.serve.metrics import CONTENT_TYPE, ServerMetrics
 from subq.serve.sampling import SamplingParams
 from subq.serve.serving import (
     DTYPES,
+    SHUTDOWN_POLL_S,
     Secret,
     api_error,
     check_auth,
@@ -338,6 +339,7 @@ def build_decomposer_app(cfg: DecomposerConfig) -> serve.Application:
         # Far above the batch: Serve must not queue requests in its router, where /health would wait
         # behind generations; the replica's Admission bounds the work (serve/admission.py).
         max_ongoing_requests=max_ongoing_requests(cfg.max_batch_size, cfg.max_queued_requests),
+        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         **scaling,
     ).bind(cfg, read_token(cfg.token_env))

@@ -52,6 +52,7 @@ from subq.serve.fields import ApiError, decode_json, error_body
 from subq.serve.metrics import CONTENT_TYPE, ServerMetrics
 from subq.serve.serving import (
     DTYPES,
+    SHUTDOWN_POLL_S,
     Secret,
     api_error,
     check_auth,
@@ -281,6 +282,7 @@ def build_llm_app(cfg: LLMServerConfig) -> serve.Application:
         # Far above the batch: Serve must not queue requests in its router, where /health would wait
         # behind generations; the replica's Admission bounds the work (serve/admission.py).
         max_ongoing_requests=max_ongoing_requests(cfg.max_batch_size, cfg.max_queued_requests),
+        graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg, read_token(cfg.token_env))
 
