@@ -143,6 +143,13 @@ def pending(cfg: EvalConfig, keys: list[RunKey]) -> int:
                for r in plan_rows(b, load_problems(b), keys, cfg.out_dir, cfg.retry_failed))
 
 
+def unplanned(cfg: EvalConfig, keys: list[RunKey]) -> int:
+    """Answers still to do that have no stored plan to reuse: 0 = the pass needs no call to the decomposer."""
+    return sum(1 for b in cfg.benchmarks
+               for r in plan_rows(b, load_problems(b), keys, cfg.out_dir, cfg.retry_failed)
+               if not r["stored_decomposition"])
+
+
 def settings_changes(cfg: EvalConfig, keys: list[RunKey]) -> list[str]:
     """One line per (benchmark, key) that has records under *other* settings only: what changed.
 

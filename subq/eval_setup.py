@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 _LABEL = re.compile(r"^(?P<label>[\w.+-]+)=(?P<spec>.+)$")
 PLACEHOLDER_URL = "http://127.0.0.1/v1"  # a server of ours that is not running yet
+NOT_SERVED_URL = "http://not-served.invalid"  # a checkpoint whose plans are all stored: never called
 
 
 @dataclass
@@ -239,14 +240,15 @@ def plan_run_keys(cfg: EvalConfig, decomposers: list[str], solvers: list[SolverS
 def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts: ServeOptions, *,
                     token_env: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
                     teacher_endpoint: tuple[str, str] | None = None,
-                    identity: dict[str, Any] | None = None) -> Iterator[DecomposerSpec]:
+                    identity: dict[str, Any] | None = None, plans_stored: bool = False) -> Iterator[DecomposerSpec]:
     """One decomposer, ready to call; a checkpoint or model is served until the block ends.
 
     One at a time on purpose: a 2-core machine cannot hold several model replicas at once.
     ``teacher_endpoint`` = (base_url, api_key_env) for ``teacher`` specs; default: the first solver's.
     ``openai:`` decomposers use the key in ``token_env``, else ``api_key_env`` (none needed on loopback).
     ``identity``: the spec's, from ``decomposer_identity`` (the records it writes are keyed by it; for a
-    served spec computed here when not given).
+    served spec computed here when not given). ``plans_stored``: the caller checked that every answer to do
+    reuses a stored plan, so a checkpoint is not served at all (its replica would only load and idle).
     """
     _, spec = split_label(raw)
     if not _needs_serving(spec):
@@ -255,6 +257,10 @@ def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts:
         yield replace(client, identity=identity) if identity is not None else client
         return
     identity = identity or _served_identity(spec, serve_opts, None)
+    if plans_stored:  # every answer of this pass reuses a stored plan: no call reaches the decomposer
+        yield DecomposerSpec("url", decomposer_label(raw, solvers), url=NOT_SERVED_URL, beta=serve_opts.beta,
+                             identity=identity)
+        return
     with _served(spec, index, serve_opts) as url:
         yield DecomposerSpec("url", decomposer_label(raw, solvers), url=url, beta=serve_opts.beta, identity=identity)
 
@@ -325,13 +331,14 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
     The local server (``local_model`` on ``local_port``) runs for the whole loop when a solver is
     ``local``, or when a ``teacher`` decomposer needs it (``local_teacher_model``: the teacher is that
     model). ``teacher`` decomposers call ``teacher_base_url``, else that local server, else the first
-    API solver's endpoint. Per decomposer, the API solvers answer first, then each served checkpoint
-    solver in turn (started for its pass, stopped after); later passes reuse the stored plans, so a
-    decomposition is still paid once. Our own servers bill nothing. Raises a client's
+    API solver's endpoint. Every decomposer's API solvers answer first; then each served checkpoint
+    solver is started once and answers for every decomposer, reusing the stored plans (a decomposition
+    is paid once, and a checkpoint decomposer whose plans are all stored is not served again). Our own
+    servers bill nothing. Raises a client's
     FatalEndpointError (bad key, no quota) after storing what finished.
     """
     from subq.actors.teacher import check_endpoint
-    from subq.evaluation.plan import pending
+    from subq.evaluation.plan import pending, unplanned
     from subq.evaluation.run import evaluate
     from subq.local_teacher import local_teacher
 
@@ -343,11 +350,11 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
     planned = plan_run_keys(cfg, decomposers, planned_solvers, serve_opts, token_env=token_env,
                             api_key_env=api_key_env)
     groups = solver_groups(planned_solvers)
-    todo = []  # (index, spec, identity, solver groups with answers to do): the rest is not even served
+    todo = []  # (index, spec, identity, keys, solver groups with answers to do): the rest is not even served
     for i, (raw, (identity, keys)) in enumerate(zip(decomposers, planned, strict=True)):
         busy = [g for g in groups if pending(cfg, [keys[j] for j in g])]
         if busy:
-            todo.append((i, raw, identity, busy))
+            todo.append((i, raw, identity, keys, busy))
     if not todo:
         return 0
     server = local_teacher(None, local_model, local_port) if need_local else nullcontext((None, None))
@@ -364,13 +371,21 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
                 prices = prices.with_price(model, 0.0, 0.0)
         teacher_url = teacher_base_url or (url if local_teacher_model else None)
         teacher = (teacher_url, api_key_env) if teacher_url else None
-        for i, raw, identity, busy in todo:
-            with open_decomposer(raw, i, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
-                                 teacher_endpoint=teacher, identity=identity) as spec:
-                for group in busy:
-                    if solvers[group[0]].served is None:
-                        added += evaluate(cfg, spec, [solvers[j] for j in group], prices)
-                        continue
-                    with served_solver(solvers[group[0]], group[0], serve_opts) as sv:
+        def decomposer(i: int, raw: str, identity: dict[str, Any], plans_stored: bool = False) -> Any:
+            return open_decomposer(raw, i, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
+                                   teacher_endpoint=teacher, identity=identity, plans_stored=plans_stored)
+
+        for i, raw, identity, _, busy in todo:  # the API solvers first: this pass stores every plan
+            api = [g for g in busy if solvers[g[0]].served is None]
+            if api:
+                with decomposer(i, raw, identity) as spec:
+                    added += sum(evaluate(cfg, spec, [solvers[j] for j in g], prices) for g in api)
+        # Then each served solver once, for every decomposer: a decomposer whose plans are stored by now
+        # is not served again (one replica start per checkpoint, not one per decomposer x solver).
+        for s in sorted({g[0] for *_, busy in todo for g in busy if solvers[g[0]].served is not None}):
+            users = [(i, raw, identity, keys) for i, raw, identity, keys, busy in todo if [s] in busy]
+            with served_solver(solvers[s], s, serve_opts) as sv:
+                for i, raw, identity, keys in users:
+                    with decomposer(i, raw, identity, plans_stored=not unplanned(cfg, [keys[s]])) as spec:
                         added += evaluate(cfg, spec, [sv], prices)
     return added

@@ -42,25 +42,37 @@ def _lines(out: Path) -> int:
 def test_a_checkpoint_solver_is_served_for_the_run_and_its_content_is_in_the_fingerprint(
         ray_session, tmp_path, monkeypatch, capsys):
     from ray import serve
+    from subq.serve import decomposer as served_decomposer
+    from subq.serve import llm_server
 
     monkeypatch.setenv("SUBQ_TEST_KEY", "sk-eval-secret-0123456789")
     ckpt = _solver_checkpoint(tmp_path / "se" / "final", seed=0)
     out = tmp_path / "eval"
+    starts: list[str] = []  # every replica started, decomposer or solver
+    for module, name in ((served_decomposer, "start_decomposer"), (llm_server, "start_llm_server")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda cfg, _real=real, _name=name, **kw: starts.append(_name) or _real(cfg, **kw))
     with TeacherServer(latency_s=0.0, model="test-teacher") as srv:
-        argv = ["eval", "--decomposer", "teacher", "--decomposer", "none", "--solver", f"test-teacher@{srv.base_url}",
+        argv = ["eval", "--decomposer", "teacher", "--decomposer", "none", "--decomposer", f"student={TINY.format(seed=2)}",
+                "--solver", f"test-teacher@{srv.base_url}",
                 "--solver", str(ckpt), "--api-key-env", "SUBQ_TEST_KEY", "--benchmark", BENCH, "--out", str(out),
                 "--solve-max-tokens", "12", "--batch-size", "2", "--max-actors", "1", "--no-progress",
                 "--local-port", str(free_port())]
         assert main(argv) == 0, capsys.readouterr().err
         assert srv.stats()["by_stage"]["decompose"] == 2  # one plan per problem, reused by the served solver
-        assert not [a for a in serve.status().applications if a.startswith("subq-solver")]  # shut down after
+        assert not [a for a in serve.status().applications if a.startswith("subq-")]  # shut down after
+        # one replica per checkpoint: the student decomposes for the API solver, then its stored plans serve
+        # the distilled solver's column without it; the distilled solver answers for all three decomposers
+        assert sorted(starts) == ["start_decomposer", "start_llm_server"], starts
+        student = {r["problem_id"]: r["subquestions"] for r in _records(out, "student", "test-teacher")}
+        assert len(student) == 2 and student == {r["problem_id"]: r["subquestions"] for r in _records(out, "student", "se")}
 
         # paper 2's table: rows decomposers, columns the API solver and the distilled one ("se": its run dir)
         md = (out / "results.md").read_text()
         assert "| decomposer \\ solver | test-teacher | se |" in md
         runs = json.loads((out / "results.json").read_text())["runs"]
         assert {(r["decomposer"], r["solver"]) for r in runs} == {
-            (d, s) for d in ("teacher (test-teacher)", "none (CoT)") for s in ("test-teacher", "se")}
+            (d, s) for d in ("teacher (test-teacher)", "none (CoT)", "student") for s in ("test-teacher", "se")}
         first_hash = f"sha256:{content_hash(ckpt)}"
         se = _records(out, "teacher_test-teacher", "se")
         api = _records(out, "teacher_test-teacher", "test-teacher")
@@ -72,9 +84,9 @@ def test_a_checkpoint_solver_is_served_for_the_run_and_its_content_is_in_the_fin
         assert len(_records(out, "none_CoT", "se")) == 2
 
         # the same command again: every answer is stored, nothing is called or served
-        lines, requests = _lines(out), srv.stats()["requests"]
+        lines, requests, started = _lines(out), srv.stats()["requests"], len(starts)
         assert main(argv) == 0
-        assert (_lines(out), srv.stats()["requests"]) == (lines, requests)
+        assert (_lines(out), srv.stats()["requests"], len(starts)) == (lines, requests, started)
 
         # a retrained solver (other weights, same path) is not silently reused: its column is redone,
         # the API solver's is not, and the stored plans are reused (no decompose call)
@@ -83,7 +95,8 @@ def test_a_checkpoint_solver_is_served_for_the_run_and_its_content_is_in_the_fin
         assert main(argv) == 0
         assert "settings changed (solver.model sha256:" in capsys.readouterr().err
         assert srv.stats()["requests"] == requests
-        assert _lines(out) == lines + 4  # 2 problems x 2 decomposers, for the new se only
+        assert _lines(out) == lines + 6  # 2 problems x 3 decomposers, for the new se only
+        assert starts[started:] == ["start_llm_server"]  # the student's plans are stored: not served again
     folder = out / "records" / "gsm8k_test_2" / "teacher_test-teacher__se"
     assert len(list(folder.glob("*.jsonl"))) == 2  # the old records stay, in their own file
     se = _records_newest(folder)
