@@ -14,13 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from statistics import fmean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rouge_score.rouge_scorer import RougeScorer
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
 
 
 @lru_cache(maxsize=1)
 def _scorer() -> RougeScorer:
+    # rouge-score imports nltk (+ scipy, sklearn): 1.4 s that every evaluation actor paid at start-up
+    from rouge_score.rouge_scorer import RougeScorer
+
     return RougeScorer(["rougeL"], use_stemmer=True)
 
 
