@@ -122,9 +122,10 @@ def ckpt_decoder(models) -> Decoder:
 
 
 def _cfg(model: str, prefix: str, **kw) -> DecomposerConfig:
-    # A generous batch window makes "concurrent requests share a batch" deterministic on a busy box.
+    # A batch window twice the default: concurrent requests share a batch on a busy box (they need only
+    # arrive within it), while each of the modules' hundreds of sequential requests waits it out alone.
     return DecomposerConfig(model=model, port=free_port(), route_prefix=prefix, app_name=f"subq-test{prefix}",
-                            max_batch_size=8, batch_wait_timeout_s=0.3, max_new_tokens=MAX_NEW,
+                            max_batch_size=8, batch_wait_timeout_s=0.1, max_new_tokens=MAX_NEW,
                             max_problem_chars=MAX_CHARS, num_cpus=0.5, torch_threads=1, **kw)
 
 
