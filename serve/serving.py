@@ -208,11 +208,10 @@ def delete_app(app_name: str) -> None:
             serve.delete(app_name, _blocking=False)
             deadline = time.monotonic() + DELETE_TIMEOUT_S
             while app_name in serve.status().applications:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the app {app_name!r} was not deleted in {DELETE_TIMEOUT_S:.0f} s")
+                if time.monotonic() > deadline:  # warn; raising here would mask the error that ended the caller
+                    logger.warning("the app %r was not deleted in %.0f s", app_name, DELETE_TIMEOUT_S)
+                    return
                 time.sleep(0.05)
-        except TimeoutError:
-            raise
         except Exception as e:  # Serve already gone: nothing to stop
             logger.debug("delete %s: %s", app_name, e)
 
