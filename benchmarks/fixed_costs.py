@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from subq.runtime import configure_env  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+
 TINY = "tiny-random:llama?layers=1&hidden=32&heads=2&ctx=2048&seed=0"
 WORKER_MODULES = {  # what each kind of worker imports before its first call
     "collection actor": "subq.actors.stage_worker",
@@ -34,18 +38,11 @@ WORKER_MODULES = {  # what each kind of worker imports before its first call
     "Train worker": "subq.learner.train_loop",
     "decomposer replica": "subq.serve.decomposer",
 }
-ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def import_seconds(module: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=ROOT, env={**os.environ, **ENV})
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=ROOT, env=os.environ)
     return time.perf_counter() - start
 
 
@@ -57,8 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    for key, value in ENV.items():
-        os.environ.setdefault(key, value)
+    configure_env()  # what every subq command sets before Ray starts (the imports below inherit it)
     rows: list[tuple[str, list[float]]] = []
     for kind, module in WORKER_MODULES.items():
         rows.append((f"import {module} ({kind})", [import_seconds(module) for _ in range(args.repeat)]))
@@ -76,7 +72,7 @@ def main() -> None:
                      run_config=RunConfig(name="noop", storage_path=tempfile.mkdtemp())).fit()
         fits.append(time.perf_counter() - start)
     rows.append(("train: no-op fit, 1 CPU worker", fits))
-    port, starts, stops = _free_port(), [], []
+    port, starts, stops = free_port(), [], []
     for i in range(args.repeat):
         cfg = DecomposerConfig(model=TINY, port=port, route_prefix=f"/bench-{i}", app_name=f"bench-{i}",
                                num_cpus=0.1, num_gpus=0, max_new_tokens=8)

@@ -137,17 +137,18 @@ def check_labels(decomposers: list[str], solvers: list[str]) -> None:
             raise ValueError(f"{what} labels must be distinct (as file names): {labels}")
 
 
+def _todo(cfg: EvalConfig, keys: list[RunKey]) -> list[dict]:
+    return [r for b in cfg.benchmarks for r in plan_rows(b, load_problems(b), keys, cfg.out_dir, cfg.retry_failed)]
+
+
 def pending(cfg: EvalConfig, keys: list[RunKey]) -> int:
     """(problem, solver) answers still to do for one decomposer's keys: 0 = nothing to serve or call."""
-    return sum(len(json.loads(r["solvers_todo"])) for b in cfg.benchmarks
-               for r in plan_rows(b, load_problems(b), keys, cfg.out_dir, cfg.retry_failed))
+    return sum(len(json.loads(r["solvers_todo"])) for r in _todo(cfg, keys))
 
 
 def unplanned(cfg: EvalConfig, keys: list[RunKey]) -> int:
     """Answers still to do that have no stored plan to reuse: 0 = the pass needs no call to the decomposer."""
-    return sum(1 for b in cfg.benchmarks
-               for r in plan_rows(b, load_problems(b), keys, cfg.out_dir, cfg.retry_failed)
-               if not r["stored_decomposition"])
+    return sum(1 for r in _todo(cfg, keys) if not r["stored_decomposition"])
 
 
 def settings_changes(cfg: EvalConfig, keys: list[RunKey]) -> list[str]:

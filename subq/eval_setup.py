@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from subq.evaluation.run import EvalConfig
 
 _LABEL = re.compile(r"^(?P<label>[\w.+-]+)=(?P<spec>.+)$")
-PLACEHOLDER_URL = "http://127.0.0.1/v1"  # a server of ours that is not running yet
-NOT_SERVED_URL = "http://not-served.invalid"  # a checkpoint whose plans are all stored: never called
+# A server of ours that is not running: not yet (a planned solver), or not at all (a checkpoint decomposer
+# whose plans are all stored, so nothing calls it)
+PLACEHOLDER_URL = "http://127.0.0.1/v1"
 
 
 @dataclass
@@ -258,7 +259,7 @@ def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts:
         return
     identity = identity or _served_identity(spec, serve_opts, None)
     if plans_stored:  # every answer of this pass reuses a stored plan: no call reaches the decomposer
-        yield DecomposerSpec("url", decomposer_label(raw, solvers), url=NOT_SERVED_URL, beta=serve_opts.beta,
+        yield DecomposerSpec("url", decomposer_label(raw, solvers), url=PLACEHOLDER_URL, beta=serve_opts.beta,
                              identity=identity)
         return
     with _served(spec, index, serve_opts) as url:
