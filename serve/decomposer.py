@@ -183,33 +183,53 @@ class Decomposer:
 
     def __init__(self, cfg: DecomposerConfig, token: Secret | None) -> None:
         self.threads = init_replica_torch(cfg.torch_threads, cfg.num_cpus)
-        self.cfg = cfg
         self.token = token
-        device, dtype = replica_device(cfg.num_gpus, cfg.dtype)
-        self.decoder = Decoder.load(cfg.model, prompt_format=cfg.prompt_format, beta=cfg.beta, device=device,
-                                    dtype=dtype)
-        self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens(self.decoder.meta)
-        vocab = self.decoder.model.get_output_embeddings().weight.shape[0]
-        self.limits = Limits(served_model=cfg.served_model_name or "", max_problem_chars=cfg.max_problem_chars,
-                             max_new_tokens=self.max_new_tokens, default_temperature=cfg.temperature,
-                             default_max_subquestions=cfg.max_subquestions, vocab_size=vocab)
-        self.created = int(time.time())
+        self.device, self.dtype = replica_device(cfg.num_gpus, cfg.dtype)
+        self.admission = Admission(cfg.max_batch_size, cfg.max_queued_requests)  # routes: `async with .rows(n)`
+        self._load(cfg)
+
+    async def load_model(self, model: str, served_model_name: str) -> str:
+        """Serve ``model`` from now on (``swap_decomposer``, through a Serve handle): it is loaded off the
+        event loop beside the old one, then every attribute a request reads is switched at once; the old
+        engine's requests still in flight fail with a 503 (an evaluation swaps between its passes, with
+        nothing in flight). Returns the served name."""
+        old = self.engine
+        parts = await asyncio.to_thread(self._build, replace(self.cfg, model=model,
+                                                                 served_model_name=served_model_name))
+        self.__dict__.update(parts)
+        old.close()
+        return self.limits.served_model
+
+    def _load(self, cfg: DecomposerConfig) -> None:
+        self.__dict__.update(self._build(cfg))
+
+    def _build(self, cfg: DecomposerConfig) -> dict[str, Any]:
+        """What serving ``cfg.model`` needs: the model, its limits, fingerprint, metrics and engine."""
+        decoder = Decoder.load(cfg.model, prompt_format=cfg.prompt_format, beta=cfg.beta, device=self.device,
+                               dtype=self.dtype)
+        max_new_tokens = cfg.max_new_tokens or default_max_new_tokens(decoder.meta)
+        vocab = decoder.model.get_output_embeddings().weight.shape[0]
+        limits = Limits(served_model=cfg.served_model_name or "", max_problem_chars=cfg.max_problem_chars,
+                        max_new_tokens=max_new_tokens, default_temperature=cfg.temperature,
+                        default_max_subquestions=cfg.max_subquestions, vocab_size=vocab)
         # The checkpoint's content hash for /v1/models, so clients see a retrained model behind the same
         # URL; hashed beside the serving (GBs take seconds), awaited by the first /v1/models.
         hasher = ThreadPoolExecutor(1, thread_name_prefix="subq-fingerprint")
-        self.fingerprint: Future[str | None] = hasher.submit(model_fingerprint, cfg.model)
+        fingerprint: Future[str | None] = hasher.submit(model_fingerprint, cfg.model)
         hasher.shutdown(wait=False)
-        self.stats = EngineStats()
+        stats = EngineStats()
         # The engine detokenizes in its own thread with its own tokenizer copy; prompts use the Decoder's.
-        batch = BatchDecoder(self.decoder.model, copy.deepcopy(self.decoder.tokenizer), heads=self.decoder.heads,
-                             eos_ids=self.decoder.eos)
-        self.admission = Admission(cfg.max_batch_size, cfg.max_queued_requests)  # routes: `async with .rows(n)`
-        self.metrics = ServerMetrics(self.limits.served_model, running=lambda: self.admission.running_requests,
-                                     waiting=lambda: self.admission.waiting,
-                                     running_rows=lambda: self.admission.running_rows)
-        self.engine = Engine(batch, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=self.stats,
-                             metrics=self.metrics)
-        self.placement = {"device": device, "dtype": str(dtype).removeprefix("torch."), "torch_threads": self.threads}
+        batch = BatchDecoder(decoder.model, copy.deepcopy(decoder.tokenizer), heads=decoder.heads,
+                             eos_ids=decoder.eos)
+        metrics = ServerMetrics(limits.served_model, running=lambda: self.admission.running_requests,
+                                waiting=lambda: self.admission.waiting,
+                                running_rows=lambda: self.admission.running_rows)
+        engine = Engine(batch, max_rows=cfg.max_batch_size, wait_s=cfg.batch_wait_timeout_s, stats=stats,
+                        metrics=metrics)
+        return {"cfg": cfg, "decoder": decoder, "max_new_tokens": max_new_tokens, "limits": limits,
+                "created": int(time.time()), "fingerprint": fingerprint, "stats": stats, "metrics": metrics,
+                "engine": engine, "placement": {"device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+                                                "torch_threads": self.threads}}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -353,6 +373,21 @@ def start_decomposer(cfg: DecomposerConfig, *, timeout_s: float = 300.0) -> str:
     """
     return deploy(build_decomposer_app(cfg), app_name=cfg.app_name, host=cfg.host, port=cfg.port,
                   route_prefix=cfg.route_prefix, timeout_s=timeout_s)
+
+
+def swap_decomposer(cfg: DecomposerConfig, model: str, served_model_name: str | None = None, *,
+                    timeout_s: float = 300.0) -> str:
+    """Serve ``model`` in the replica ``start_decomposer(cfg)`` runs, at the same URL: no new process, import or Serve
+    deployment (an evaluation of several checkpoints pays one replica start, not one per checkpoint).
+    ``served_model_name``: its name in requests and ``/v1/models`` (None: the model's default name). Every
+    other setting stays ``cfg``'s; returns the served name once the new model answers. One replica only: a
+    Serve handle reaches one replica (Serve's own in-place update, ``user_config``, restarts replicas of
+    an app deployed from Python, whose code version is new on every ``serve.run``)."""
+    if cfg.max_replicas != 1 or cfg.min_replicas != 1:
+        raise ValueError("swap_decomposer needs an app of exactly one replica (min_replicas = max_replicas = 1)")
+    target = replace(cfg, model=model, served_model_name=served_model_name)  # resolved path, default name
+    handle = serve.get_app_handle(cfg.app_name)
+    return handle.load_model.remote(target.model, target.served_model_name or "").result(timeout_s=timeout_s)
 
 
 def stop_decomposer(cfg: DecomposerConfig) -> None:

@@ -241,7 +241,8 @@ def plan_run_keys(cfg: EvalConfig, decomposers: list[str], solvers: list[SolverS
 def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts: ServeOptions, *,
                     token_env: str | None = None, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
                     teacher_endpoint: tuple[str, str] | None = None,
-                    identity: dict[str, Any] | None = None, plans_stored: bool = False) -> Iterator[DecomposerSpec]:
+                    identity: dict[str, Any] | None = None, plans_stored: bool = False,
+                    host: DecomposerHost | None = None) -> Iterator[DecomposerSpec]:
     """One decomposer, ready to call; a checkpoint or model is served until the block ends.
 
     One at a time on purpose: a 2-core machine cannot hold several model replicas at once.
@@ -250,6 +251,8 @@ def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts:
     ``identity``: the spec's, from ``decomposer_identity`` (the records it writes are keyed by it; for a
     served spec computed here when not given). ``plans_stored``: the caller checked that every answer to do
     reuses a stored plan, so a checkpoint is not served at all (its replica would only load and idle).
+    ``host``: a checkpoint is loaded into its replica (started once for several decomposers) instead of
+    a replica of its own that stops with the block.
     """
     _, spec = split_label(raw)
     if not _needs_serving(spec):
@@ -262,31 +265,70 @@ def open_decomposer(raw: str, index: int, solvers: list[SolverSpec], serve_opts:
         yield DecomposerSpec("url", decomposer_label(raw, solvers), url=PLACEHOLDER_URL, beta=serve_opts.beta,
                              identity=identity)
         return
-    with _served(spec, index, serve_opts) as url:
+    with host.serving(spec) if host is not None else _served(spec, index, serve_opts) as url:
         yield DecomposerSpec("url", decomposer_label(raw, solvers), url=url, beta=serve_opts.beta, identity=identity)
+
+
+def _decomposer_config(spec: str, name: str, opts: ServeOptions):
+    """The served decomposer of ``spec`` under app ``subq-<name>`` and route ``/<name>``, checked first: a
+    wrong path and a replica no node can hold fail here, in one line, not inside a replica."""
+    from subq.learner.checkpoint import is_checkpoint
+    from subq.learner.models import resolve_model_path
+    from subq.resources import require, serve_demand
+    from subq.serve.decomposer import DecomposerConfig
+
+    if not is_checkpoint(spec):
+        resolve_model_path(spec)
+    cfg = DecomposerConfig(model=spec, port=opts.port, route_prefix=f"/{name}", app_name=f"subq-{name}",
+                           max_batch_size=opts.max_batch_size, max_queued_requests=opts.max_queued_requests,
+                           num_gpus=opts.num_gpus, num_cpus=opts.num_cpus, max_new_tokens=opts.max_new_tokens)
+    require([serve_demand(f"the decomposer replica for {spec}", cfg.num_cpus, cfg.num_gpus,
+                          hint="without GPUs: serve.num_gpus=0 (subq eval: --num-gpus 0)")])
+    return cfg
 
 
 @contextmanager
 def _served(spec: str, index: int, opts: ServeOptions) -> Iterator[str]:
-    from subq.learner.checkpoint import is_checkpoint
-    from subq.learner.models import resolve_model_path
-    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
+    from subq.serve.decomposer import start_decomposer, stop_decomposer
 
-    if not is_checkpoint(spec):
-        resolve_model_path(spec)  # a wrong path fails here, in one line, not inside a replica
-    cfg = DecomposerConfig(model=spec, port=opts.port, route_prefix=f"/decomposer-{index}",
-                           app_name=f"subq-decomposer-{index}", max_batch_size=opts.max_batch_size,
-                           max_queued_requests=opts.max_queued_requests,
-                           num_gpus=opts.num_gpus, num_cpus=opts.num_cpus, max_new_tokens=opts.max_new_tokens)
-    from subq.resources import require, serve_demand
-
-    require([serve_demand(f"the decomposer replica for {spec}", cfg.num_cpus, cfg.num_gpus,
-                          hint="without GPUs: serve.num_gpus=0 (subq eval: --num-gpus 0)")])
+    cfg = _decomposer_config(spec, f"decomposer-{index}", opts)
     url = start_decomposer(cfg)
     try:
         yield url
     finally:
         stop_decomposer(cfg)
+
+
+class DecomposerHost:
+    """One decomposer replica for every checkpoint an evaluation serves, one checkpoint at a time: the
+    first starts it, each next one is loaded into it (``serve.decomposer.swap_decomposer``), so N
+    checkpoints pay one process start, import and Serve deployment instead of N (~6 s each on a CPU).
+    ``close`` deletes it."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.cfg: Any = None  # the running app's DecomposerConfig
+        self.url = ""
+
+    @contextmanager
+    def serving(self, spec: str) -> Iterator[str]:
+        from subq.serve.decomposer import start_decomposer, swap_decomposer
+
+        if self.cfg is None:
+            cfg = _decomposer_config(spec, "eval-decomposer", self.opts)
+            self.url = start_decomposer(cfg)
+            self.cfg = cfg
+        else:
+            _decomposer_config(spec, "eval-decomposer", self.opts)  # the same checks before the swap
+            swap_decomposer(self.cfg, spec)
+        yield self.url
+
+    def close(self) -> None:
+        from subq.serve.decomposer import stop_decomposer
+
+        if self.cfg is not None:
+            stop_decomposer(self.cfg)
+            self.cfg = None
 
 
 @contextmanager
@@ -372,21 +414,31 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
                 prices = prices.with_price(model, 0.0, 0.0)
         teacher_url = teacher_base_url or (url if local_teacher_model else None)
         teacher = (teacher_url, api_key_env) if teacher_url else None
-        def decomposer(i: int, raw: str, identity: dict[str, Any], plans_stored: bool = False) -> Any:
+        def decomposer(i: int, raw: str, identity: dict[str, Any], host: DecomposerHost,
+                       plans_stored: bool = False) -> Any:
             return open_decomposer(raw, i, solvers, serve_opts, token_env=token_env, api_key_env=api_key_env,
-                                   teacher_endpoint=teacher, identity=identity, plans_stored=plans_stored)
+                                   teacher_endpoint=teacher, identity=identity, plans_stored=plans_stored,
+                                   host=host)
 
-        for i, raw, identity, _, busy in todo:  # the API solvers first: this pass stores every plan
-            api = [g for g in busy if solvers[g[0]].served is None]
-            if api:
-                with decomposer(i, raw, identity) as spec:
-                    added += sum(evaluate(cfg, spec, [solvers[j] for j in g], prices) for g in api)
+        host = DecomposerHost(serve_opts)  # one replica, each checkpoint loaded into it in turn
+        try:
+            for i, raw, identity, _, busy in todo:  # the API solvers first: this pass stores every plan
+                api = [g for g in busy if solvers[g[0]].served is None]
+                if api:
+                    with decomposer(i, raw, identity, host) as spec:
+                        added += sum(evaluate(cfg, spec, [solvers[j] for j in g], prices) for g in api)
+        finally:
+            host.close()  # before any solver replica: both need not fit at once
         # Then each served solver once, for every decomposer: a decomposer whose plans are stored by now
         # is not served again (one replica start per checkpoint, not one per decomposer x solver).
         for s in sorted({g[0] for *_, busy in todo for g in busy if solvers[g[0]].served is not None}):
             users = [(i, raw, identity, keys) for i, raw, identity, keys, busy in todo if [s] in busy]
+            host = DecomposerHost(serve_opts)
             with served_solver(solvers[s], s, serve_opts) as sv:
-                for i, raw, identity, keys in users:
-                    with decomposer(i, raw, identity, plans_stored=not unplanned(cfg, [keys[s]])) as spec:
-                        added += evaluate(cfg, spec, [sv], prices)
+                try:
+                    for i, raw, identity, keys in users:
+                        with decomposer(i, raw, identity, host, plans_stored=not unplanned(cfg, [keys[s]])) as spec:
+                            added += evaluate(cfg, spec, [sv], prices)
+                finally:
+                    host.close()
     return added

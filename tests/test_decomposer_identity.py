@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -94,31 +93,51 @@ def test_a_retrained_student_behind_the_same_url_starts_new_records(ray_session,
     assert not any(SECRET.encode() in f.read_bytes() for f in out.rglob("*") if f.is_file())
 
 
-def test_subq_decomposer_reports_its_checkpoint_content_in_v1_models(ray_session, tmp_path):
+def _replicas(app: str) -> list[str]:
+    """The live replica actors of a Serve app (named actors in Serve's namespace; no dashboard needed)."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::") and f"{app}#" in a["name"])
+
+
+def test_subq_decomposer_reports_its_checkpoint_content_and_swaps_it_in_place(ray_session, tmp_path):
     """A URL of subq's own decomposer: its /v1/models entry carries the checkpoint's content hash, so the
-    same URL and served name with another checkpoint is another identity; a restart is not."""
-    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
+    same URL and served name with another checkpoint is another identity; a restart is not. A checkpoint
+    swapped into the running replica (what an evaluation of several does) is served by that same replica
+    at the same URL, and reported as what it is."""
+    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer, swap_decomposer
 
     a, b = _checkpoint(tmp_path / "a" / "final", 1), _checkpoint(tmp_path / "b" / "final", 2)
     cfg = DecomposerConfig(model=a, served_model_name="student", port=free_port(), route_prefix="/dec-identity",
                            app_name="subq-test-identity", max_new_tokens=8, num_cpus=0.5, torch_threads=1)
-    identities: list[dict[str, Any]] = []
-    urls = []
-    for model in (a, b, a):
-        run = replace(cfg, model=model)
-        url = start_decomposer(run)
-        try:
-            card = httpx.get(f"{url}/v1/models", timeout=120, trust_env=False).json()["data"][0]
-            assert card["fingerprint"] == model_fingerprint(model) and card["id"] == "student"
-            one = httpx.get(f"{url}/v1/models/student", timeout=120, trust_env=False).json()
-            assert one["fingerprint"] == card["fingerprint"]
-            identities.append(decomposer_identity(url, [], ServeOptions()))
-            urls.append(url)
-        finally:
-            stop_decomposer(run)
-    assert urls[0] == urls[1] == urls[2]
-    assert identities[0]["served"] == {"id": "student", "fingerprint": model_fingerprint(a)}
-    assert identities[0] != identities[1] and identities[0] == identities[2]  # a restart keeps its records
+
+    def seen(url: str, model: str) -> dict[str, Any]:
+        card = httpx.get(f"{url}/v1/models", timeout=120, trust_env=False).json()["data"][0]
+        assert card["fingerprint"] == model_fingerprint(model) and card["id"] == "student"
+        one = httpx.get(f"{url}/v1/models/student", timeout=120, trust_env=False).json()
+        assert one["fingerprint"] == card["fingerprint"]
+        reply = httpx.post(f"{url}/decompose", json={"problem": "Tom has 3 apples."}, timeout=120, trust_env=False)
+        assert reply.status_code == 200 and reply.json()["model"] == "student", reply.text
+        return decomposer_identity(url, [], ServeOptions())
+
+    url = start_decomposer(cfg)
+    try:
+        replica = _replicas(cfg.app_name)
+        first = seen(url, a)
+        assert swap_decomposer(cfg, b, "student") == "student"
+        swapped = seen(url, b)
+        assert _replicas(cfg.app_name) == replica and len(replica) == 1  # loaded in place: no new replica
+    finally:
+        stop_decomposer(cfg)
+    url2 = start_decomposer(cfg)  # a restart on the first checkpoint
+    try:
+        restarted = seen(url2, a)
+    finally:
+        stop_decomposer(cfg)
+    assert url2 == url
+    assert first["served"] == {"id": "student", "fingerprint": model_fingerprint(a)}
+    assert first != swapped and first == restarted  # another checkpoint: new records; a restart keeps them
 
 
 class _Models(ThreadedServer):

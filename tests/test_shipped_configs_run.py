@@ -88,6 +88,12 @@ def _divide_or_conquer(out: Path, summaries: list[dict]) -> None:
 def test_shipped_config_runs_end_to_end_then_resumes_by_skipping(ray_session, teacher, path, tmp_path, monkeypatch,
                                                                capsys):
     monkeypatch.setenv("SUBQ_TEST_KEY", "sk-test-secret-123456")
+    import subq.serve.decomposer as served
+
+    calls: list[str] = []  # replica starts and in-place swaps of the students' decomposer
+    for name in ("start_decomposer", "swap_decomposer"):
+        real = getattr(served, name)
+        monkeypatch.setattr(served, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     out = tmp_path / "run"
     sets = [a for s in overrides(path, teacher.base_url, out) for a in ("--set", s)]
     code = main(["pipeline", "--config", path.stem, "--no-progress", *sets])
@@ -108,6 +114,8 @@ def test_shipped_config_runs_end_to_end_then_resumes_by_skipping(ray_session, te
     assert saved["train"]["defaults"]["init"] == TINY
     if path.stem == "divide-or-conquer":
         _divide_or_conquer(out, runs)
+    if path.stem == "quickstart":  # three students, one replica: each next one is loaded into it
+        assert calls == ["start_decomposer", "swap_decomposer", "swap_decomposer"], calls
     calls = teacher.stats()["requests"]
 
     # a second run finds every output: nothing trained, served or collected, no call, the same figures
