@@ -1,6 +1,7 @@
-"""Iterated distillation (`subq pipeline --rounds 2`) on the test teacher and tiny models: round 2's rows
-are the round-1 student's (its fingerprint, round 2), round 2 trains from round 1's student on them,
-both rounds are reported, and a kill -9 inside round 2's collection resumes without paying twice."""
+"""Iterated distillation (`subq pipeline --rounds 2`) on the test teacher and tiny models: the shipped rounds
+config runs end to end (round 2's rows are the round-1 student's, with its fingerprint; round 2 trains from
+round 1's student; both rounds are evaluated and reported), and a kill -9 inside round 2's collection resumes
+without paying twice."""
 
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ def _config(tmp_path: Path, url: str, **extra) -> Path:
     return path
 
 
-def _pipeline(path: Path) -> subprocess.Popen:
+def _pipeline(argv: list[str]) -> subprocess.Popen:
+    """``subq ARGV`` as a user runs it: its own process (and Ray), in a session of its own to kill."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_TEST_KEY": "sk-test-secret-123456",
            "SUBQ_LEASE_TTL_S": "6", "SUBQ_LEASE_RENEW_S": "1"}
-    return subprocess.Popen([sys.executable, "-m", "subq.cli", "pipeline", "--config", str(path), "--no-progress"],
-                            cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "subq.cli", *argv], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_mixes_select_the_rounds_they_name():
@@ -83,7 +84,18 @@ def test_bad_rounds_settings_fail_naming_the_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rounds_then_a_kill_in_round_two_collection_resumes_without_paying_twice(tmp_path):
+def test_the_rounds_config_killed_in_round_two_collection_resumes_without_paying_twice_then_skips(
+        ray_session, tmp_path, monkeypatch, capsys):
+    """configs/gsm8k-rounds-openai.yaml end to end with the shipped-config test's overrides (its run for this config
+    is this one), two rounds, and a kill -9 of the whole process tree inside round 2's collection: the resumed run
+    pays nothing committed before the kill, finishes both rounds' training, evaluation and figures, and a third
+    run finds every output and calls nobody. Collection's teacher and the evaluation's solver are two servers, so
+    every answer and judgement the teacher billed is collection's."""
+    from subq.cli import main
+    from tests.test_shipped_configs_run import TINY as SHIPPED_TINY
+    from tests.test_shipped_configs_run import overrides
+
+    path = ROOT / "configs" / "gsm8k-rounds-openai.yaml"
     run = tmp_path / "run"
     round1_student = run / "train" / "bc" / "final" / "subq_checkpoint.json"
     gate = threading.Event()
@@ -96,57 +108,85 @@ def test_two_rounds_then_a_kill_in_round_two_collection_resumes_without_paying_t
             time.sleep(ANSWER_HOLD_S)
         return default_answer(problem)
 
-    with TeacherServer(latency_s=0.05, model="test-teacher", answer_fn=gold) as srv:
-        # collection and training only: what a kill in collection can break (the evaluation's per-round figures
-        # are test_round_figures_...'s)
-        path = _config(tmp_path, srv.base_url, stages=["collect", "train", "report"])
+    with (TeacherServer(latency_s=0.05, model="test-teacher", answer_fn=gold) as srv,
+          TeacherServer(model="test-solver") as solver):
+        sets = [*overrides(path, srv.base_url, run),
+                # 2 problems x 2 samples a round: the kill can land between round 2's committed answers
+                "collect.problems=gsm8k:train[:2]", "collect.samples_per_problem=2", "rounds_samples_per_problem=2",
+                f"eval.solvers=[\"test-solver@{solver.base_url}\"]"]
+        argv = ["pipeline", "--config", str(path), "--no-progress", *(a for s in sets for a in ("--set", s))]
         gate.set()
-        proc = _pipeline(path)
+        proc = _pipeline(argv)
         first = _wait_for(proc, lambda: _round2(run, "journal_answer"))  # a round-2 answer is committed
         kill_tree(proc)  # kill -9 of the whole process tree, mid round 2
         gate.clear()
         _wait_for_quiet(srv)  # the answer held at the kill, and any request the server still had, are billed too
         at_kill, killed_billed = _ledger(run), _billed(srv.stats())
+        decompositions = srv.stats()["by_stage"]["decompose"]  # round 1's, and the evaluation's teacher column
         answered, judged = _round2(run, "journal_answer") | _round2(run, "samples"), _round2(run, "samples")
         assert first and len(judged) < ROUND1_ANSWERS, "the kill missed round 2's collection"
         _wait_for_lease_lapse(run / "store")
-        again = _pipeline(path)
+        again = _pipeline(argv)
         out = again.communicate(timeout=900)[0].decode()
         (tmp_path / "resumed.log").write_text(out)  # its stage table, for a failure's post-mortem
         assert again.returncode == 0, out[-3000:]
         billed = _billed(srv.stats())
-    ledger = _ledger(run)
-    # the resumed run paid for nothing committed before the kill: no answer of an answered key, no judgement of a
-    # judged one; what the killed run paid and did not record (calls in flight, results not yet written) is all
-    # the teacher billed beyond the ledger, before the resume and after it
-    resumed = [c for c in ledger if c["run_id"] not in {c["run_id"] for c in at_kill}]
-    assert resumed and not any(c["stage"] == "decompose" for c in resumed)  # the student decomposes, free
-    assert not {k for c in resumed if c["stage"] == "answer" for k in c["sample_keys"]} & answered
-    assert not {k for c in resumed if c["stage"] == "feedback" for k in c["sample_keys"]} & judged
-    unrecorded = killed_billed - len(at_kill)
-    assert 0 <= unrecorded <= 2 * 8, (killed_billed, len(at_kill))  # at most the calls in flight (8 per stage)
-    assert billed - len(ledger) == unrecorded, "a call after the kill was paid and not recorded"
+        assert srv.stats()["by_stage"]["decompose"] == decompositions  # round 2: the student decomposes, free
+        ledger = _ledger(run)
+        # the resumed run paid for nothing committed before the kill: no answer of an answered key, no judgement
+        # of a judged one; what the killed run paid and did not record (calls in flight, results not yet written)
+        # is all the teacher billed beyond the ledger, before the resume and after it
+        resumed = [c for c in ledger if c["run_id"] not in {c["run_id"] for c in at_kill}]
+        assert resumed
+        assert not {k for c in resumed if c["stage"] == "answer" for k in c["sample_keys"]} & answered
+        assert not {k for c in resumed if c["stage"] == "feedback" for k in c["sample_keys"]} & judged
+        unrecorded = killed_billed - len(at_kill)
+        assert 0 <= unrecorded <= 2 * 8, (killed_billed, len(at_kill))  # at most the calls in flight (8 per stage)
+        assert billed - len(ledger) == unrecorded, "a call after the kill was paid and not recorded"
 
-    rows = Store(str(run / "store")).read_rows("samples")
-    assert max(Counter(r["sample_key"] for r in rows).values()) == 1
-    round2 = [r for r in rows if r["round"] == 2]
-    teacher = [r for r in rows if r["policy"] is None]
-    assert len(teacher) == ROUND1_ANSWERS and len(round2) == ROUND1_ANSWERS
-    assert {r["round"] for r in teacher} == {None}
-    # the round-1 student wrote them: its content fingerprint
-    from subq.learner.content_hash import model_fingerprint
+        rows = Store(str(run / "store")).read_rows("samples")
+        assert max(Counter(r["sample_key"] for r in rows).values()) == 1
+        round2 = [r for r in rows if r["round"] == 2]
+        teacher = [r for r in rows if r["policy"] is None]
+        assert len(teacher) == ROUND1_ANSWERS and len(round2) == ROUND1_ANSWERS
+        assert {r["round"] for r in teacher} == {None}
+        # the round-1 student wrote them: its content fingerprint
+        from subq.learner.content_hash import model_fingerprint
 
-    assert {r["policy"] for r in round2} == {model_fingerprint(str(run / "train" / "bc" / "final"))}
-    assert all(r["decompose_cost_usd"] in (0.0, None) for r in round2)
-    # round 2 trained from round 1's student, on the mix (all: the teacher's rows and the student's)
-    meta = json.loads((run / "round-2" / "train" / "bc" / "final" / "subq_checkpoint.json").read_text())
-    assert str(run / "train" / "bc" / "final") in json.dumps(meta)
-    figures = json.loads((run / "rounds" / "rounds.json").read_text())
-    assert [f["round"] for f in figures] == [1, 2]
-    assert figures[1]["decompositions"] == ROUND1_ANSWERS and figures[0]["teacher_usd"] is not None
-    assert figures[1]["teacher_tokens"] > 0  # round 2: the answers and judgements of the student's decompositions
-    assert (run / "rounds" / "rounds.png").is_file() and (run / "rounds" / "rounds.md").is_file()
-    assert "round 2: train bc" in out or "round 2: train bc" in (run / "pipeline_summary.json").read_text()
+        assert {r["policy"] for r in round2} == {model_fingerprint(str(run / "train" / "bc" / "final"))}
+        assert all(r["decompose_cost_usd"] in (0.0, None) for r in round2)
+        # every round's students, trained; round 2's from round 1's student
+        for prefix in (run, run / "round-2"):
+            for name in ("bc", "filtered-bc"):
+                assert (prefix / "train" / name / "final" / "subq_checkpoint.json").is_file(), (prefix, name)
+        meta = json.loads((run / "round-2" / "train" / "bc" / "final" / "subq_checkpoint.json").read_text())
+        assert str(run / "train" / "bc" / "final") in json.dumps(meta)
+        assert yaml.safe_load((run / "pipeline_config.yaml").read_text())["train"]["defaults"]["init"] == SHIPPED_TINY
+        figures = json.loads((run / "rounds" / "rounds.json").read_text())
+        assert [f["round"] for f in figures] == [1, 2]
+        assert figures[1]["decompositions"] == ROUND1_ANSWERS and figures[0]["teacher_usd"] is not None
+        assert figures[1]["teacher_tokens"] > 0  # round 2: the answers and judgements of the student's decompositions
+        assert all(f["accuracy"] is not None for f in figures), figures  # both rounds' students were evaluated
+        assert (run / "rounds" / "rounds.png").is_file() and (run / "rounds" / "rounds.md").is_file()
+        stages = {s["stage"]: s["status"] for s in json.loads((run / "pipeline_summary.json").read_text())}
+        assert stages.get("round 2: train bc") == "done" and stages["report"] == "done", stages
+        results = json.loads((run / "eval" / "results.json").read_text())["runs"]
+        assert results and all(r["n"] == 1 for r in results), results
+        assert (run / "eval" / "results.md").is_file() and (run / "eval" / "accuracy_vs_cost.png").is_file()
+
+        # a third run finds every output: nothing collected, trained or served, no call to either server
+        calls = (srv.stats()["requests"], solver.stats()["requests"])
+        monkeypatch.setenv("SUBQ_TEST_KEY", "sk-test-secret-123456")
+        assert main(argv) == 0, capsys.readouterr().err[-3000:]
+        stdout, err = capsys.readouterr()
+        again = {s["stage"]: s["status"] for s in json.loads((run / "pipeline_summary.json").read_text())}
+        assert {st for st, status in again.items() if status not in ("skipped", "off") and not st.endswith("report")
+                } == set(), again
+        assert (srv.stats()["requests"], solver.stats()["requests"]) == calls
+        assert json.loads((run / "eval" / "results.json").read_text())["runs"] == results
+    written = "".join(p.read_text(errors="ignore") for p in run.rglob("*")
+                      if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".md"))
+    assert "sk-test-secret-123456" not in stdout + err + out + written
 
 
 def _wait_for(proc: subprocess.Popen | None, done, timeout_s: float = 600.0):
