@@ -186,7 +186,7 @@ class Decomposer:
         self.token = token
         self.device, self.dtype = replica_device(cfg.num_gpus, cfg.dtype)
         self.admission = Admission(cfg.max_batch_size, cfg.max_queued_requests)  # routes: `async with .rows(n)`
-        self._load(cfg)
+        self.__dict__.update(self._build(cfg))
 
     async def load_model(self, model: str, served_model_name: str) -> str:
         """Serve ``model`` from now on (``swap_decomposer``, through a Serve handle): it is loaded off the
@@ -199,9 +199,6 @@ class Decomposer:
         self.__dict__.update(parts)
         old.close()
         return self.limits.served_model
-
-    def _load(self, cfg: DecomposerConfig) -> None:
-        self.__dict__.update(self._build(cfg))
 
     def _build(self, cfg: DecomposerConfig) -> dict[str, Any]:
         """What serving ``cfg.model`` needs: the model, its limits, fingerprint, metrics and engine."""

@@ -303,32 +303,33 @@ class DecomposerHost:
     """One decomposer replica for every checkpoint an evaluation serves, one checkpoint at a time: the
     first starts it, each next one is loaded into it (``serve.decomposer.swap_decomposer``), so N
     checkpoints pay one process start, import and Serve deployment instead of N (~6 s each on a CPU).
-    ``close`` deletes it."""
+    Leaving the ``with`` block deletes it."""
 
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.cfg: Any = None  # the running app's DecomposerConfig
         self.url = ""
 
-    @contextmanager
-    def serving(self, spec: str) -> Iterator[str]:
-        from subq.serve.decomposer import start_decomposer, swap_decomposer
+    def __enter__(self) -> DecomposerHost:
+        return self
 
-        if self.cfg is None:
-            cfg = _decomposer_config(spec, "eval-decomposer", self.opts)
-            self.url = start_decomposer(cfg)
-            self.cfg = cfg
-        else:
-            _decomposer_config(spec, "eval-decomposer", self.opts)  # the same checks before the swap
-            swap_decomposer(self.cfg, spec)
-        yield self.url
-
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         from subq.serve.decomposer import stop_decomposer
 
         if self.cfg is not None:
             stop_decomposer(self.cfg)
             self.cfg = None
+
+    @contextmanager
+    def serving(self, spec: str) -> Iterator[str]:
+        from subq.serve.decomposer import start_decomposer, swap_decomposer
+
+        cfg = _decomposer_config(spec, "eval-decomposer", self.opts)  # checked before a start or a swap
+        if self.cfg is None:
+            self.url, self.cfg = start_decomposer(cfg), cfg
+        else:
+            swap_decomposer(self.cfg, spec)
+        yield self.url
 
 
 @contextmanager
@@ -420,25 +421,19 @@ def evaluate_decomposers(cfg: EvalConfig, decomposers: list[str], solver_specs: 
                                    teacher_endpoint=teacher, identity=identity, plans_stored=plans_stored,
                                    host=host)
 
-        host = DecomposerHost(serve_opts)  # one replica, each checkpoint loaded into it in turn
-        try:
+        # one replica, each checkpoint loaded into it in turn; deleted before any solver replica starts
+        with DecomposerHost(serve_opts) as host:
             for i, raw, identity, _, busy in todo:  # the API solvers first: this pass stores every plan
                 api = [g for g in busy if solvers[g[0]].served is None]
                 if api:
                     with decomposer(i, raw, identity, host) as spec:
                         added += sum(evaluate(cfg, spec, [solvers[j] for j in g], prices) for g in api)
-        finally:
-            host.close()  # before any solver replica: both need not fit at once
         # Then each served solver once, for every decomposer: a decomposer whose plans are stored by now
         # is not served again (one replica start per checkpoint, not one per decomposer x solver).
         for s in sorted({g[0] for *_, busy in todo for g in busy if solvers[g[0]].served is not None}):
             users = [(i, raw, identity, keys) for i, raw, identity, keys, busy in todo if [s] in busy]
-            host = DecomposerHost(serve_opts)
-            with served_solver(solvers[s], s, serve_opts) as sv:
-                try:
-                    for i, raw, identity, keys in users:
-                        with decomposer(i, raw, identity, host, plans_stored=not unplanned(cfg, [keys[s]])) as spec:
-                            added += evaluate(cfg, spec, [sv], prices)
-                finally:
-                    host.close()
+            with served_solver(solvers[s], s, serve_opts) as sv, DecomposerHost(serve_opts) as host:
+                for i, raw, identity, keys in users:
+                    with decomposer(i, raw, identity, host, plans_stored=not unplanned(cfg, [keys[s]])) as spec:
+                        added += evaluate(cfg, spec, [sv], prices)
     return added
