@@ -1,8 +1,8 @@
 """Collection on Ray: decompose -> answer -> feedback as one streaming Ray Data pipeline.
 
-Each stage is ``map_batches`` with a callable class (``actors.stage_worker``) over its own
-autoscaling actor pool, and the three run concurrently; every actor runs many teacher calls at
-once (async UDF, several batches in flight per actor) and stores each finished call at once:
+One ``map_batches`` with a callable class (``actors.stage_worker``) over an autoscaling actor pool
+runs each batch through the stages in order; every actor runs many teacher calls at once (async
+UDF, several batches in flight per actor) and stores each finished call at once:
 ``journal_decompose`` and ``journal_answer`` for the intermediate stages, ``samples`` for the
 last, and the ``calls`` ledger. Resume is therefore exact: the plan (``actors.collect_plan``)
 sends each key to the stage where it stopped, so a re-run after a kill finishes the work without
@@ -146,8 +146,8 @@ def batched_dataset(rows: list[dict] | pa.Table, batch_size: int):
 
 def run_pipeline(stages: list[str], inputs: list[dict], cfg: CollectConfig, settings: StageSettings,
                  governor: Any, bar: Any) -> None:
-    """One streaming Ray Data pipeline over ``stages``: every stage has its own actor pool and
-    all stages run at once (a batch is answered while the next one is still being decomposed)."""
+    """One streaming Ray Data pipeline over ``stages``: one autoscaling actor pool runs each batch
+    through all of them (``actors.stage_worker``), many batches per actor at once."""
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.debug import log_once
 
@@ -157,22 +157,21 @@ def run_pipeline(stages: list[str], inputs: list[dict], cfg: CollectConfig, sett
     n_blocks = -(-len(inputs) // cfg.batch_size)
     DataContext.get_current().enable_progress_bars = False  # our bar says more (failed, $)
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
-    for stage in stages:
-        ds = ds.map_batches(
-            StageWorker,
-            fn_constructor_kwargs=dict(stage=stage, teacher=cfg.teacher, settings=settings,
-                                       prices=cfg.prices, governor=governor, store_root=cfg.store,
-                                       lease_holder=held_holder(Store(cfg.store)), decomposer=cfg.decomposer),
-            batch_size=None,  # one block = one batch
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(
-                min_size=cfg.min_actors,
-                max_size=max(cfg.min_actors, min(cfg.max_actors, n_blocks)),
-                max_concurrent_calls_per_actor=cfg.batches_in_flight_per_actor,
-            ),
-            num_cpus=cfg.actor_num_cpus,
-            **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
-        )
+    ds = ds.map_batches(
+        StageWorker,
+        fn_constructor_kwargs=dict(stages=stages, teacher=cfg.teacher, settings=settings,
+                                   prices=cfg.prices, governor=governor, store_root=cfg.store,
+                                   lease_holder=held_holder(Store(cfg.store)), decomposer=cfg.decomposer),
+        batch_size=None,  # one block = one batch
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(
+            min_size=cfg.min_actors,
+            max_size=max(cfg.min_actors, min(cfg.max_actors, n_blocks)),
+            max_concurrent_calls_per_actor=cfg.batches_in_flight_per_actor,
+        ),
+        num_cpus=cfg.actor_num_cpus,
+        **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
+    )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         bar.add(batch)
 

@@ -1,11 +1,17 @@
-"""The Ray Data callable class that runs one collection stage over a batch of rows.
+"""The Ray Data callable class that runs a batch of rows through collection's remaining stages.
 
-All calls of a batch run concurrently. Every finished call is stored at once, not when its
+One actor pool runs every stage (decompose -> answer -> feedback, or the part a resumed row still
+needs): a batch goes through them in order inside one actor, and each actor holds many batches at
+once, so a batch is answered while others are still being decomposed. One pool rather than one per
+stage starts a third as many actors (each ~2 CPU-seconds of start-up and imports) and needs no
+hand-off of rows between pools.
+
+All calls of a batch's stage run concurrently. Every finished call is stored at once, not when its
 batch is done: its rows go to the stage's output table and the call to the ``calls`` ledger in
 one flush. Flushes never wait for company -- calls that finish while a flush is being written
 go together in the next one -- so a kill -9 at any moment loses only the calls still in flight
 (and those finishing during the last few milliseconds' write), never a slow batch's finished
-calls. A batch Ray retries (its actor died) is answered from the store, not re-paid.
+calls. A batch Ray retries (its actor died) is answered from the store stage by stage, not re-paid.
 """
 
 from __future__ import annotations
@@ -47,25 +53,29 @@ def ledger_rows(stage: str, item: Row, rows: list[Row], calls: list[CallResult],
 
 
 class StageWorker:
-    def __init__(self, stage: str, teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
+    def __init__(self, stages: list[str], teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
                  governor: Any, store_root: str, lease_holder: str | None = None,
                  decomposer: StudentEndpoint | None = None):
-        self.stage, self.teacher_cfg, self.settings = stage, teacher, settings
+        unknown = [s for s in stages if s not in STAGE_OUTPUT]
+        if unknown or not stages:
+            raise ValueError(f"stages must be some of {list(STAGE_OUTPUT)}, got {stages}")
+        self.stages, self.teacher_cfg, self.settings = list(stages), teacher, settings
         # a student decomposes (free, outside the teacher's governor); the teacher still answers and judges
-        self.student = decomposer if stage == "decompose" and settings.policy is not None else None
+        self.student = decomposer if settings.policy is not None else None
         self.prices, self.governor = prices, governor
         self.store = Store(store_root, holder=lease_holder)  # each commit checks the driver's lease
-        self.table = STAGE_OUTPUT[stage]
-        self._client: TeacherClient | StudentClient | None = None
-        self._pending: tuple[list[Row], list[Row]] = ([], [])  # rows, ledger rows not yet written
+        self._teacher: TeacherClient | None = None
+        self._student: StudentClient | None = None
+        self._pending: tuple[dict[str, list[Row]], list[Row]] = ({}, [])  # rows by table, ledger rows not written
         self._flush_lock: asyncio.Lock | None = None
 
-    def _stored(self, rows: list[Row]) -> tuple[list[Row], pa.Table | None]:
-        """Split a batch into rows still to do and the stored results of the others."""
-        done = self.store.attempts(self.table, fresh=True)
+    def _stored(self, stage: str, rows: list[Row]) -> tuple[list[Row], pa.Table | None]:
+        """Split a stage's input rows into those still to do and the stored results of the others."""
+        table = STAGE_OUTPUT[stage]
+        done = self.store.attempts(table, fresh=True)
         have: list[str] = []
         todo: list[Row] = []
-        if self.stage == "decompose":
+        if stage == "decompose":
             for item in rows:
                 attempts = item.get("attempts") or [0] * len(item["sample_indices"])
                 missing = [(i, k, a) for i, k, a in zip(item["sample_indices"], item["sample_keys"], attempts,
@@ -78,43 +88,49 @@ class StageWorker:
             for r in rows:
                 (have.append(r["sample_key"]) if done.get(r["sample_key"], -1) >= (r.get("attempt") or 0)
                  else todo.append(r))
-        return todo, (self.store.filter_keys(self.table, have) if have else None)
+        return todo, (self.store.filter_keys(table, have) if have else None)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        if self._client is None:  # created inside the actor's event loop
-            self._client = (StudentClient(self.student) if self.student is not None
-                            else TeacherClient(self.teacher_cfg, self.prices, governor=self.governor))
+        if self._flush_lock is None:  # clients are created inside the actor's event loop
+            self._teacher = TeacherClient(self.teacher_cfg, self.prices, governor=self.governor)
+            self._student = StudentClient(self.student) if self.student is not None else None
             self._flush_lock = asyncio.Lock()
-        todo, stored = self._stored(batch.to_pylist())
-        results = await asyncio.gather(*(self._run(row) for row in todo), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:  # a fatal account error (or a bug): every finished call is stored; stop
-            raise errors[0]
-        rows = [row for out in results for row in out]
-        table = to_table(rows, SAMPLES_SCHEMA)
-        return table if stored is None else pa.concat_tables([stored.cast(SAMPLES_SCHEMA), table])
+        table = batch
+        for stage in self.stages:  # each stage's rows as the next one reads them: through the schema
+            todo, stored = self._stored(stage, table.to_pylist())
+            results = await asyncio.gather(*(self._run(stage, row) for row in todo), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:  # a fatal account error (or a bug): every finished call is stored; stop
+                raise errors[0]
+            table = to_table([row for out in results for row in out], SAMPLES_SCHEMA)
+            if stored is not None:
+                table = pa.concat_tables([stored.cast(SAMPLES_SCHEMA), table])
+        return table
 
-    async def _run(self, item: Row) -> list[Row]:
-        rows, calls = await STAGE_FNS[self.stage](self._client, item, self.settings)
+    async def _run(self, stage: str, item: Row) -> list[Row]:
+        by_student = stage == "decompose" and self._student is not None
+        client = self._student if by_student else self._teacher
+        rows, calls = await STAGE_FNS[stage](client, item, self.settings)
         for r in rows:  # the run that wrote this row (earlier stages may have been another run's)
             r["run_id"] = self.settings.run_id
-        ledger = [] if self.student is not None else ledger_rows(self.stage, item, rows, calls, self.settings)
-        await self._store(rows, ledger)  # the student's calls bill nobody: not in the ledger
+        ledger = [] if by_student else ledger_rows(stage, item, rows, calls, self.settings)
+        await self._store(STAGE_OUTPUT[stage], rows, ledger)  # the student's calls bill nobody: not in the ledger
         return rows
 
-    async def _store(self, rows: list[Row], ledger: list[Row]) -> None:
+    async def _store(self, table: str, rows: list[Row], ledger: list[Row]) -> None:
         """Durable before it returns: written by this flush, or by the one that was running."""
-        self._pending[0].extend(rows)
+        self._pending[0].setdefault(table, []).extend(rows)
         self._pending[1].extend(ledger)
         assert self._flush_lock is not None
         async with self._flush_lock:
-            if not (self._pending[0] or self._pending[1]):
+            if not (any(self._pending[0].values()) or self._pending[1]):
                 return  # the previous flush took ours along
-            pending, self._pending = self._pending, ([], [])
+            pending, self._pending = self._pending, ({}, [])
             await asyncio.to_thread(self._write, *pending)
 
-    def _write(self, rows: list[Row], ledger: list[Row]) -> None:
+    def _write(self, rows: dict[str, list[Row]], ledger: list[Row]) -> None:
         if ledger:  # the money first: a kill between the two never hides a paid call
             self.store.append("calls", ledger, fresh=False)
-        if rows:
-            self.store.append(self.table, to_table(rows, SAMPLES_SCHEMA), fresh=False)
+        for table, table_rows in rows.items():
+            if table_rows:
+                self.store.append(table, to_table(table_rows, SAMPLES_SCHEMA), fresh=False)
