@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default, so each tiny run waits up to 2 s to
 # learn that it started and again that it finished; the suite runs dozens (it changes no behaviour).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# ...and starts an actor per fit that watches for the node being drained (spot reclaims): no node here is
+# ever drained, and the actor's start-up is ~1.5 CPU-seconds of each of the suite's ~40 fits.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Under pytest-xdist (README: `pytest -n 2`) each worker runs on cores of its own, and so do the Ray
 # instances and subprocesses it starts (they inherit the mask): the two halves of the suite do not

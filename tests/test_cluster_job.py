@@ -433,7 +433,8 @@ def test_the_pipeline_runs_as_a_job_on_two_nodes_sharing_only_a_bucket(
                 "run/eval/results.json", "run/eval/fidelity.json", "run/eval/accuracy_vs_cost.png"):
         assert key in objects, (key, sorted(objects))
     runs = json.loads(objects["run/eval/results.json"])["runs"]
-    assert {r["decomposer"] for r in runs} == {"bc", "teacher (test-teacher)"}, runs
+    assert {r["decomposer"] for r in runs} == {"bc", "teacher (test-teacher)"}, runs  # the student named after its run
+    assert any(k.startswith("run/eval/records/") for k in objects)  # each batch of records an object
     assert "bc" in json.loads(objects["run/eval/fidelity.json"])  # the driver read the student from the bucket
     print(f"\n2-node job wall {wall:.1f} s; stages {[(x['stage'], round(x['wall_s'], 1)) for x in stages]}; "
           f"objects written per stage: {writes_per_stage(requests, bucket)}; left: {objects_per_stage(list(objects))}")

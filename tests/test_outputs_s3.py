@@ -1,7 +1,9 @@
-"""Every output of a run in an S3 bucket (moto's server): store, training run, evaluation records and report.
+"""Outputs in an S3 bucket (moto's server): URI errors, evaluation records and reports as objects, a pipeline's
+plan at a URI, and a training run killed and resumed from the bucket alone.
 
-The commands run as separate processes from an empty working directory (each starts its own local Ray,
-which inherits the fixture's ``AWS_*`` environment), as a user on a cluster without a shared disk would.
+The training commands run as separate processes from an empty working directory (each starts its own local
+Ray, which inherits the fixture's ``AWS_*`` environment), as a user on a cluster without a shared disk would.
+A whole pipeline (collect, train, serve + eval, report) in a bucket runs in tests/test_cluster_job.py.
 """
 
 from __future__ import annotations
@@ -16,14 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port
 from tests.processes import kill_tree
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
-from tests.teacher_server import TeacherServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny-random:llama?layers=1&hidden=32&seed=0"
-API_KEY = "sk-s3-outputs-secret-0123456789"
 
 
 def _objects(s3, bucket: str) -> dict[str, bytes]:
@@ -73,63 +72,52 @@ def test_uri_errors_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_collect_train_eval_report_all_in_a_bucket_and_resume_from_it(s3, tmp_path):
+def test_a_training_run_in_a_bucket_killed_resumes_from_it_on_another_machine(s3, tmp_path):
+    """`subq train --store s3://... --out s3://...` killed with SIGKILL once a checkpoint is in the bucket, then run
+    again with another local cache (another machine: only the bucket is shared): it resumes from the bucket's
+    checkpoint and leaves its final model, config and data manifest there, nothing in the working directory.
+    Collection into a bucket store and an evaluation serving a student from a bucket, with its records and report
+    in it, run in tests/test_cluster_job.py's pipeline on two nodes (the same code as `subq collect` / `subq eval`)."""
+    from subq.data_store.store import Store
+
+    from tests.test_train_loop import sample_rows
+
     bucket = s3.bucket()
-    store, out, evals = f"s3://{bucket}/store", f"s3://{bucket}/runs/bc", f"s3://{bucket}/eval"
+    store, out = f"s3://{bucket}/store", f"s3://{bucket}/runs/bc"
+    Store(store).append("samples", sample_rows(problems=8, per_problem=1))  # this process has the bucket's env
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_TEST_KEY": API_KEY,
-           "SUBQ_CACHE_DIR": str(tmp_path / "cache-a")}
-    counts: dict[str, int] = {}
-    with TeacherServer(model="test-teacher") as srv:
-        done = _run(["collect", "--problems", "gsm8k:train[:8]", "--samples-per-problem", "1",
-                     "--feedback-samples", "1", "--store", store, "--teacher-base-url", srv.base_url,
-                     "--teacher-model", "test-teacher", "--api-key-env", "SUBQ_TEST_KEY", "--no-progress"], cwd, env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        counts["collect (store/)"] = len(_keys(s3, bucket, "store/"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_CACHE_DIR": str(tmp_path / "cache-a")}
+    train = ["train", "--algo", "bc", "--init", TINY, "--store", store, "--out", out, "--num-workers", "2",
+             "--batch-size", "1", "--max-steps", "6", "--checkpoint-every", "1", "--report-every", "1",
+             "--val-fraction", "0", "--max-length", "256", "--epochs", "2", "--no-progress", "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "subq.cli", *train], cwd=cwd, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 540
+    while not _registered_checkpoint(s3, bucket):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+        time.sleep(0.5)
+    kill_tree(proc)  # kill -9 the driver, its Ray and the workers
+    assert not _keys(s3, bucket, "runs/bc/final/"), "the run finished before it was killed"
+    before = _steps(s3, bucket, "runs/bc/metrics.jsonl")
 
-        train = ["train", "--algo", "bc", "--init", TINY, "--store", store, "--out", out, "--num-workers", "2",
-                 "--batch-size", "1", "--max-steps", "6", "--checkpoint-every", "1", "--report-every", "1",
-                 "--val-fraction", "0", "--max-length", "1024", "--epochs", "2", "--no-progress", "--json"]
-        proc = subprocess.Popen([sys.executable, "-m", "subq.cli", *train], cwd=cwd, env=env,
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 540
-        while not _registered_checkpoint(s3, bucket):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
-            time.sleep(0.5)
-        kill_tree(proc)  # kill -9 the driver, its Ray and the workers
-        assert not _keys(s3, bucket, "runs/bc/final/"), "the run finished before it was killed"
-        before = _steps(s3, bucket, "runs/bc/metrics.jsonl")
-
-        env["SUBQ_CACHE_DIR"] = str(tmp_path / "cache-b")  # another machine: only the bucket is shared
-        done = _run(train, cwd, env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        steps = _steps(s3, bucket, "runs/bc/metrics.jsonl")
-        summary = json.loads(done.stdout[done.stdout.index("{"):])
-        assert steps[:len(before)] == before and steps[-1] == summary["step"] == summary["planned_steps"], (
-            steps, summary, _keys(s3, bucket, "runs/bc/"))
-        assert steps[len(before)] > 1, f"the second run restarted instead of resuming: {steps}"
-        counts["train (runs/bc/)"] = len(_keys(s3, bucket, "runs/bc/"))
-
-        done = _run(["eval", "--decomposer", f"{out}/final", "--decomposer", "teacher", "--solver",
-                     f"test-teacher@{srv.base_url}", "--api-key-env", "SUBQ_TEST_KEY", "--benchmark", "gsm8k:test[:2]",
-                     "--out", evals, "--num-gpus", "0", "--decompose-max-tokens", "16", "--no-progress",
-                     "--local-port", str(free_port())], cwd, env)  # not 8011: other Serve apps may hold it
-        assert done.returncode == 0, done.stderr[-3000:]
-        counts["eval (eval/)"] = len(_keys(s3, bucket, "eval/"))
+    env["SUBQ_CACHE_DIR"] = str(tmp_path / "cache-b")  # another machine: only the bucket is shared
+    done = _run(train, cwd, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = _steps(s3, bucket, "runs/bc/metrics.jsonl")
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert steps[:len(before)] == before and steps[-1] == summary["step"] == summary["planned_steps"], (
+        steps, summary, _keys(s3, bucket, "runs/bc/"))
+    assert steps[len(before)] > 1, f"the second run restarted instead of resuming: {steps}"
 
     objects = _objects(s3, bucket)
-    print("objects per stage:", counts, Counter(k.split("/")[0] for k in objects))
+    print("objects:", Counter("/".join(k.split("/")[:2]) for k in objects))
     for key in ("runs/bc/final/config.json", "runs/bc/final/README.md", "runs/bc/final/subq_checkpoint.json",
-                "runs/bc/train_config.json", "runs/bc/data/manifest.json", "eval/results.json", "eval/results.md",
-                "eval/accuracy_vs_cost.png"):
+                "runs/bc/train_config.json", "runs/bc/data/manifest.json"):
         assert key in objects, (key, sorted(objects))
     assert not any(k.startswith("runs/bc/ray/") for k in objects)  # keep_checkpoints off: only final/ stays
-    runs = json.loads(objects["eval/results.json"])["runs"]
-    assert {r["decomposer"] for r in runs} == {"bc", "teacher (test-teacher)"}, runs  # the student is named after its run
-    assert any(k.startswith("eval/records/") for k in objects)
-    for secret in (SECRET_KEY, ACCESS_KEY, API_KEY):
+    for secret in (SECRET_KEY, ACCESS_KEY):
         assert not [k for k, v in objects.items() if secret.encode() in v], f"{secret} reached the bucket"
     assert list(cwd.iterdir()) == [], "something was written to the working directory"
 
