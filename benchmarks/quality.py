@@ -14,7 +14,8 @@ teacher    samples     ``--samples-store STORE`` (collected with ``subq collect`
 measures   nll_human   per-token NLL of the human sub-questions (exactly their text tokens, no generation)
            nll_chatgpt per-token NLL of ChatGPT's sub-questions (GSM8K-AI-SubQ)
            generated   one greedy decomposition per problem from the served decomposer
-                       (``serve.decomposer``, Ray Serve, ``POST /decompose``): ROUGE-L and |count - human|
+                       (``serve.decomposer``, Ray Serve, ``POST /decompose``; one replica, each student
+                       swapped in): ROUGE-L and |count - human|
                        against the human ones, parse rate, share that stopped by themselves
            ilql        AUC of its values ranking correct above incorrect held-out ChatGPT decompositions,
                        and beta 0 / 1 / 4 at decoding
@@ -216,25 +217,18 @@ async def _decompose_all(url: str, problems: list[dict], beta: float | None, max
         return await asyncio.gather(*(one(p) for p in problems))
 
 
-def generated(cfg: QualityConfig, spec: str, problems: list[dict], betas: list[float | None]) -> dict[str, Any]:
-    """Serve ``spec`` on Ray Serve, decompose every problem once per beta, measure against the humans."""
+def generated(cfg: QualityConfig, url: str, problems: list[dict], betas: list[float | None]) -> dict[str, Any]:
+    """Decompose every problem once per beta with the decomposer served at ``url``, measure against the humans."""
     from subq.evaluation.fidelity import generation_measures
-    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer
 
-    dcfg = DecomposerConfig(model=spec, port=cfg.port, max_new_tokens=cfg.max_new_tokens, max_batch_size=8,
-                            num_gpus=1.0 if cfg.use_gpu else 0.0, app_name="subq-quality")
-    url = start_decomposer(dcfg)
     out = {}
-    try:
-        for beta in betas:
-            start = time.perf_counter()
-            outputs = asyncio.run(_decompose_all(url, problems, beta, cfg.max_new_tokens))
-            m = generation_measures(outputs, [p["reference_subquestions"] for p in problems])
-            m["wall_s"] = time.perf_counter() - start
-            m["examples"] = [o["subquestions"] for o in outputs[:2]]
-            out["default" if beta is None else f"beta={beta:g}"] = m
-    finally:
-        stop_decomposer(dcfg)
+    for beta in betas:
+        start = time.perf_counter()
+        outputs = asyncio.run(_decompose_all(url, problems, beta, cfg.max_new_tokens))
+        m = generation_measures(outputs, [p["reference_subquestions"] for p in problems])
+        m["wall_s"] = time.perf_counter() - start
+        m["examples"] = [o["subquestions"] for o in outputs[:2]]
+        out["default" if beta is None else f"beta={beta:g}"] = m
     return out
 
 
@@ -317,11 +311,22 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
     curve_set = problems[:min(cfg.curve_problems, cfg.heldout)]
     base = teacher_forced(cfg, cfg.model, "student", curve_set, values=False)["nll_human"]
     students["bc"]["curve"] = [(0, base), *students["bc"]["curve"]]  # the initial model, student format
-    for name, s in students.items():
-        s.update(teacher_forced(cfg, s["spec"], s["fmt"], problems))
-        s["generated"] = generated(cfg, s["spec"], gen, list(cfg.betas) if name == "ilql" else [0.0])
-        if name in runs or name == "ilql":
-            s["train_wall_s"] = runs["ilql-sparse" if name == "ilql" else name]["wall_s"]
+    # one decomposer replica on Ray Serve: the first student is started in it, each next one swapped in
+    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer, swap_decomposer
+
+    dcfg = DecomposerConfig(model=students["zero-shot"]["spec"], port=cfg.port, max_new_tokens=cfg.max_new_tokens,
+                            max_batch_size=8, num_gpus=1.0 if cfg.use_gpu else 0.0, app_name="subq-quality")
+    url = start_decomposer(dcfg)
+    try:
+        for i, (name, s) in enumerate(students.items()):
+            s.update(teacher_forced(cfg, s["spec"], s["fmt"], problems))
+            if i:
+                swap_decomposer(dcfg, s["spec"])
+            s["generated"] = generated(cfg, url, gen, list(cfg.betas) if name == "ilql" else [0.0])
+            if name in runs or name == "ilql":
+                s["train_wall_s"] = runs["ilql-sparse" if name == "ilql" else name]["wall_s"]
+    finally:
+        stop_decomposer(dcfg)
     result = {"commit": _commit(), "settings": asdict(cfg), "heldout": f"gsm8k:test[:{cfg.heldout}]",
               "students": students, "wall_s": time.perf_counter() - t0}
     (out / "quality.json").write_text(json.dumps(result, indent=2, default=str))
