@@ -29,7 +29,7 @@ from subq.actors.collect_plan import plan_keys as _plan_keys
 from subq.actors.collect_plan import plan_work
 from subq.actors.governor import REFUSED_BUDGET, REFUSED_OUTAGE, Governor, GovernorConfig
 from subq.actors.prices import PriceTable
-from subq.actors.stage_worker import STAGE_OUTPUT, StageWorker
+from subq.actors.stage_worker import STAGE_OUTPUT, START, StageWorker
 from subq.actors.stages import StageSettings
 from subq.actors.student import StudentEndpoint
 from subq.actors.teacher import TeacherConfig, TeacherFatalError
@@ -144,22 +144,25 @@ def batched_dataset(rows: list[dict] | pa.Table, batch_size: int):
     return ray.data.from_items(items, override_num_blocks=-(-len(items) // batch_size))
 
 
-def run_pipeline(stages: list[str], inputs: list[dict], cfg: CollectConfig, settings: StageSettings,
+def run_pipeline(entries: list[tuple[str, list[dict]]], cfg: CollectConfig, settings: StageSettings,
                  governor: Any, bar: Any) -> None:
-    """One streaming Ray Data pipeline over ``stages``: one autoscaling actor pool runs each batch
-    through all of them (``actors.stage_worker``), many batches per actor at once."""
+    """One streaming Ray Data pipeline over every ``(stage, rows)`` entry: the rows enter at that stage
+    (a resumed run's work is at several), and one autoscaling actor pool takes each batch through it and
+    the stages after it (``actors.stage_worker``), many batches per actor at once."""
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.debug import log_once
 
-    ds = batched_dataset(inputs, cfg.batch_size)
-    if ds is None:
+    parts = [batched_dataset([{**row, START: stage} for row in rows], cfg.batch_size) for stage, rows in entries
+             if rows]
+    if not parts:
         return
-    n_blocks = -(-len(inputs) // cfg.batch_size)
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    n_blocks = sum(-(-len(rows) // cfg.batch_size) for _, rows in entries)
     DataContext.get_current().enable_progress_bars = False  # our bar says more (failed, $)
     log_once("ray_data_progress_manager_disabled")  # ...so Ray's "bars disabled" warning is noise
     ds = ds.map_batches(
         StageWorker,
-        fn_constructor_kwargs=dict(stages=stages, teacher=cfg.teacher, settings=settings,
+        fn_constructor_kwargs=dict(teacher=cfg.teacher, settings=settings,
                                    prices=cfg.prices, governor=governor, store_root=cfg.store,
                                    lease_holder=held_holder(Store(cfg.store)), decomposer=cfg.decomposer),
         batch_size=None,  # one block = one batch
@@ -265,9 +268,8 @@ def run_collect(cfg: CollectConfig, problems: list[dict] | None = None) -> Colle
         progress = _Progress(todo["feedback"], cfg.progress)
         start = time.perf_counter()
         try:
-            for stages, inputs in ((["feedback"], plan.feedback), (["answer", "feedback"], plan.answer),
-                                   (["decompose", "answer", "feedback"], plan.decompose)):
-                run_pipeline(stages, inputs, cfg, settings, governor, progress)
+            run_pipeline([("feedback", plan.feedback), ("answer", plan.answer), ("decompose", plan.decompose)],
+                         cfg, settings, governor, progress)
         except Exception:
             fatal = ray.get(governor.snapshot.remote())["fatal"]
             if fatal:  # the actor's exception, without Ray's wrapping and traceback

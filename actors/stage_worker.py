@@ -29,7 +29,8 @@ from subq.actors.teacher import CallResult, TeacherClient, TeacherConfig
 from subq.data_store.schema import SAMPLES_SCHEMA, to_table
 from subq.data_store.store import Store
 
-STAGE_OUTPUT = {"decompose": "journal_decompose", "answer": "journal_answer", "feedback": "samples"}
+STAGE_OUTPUT = {"decompose": "journal_decompose", "answer": "journal_answer", "feedback": "samples"}  # in order
+START = "start_stage"  # the input column naming the stage a batch enters at (the rest follow in order)
 STAGE_FNS = {"decompose": decompose, "answer": answer, "feedback": feedback}
 Row = dict[str, Any]
 
@@ -52,14 +53,19 @@ def ledger_rows(stage: str, item: Row, rows: list[Row], calls: list[CallResult],
     } for i, c in enumerate(calls) if c.ok or c.charged_usd > 0]
 
 
+def stages_from(start: str) -> list[str]:
+    """``start`` and the stages after it."""
+    order = list(STAGE_OUTPUT)
+    if start not in order:
+        raise ValueError(f"a collection stage is one of {order}, got {start!r}")
+    return order[order.index(start):]
+
+
 class StageWorker:
-    def __init__(self, stages: list[str], teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
+    def __init__(self, teacher: TeacherConfig, settings: StageSettings, prices: PriceTable,
                  governor: Any, store_root: str, lease_holder: str | None = None,
                  decomposer: StudentEndpoint | None = None):
-        unknown = [s for s in stages if s not in STAGE_OUTPUT]
-        if unknown or not stages:
-            raise ValueError(f"stages must be some of {list(STAGE_OUTPUT)}, got {stages}")
-        self.stages, self.teacher_cfg, self.settings = list(stages), teacher, settings
+        self.teacher_cfg, self.settings = teacher, settings
         # a student decomposes (free, outside the teacher's governor); the teacher still answers and judges
         self.student = decomposer if settings.policy is not None else None
         self.prices, self.governor = prices, governor
@@ -95,8 +101,11 @@ class StageWorker:
             self._teacher = TeacherClient(self.teacher_cfg, self.prices, governor=self.governor)
             self._student = StudentClient(self.student) if self.student is not None else None
             self._flush_lock = asyncio.Lock()
-        table = batch
-        for stage in self.stages:  # each stage's rows as the next one reads them: through the schema
+        # every row of a batch enters at the same stage (its column); each stage's rows reach the next one as
+        # they would be read back from the store: through the schema
+        stages = stages_from(batch.column(START)[0].as_py())
+        table = batch.drop_columns([START])
+        for stage in stages:
             todo, stored = self._stored(stage, table.to_pylist())
             results = await asyncio.gather(*(self._run(stage, row) for row in todo), return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
