@@ -189,7 +189,7 @@ def test_killed_eval_resumes_without_paying_twice(tmp_path):
 def test_embedded_model_as_decomposer_and_solver_end_to_end(ray_session, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["eval", "--decomposer", "embedded:smollm2-135m-instruct", "--decomposer", "none", "--solver", "local",
-            "--benchmark", "gsm8k:test[:2]", "--out", str(out), "--solve-max-tokens", "64", "--no-progress"]
+            "--benchmark", "gsm8k:test[:2]", "--out", str(out), "--solve-max-tokens", "32", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "smollm2-135m-instruct" in printed and "none (CoT)" in printed
