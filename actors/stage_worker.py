@@ -26,10 +26,10 @@ from subq.actors.prices import PriceTable
 from subq.actors.stages import StageSettings, answer, decompose, feedback
 from subq.actors.student import StudentClient, StudentEndpoint
 from subq.actors.teacher import CallResult, TeacherClient, TeacherConfig
-from subq.data_store.schema import SAMPLES_SCHEMA, to_table
+from subq.data_store.schema import SAMPLES_SCHEMA, STAGES, to_table
 from subq.data_store.store import Store
 
-STAGE_OUTPUT = {"decompose": "journal_decompose", "answer": "journal_answer", "feedback": "samples"}  # in order
+STAGE_OUTPUT = {"decompose": "journal_decompose", "answer": "journal_answer", "feedback": "samples"}
 START = "start_stage"  # the input column naming the stage a batch enters at (the rest follow in order)
 STAGE_FNS = {"decompose": decompose, "answer": answer, "feedback": feedback}
 Row = dict[str, Any]
@@ -53,12 +53,11 @@ def ledger_rows(stage: str, item: Row, rows: list[Row], calls: list[CallResult],
     } for i, c in enumerate(calls) if c.ok or c.charged_usd > 0]
 
 
-def stages_from(start: str) -> list[str]:
+def stages_from(start: str) -> tuple[str, ...]:
     """``start`` and the stages after it."""
-    order = list(STAGE_OUTPUT)
-    if start not in order:
-        raise ValueError(f"a collection stage is one of {order}, got {start!r}")
-    return order[order.index(start):]
+    if start not in STAGES:
+        raise ValueError(f"a collection stage is one of {STAGES}, got {start!r}")
+    return STAGES[STAGES.index(start):]
 
 
 class StageWorker:
