@@ -311,22 +311,19 @@ def run(cfg: QualityConfig) -> dict[str, Any]:
     curve_set = problems[:min(cfg.curve_problems, cfg.heldout)]
     base = teacher_forced(cfg, cfg.model, "student", curve_set, values=False)["nll_human"]
     students["bc"]["curve"] = [(0, base), *students["bc"]["curve"]]  # the initial model, student format
-    # one decomposer replica on Ray Serve: the first student is started in it, each next one swapped in
-    from subq.serve.decomposer import DecomposerConfig, start_decomposer, stop_decomposer, swap_decomposer
+    # one decomposer replica on Ray Serve (the evaluation's host): the first student starts it, each next one is
+    # swapped in
+    from subq.eval_setup import DecomposerHost, ServeOptions
 
-    dcfg = DecomposerConfig(model=students["zero-shot"]["spec"], port=cfg.port, max_new_tokens=cfg.max_new_tokens,
-                            max_batch_size=8, num_gpus=1.0 if cfg.use_gpu else 0.0, app_name="subq-quality")
-    url = start_decomposer(dcfg)
-    try:
-        for i, (name, s) in enumerate(students.items()):
+    opts = ServeOptions(port=cfg.port, max_batch_size=8, num_gpus=1.0 if cfg.use_gpu else 0.0, num_cpus=1.0,
+                        max_new_tokens=cfg.max_new_tokens)
+    with DecomposerHost(opts, name="quality") as host:
+        for name, s in students.items():
             s.update(teacher_forced(cfg, s["spec"], s["fmt"], problems))
-            if i:
-                swap_decomposer(dcfg, s["spec"])
-            s["generated"] = generated(cfg, url, gen, list(cfg.betas) if name == "ilql" else [0.0])
+            with host.serving(s["spec"]) as url:
+                s["generated"] = generated(cfg, url, gen, list(cfg.betas) if name == "ilql" else [0.0])
             if name in runs or name == "ilql":
                 s["train_wall_s"] = runs["ilql-sparse" if name == "ilql" else name]["wall_s"]
-    finally:
-        stop_decomposer(dcfg)
     result = {"commit": _commit(), "settings": asdict(cfg), "heldout": f"gsm8k:test[:{cfg.heldout}]",
               "students": students, "wall_s": time.perf_counter() - t0}
     (out / "quality.json").write_text(json.dumps(result, indent=2, default=str))

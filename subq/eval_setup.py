@@ -303,10 +303,10 @@ class DecomposerHost:
     """One decomposer replica for every checkpoint an evaluation serves, one checkpoint at a time: the
     first starts it, each next one is loaded into it (``serve.decomposer.swap_decomposer``), so N
     checkpoints pay one process start, import and Serve deployment instead of N (~6 s each on a CPU).
-    Leaving the ``with`` block deletes it."""
+    Leaving the ``with`` block deletes it. ``name``: its app ``subq-<name>`` and route ``/<name>``."""
 
-    def __init__(self, opts: ServeOptions) -> None:
-        self.opts = opts
+    def __init__(self, opts: ServeOptions, name: str = "eval-decomposer") -> None:
+        self.opts, self.name = opts, name
         self.cfg: Any = None  # the running app's DecomposerConfig
         self.url = ""
 
@@ -324,7 +324,7 @@ class DecomposerHost:
     def serving(self, spec: str) -> Iterator[str]:
         from subq.serve.decomposer import start_decomposer, swap_decomposer
 
-        cfg = _decomposer_config(spec, "eval-decomposer", self.opts)  # checked before a start or a swap
+        cfg = _decomposer_config(spec, self.name, self.opts)  # checked before a start or a swap
         if self.cfg is None:
             self.url, self.cfg = start_decomposer(cfg), cfg
         else:

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny-random:llama?layers=2&hidden=32&seed=0"
 ROUND1_ANSWERS = 2 * 2  # problems x samples_per_problem
 ANSWER_HOLD_S = 1.0  # each round-2 answer while the kill is being aimed
+# the runs' environment: the teacher's key, and a short store lease so the resume need not wait long for it to lapse
+RUN_ENV = {"SUBQ_TEST_KEY": "sk-test-secret-123456", "SUBQ_LEASE_TTL_S": "6", "SUBQ_LEASE_RENEW_S": "1"}
 
 
 def _config(tmp_path: Path, url: str, **extra) -> Path:
@@ -53,8 +55,7 @@ def _config(tmp_path: Path, url: str, **extra) -> Path:
 
 def _pipeline(argv: list[str]) -> subprocess.Popen:
     """``subq ARGV`` as a user runs it: its own process (and Ray), in a session of its own to kill."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBQ_TEST_KEY": "sk-test-secret-123456",
-           "SUBQ_LEASE_TTL_S": "6", "SUBQ_LEASE_RENEW_S": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **RUN_ENV}
     return subprocess.Popen([sys.executable, "-m", "subq.cli", *argv], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -127,8 +128,7 @@ def test_the_rounds_config_killed_in_round_two_collection_resumes_without_paying
         assert first and len(judged) < ROUND1_ANSWERS, "the kill missed round 2's collection"
         _wait_for_lease_lapse(run / "store")
         # the resume in this process (its Ray is up already: the run is the same, a Ray start and a Serve start less)
-        for key, value in (("SUBQ_TEST_KEY", "sk-test-secret-123456"), ("SUBQ_LEASE_TTL_S", "6"),
-                           ("SUBQ_LEASE_RENEW_S", "1")):
+        for key, value in RUN_ENV.items():
             monkeypatch.setenv(key, value)
         code = main(argv)
         resumed_out, resumed_err = capsys.readouterr()
